@@ -1,0 +1,378 @@
+"""build / append: training examples -> rank-c factor blocks in the index (+ streaming sketches).
+
+Pipeline (DESIGN §3): the producer (this thread) runs forward/backward with capture hooks,
+factorizes on the device, rounds to the storage dtype, feeds the curvature sketches from those
+rounded factors (the very values that are stored, so sketch replay from the index is exact) and
+hands each block to a bounded queue. A consumer thread copies it to the host (pinned, async on
+CUDA), encodes it and commits it, with the new row count, in one transaction. The queue bounds
+memory and gives back-pressure; zstd and torch release the GIL so the two overlap.
+
+Both operations extend the index by one *segment* of rows (the build's, then one per append),
+recorded in the index settings before the first row is written. An interrupted segment resumes
+at its first uncommitted row.
+"""
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import BuildConfig, CurvatureConfig
+from .device import notice, resolve_device
+from .factorize import factorize
+from .fit import SketchSet, finalize_curvature
+from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
+from .progress import Progress
+from .projection import ProjectionSpec
+from .store import IndexLayout, IndexWriter, WriteRefusedError
+from .store.format import DATA_FILE
+from .task import load_task, resolve_task
+
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_TARGET_BLOCK_BYTES = 32 << 20  # fp32 bytes of one block of every layer
+_COMPRESSED_FRACTION = {"bf16": 0.72, "fp16": 0.95, "fp32": 0.95}  # measured by benchmarks/bench_store.py
+_SKETCH_CHECKPOINT_SECONDS = 300.0
+
+
+class SettingsMismatchError(ValueError):
+    """A resume/append asked for settings that differ from the index's (names them)."""
+
+
+class InsufficientDiskError(OSError):
+    pass
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    index: str
+    rows: int
+    new_rows: int
+    seconds: float
+    bytes_written: int
+
+
+# ------------------------------------------------------------------------------------ public
+
+
+def build(task, index, config: BuildConfig | None = None, *, progress: bool = True, **options) -> BuildResult:
+    """Index every training example of `task` into `index` (a directory), then fit the curvature.
+
+    `task` is a Task object or a 'path/file.py:NAME' / 'module:NAME' spec. An existing index
+    built with the same task and settings is resumed at its first uncommitted row; different
+    settings raise SettingsMismatchError naming them. Options are the fields of BuildConfig.
+    """
+    config = _config(config, options)
+    task = _task(task)
+    path = Path(index)
+    if (path / DATA_FILE).exists():
+        writer = IndexWriter.open(path, durability=config.durability)
+        return _resume_or_extend(writer, task, config, progress, kind="build")
+    device = resolve_device(config.device)
+    source = GradientSource.open(task, _spec(config), device)
+    n = _train_len(task)
+    if n == 0:
+        raise ValueError("the task has no training examples (train_examples() is empty)")
+    layout = IndexLayout(source.layout_layers(), c=config.rank, dtype=config.dtype,
+                         block_size=config.block_size or _default_block_size(source, config), zstd_level=config.zstd_level)
+    _check_disk(path, layout, n)
+    settings = {
+        "factors": config.factor_key(),
+        "layers": [l.to_dict() for l in source.layers],
+        "fingerprint": source.fingerprint,
+        "tracked_modules": getattr(task, "tracked_modules", None),
+        "curvature": asdict(config.curvature),
+        "allow_duplicate_ids": config.allow_duplicate_ids,
+        "segments": [{"kind": "build", "start": 0, "count": n}],
+        "nonfinite_rows": [],
+    }
+    writer = IndexWriter.create(path, layout, settings, durability=config.durability)
+    return _run(writer, source, task, config, progress)
+
+
+def append(task, index, config: BuildConfig | None = None, *, progress: bool = True, **options) -> BuildResult:
+    """Add the task's training examples as new rows after the index's existing ones.
+
+    Uses the index's own projections and settings (the model, tracked layers, f, c and dtype must
+    match); the sketches are updated and the curvature re-finalized. An interrupted append is
+    resumed by running the same append again.
+    """
+    config = _config(config, options)
+    task = _task(task)
+    writer = IndexWriter.open(index, durability=config.durability)
+    return _resume_or_extend(writer, task, config, progress, kind="append")
+
+
+# ------------------------------------------------------------------------------------ setup
+
+
+def _config(config: BuildConfig | None, options: dict) -> BuildConfig:
+    if config is not None and options:
+        raise TypeError("pass either a BuildConfig or keyword options, not both")
+    if config is not None:
+        return config
+    curvature_fields = set(CurvatureConfig.__dataclass_fields__)
+    curvature = {k: options.pop(k) for k in list(options) if k in curvature_fields}
+    return BuildConfig(**options, curvature=CurvatureConfig(**curvature))
+
+
+def _task(task):
+    return resolve_task(load_task(task) if isinstance(task, str) else task)
+
+
+def _spec(config: BuildConfig) -> ProjectionSpec:
+    return ProjectionSpec(f=config.f, kind=config.projection, seed=config.seed)
+
+
+def _train_len(task) -> int:
+    return len(task.train_examples())
+
+
+def _default_block_size(source: GradientSource, config: BuildConfig) -> int:
+    per_row = 4 * config.rank * sum(l.d_in + l.d_out for l in source.layers)
+    # four blocks live at once (being assembled, queued, encoding, in the encoder's scratch)
+    target = min(_TARGET_BLOCK_BYTES, config.budget() // 8)
+    return int(np.clip(target // per_row, 16, 16384))
+
+
+def _check_disk(path: Path, layout: IndexLayout, n_rows: int) -> None:
+    est = int(n_rows * layout.values_per_example() * {"bf16": 2, "fp16": 2, "fp32": 4}[layout.dtype]
+              * _COMPRESSED_FRACTION[layout.dtype] * 1.1) + (8 << 20)
+    free = shutil.disk_usage(path if path.exists() else path.parent if path.parent.exists() else Path.cwd()).free
+    if est > free:
+        raise InsufficientDiskError(
+            f"the index needs about {est / 1e9:.2f} GB for {n_rows:,} examples but {path} has {free / 1e9:.2f} GB free"
+        )
+
+
+def _check_same(index_settings: dict, key: str, mine, what: str) -> None:
+    theirs = index_settings.get(key)
+    if theirs != mine:
+        if isinstance(theirs, dict) and isinstance(mine, dict):
+            diff = ", ".join(f"{k}: index {theirs.get(k)!r} vs {mine.get(k)!r}" for k in sorted(set(theirs) | set(mine))
+                             if theirs.get(k) != mine.get(k))
+        else:
+            diff = f"index {theirs!r} vs {mine!r}"
+        raise SettingsMismatchError(f"{what} differ from the index's ({diff})")
+
+
+def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: bool, kind: str) -> BuildResult:
+    try:
+        settings = writer.settings
+        _check_same(settings, "factors", config.factor_key(), "factor settings (f, rank, projection, seed, dtype)")
+        # curvature settings live with the index (change them with `fit`)
+        config = replace(config, curvature=CurvatureConfig(**settings["curvature"]))
+        from .capture import LayerInfo
+
+        device = resolve_device(config.device)
+        layers = [LayerInfo.from_dict(d) for d in settings["layers"]]
+        source = GradientSource.open(task, _spec(config), device, layers=layers)
+        if source.fingerprint != settings["fingerprint"]:
+            raise SettingsMismatchError(
+                f"the task's model differs from the one index {writer.path} was built with "
+                f"(fingerprint {source.fingerprint[:12]} vs {settings['fingerprint'][:12]}): different weights or layers"
+            )
+        segments = settings["segments"]
+        last = segments[-1]
+        unfinished = writer.rows < last["start"] + last["count"]
+        n = _train_len(task)
+        if unfinished:
+            if last["count"] != n:
+                raise SettingsMismatchError(
+                    f"index {writer.path} has an unfinished {last['kind']} of {last['count']:,} examples; "
+                    f"this task has {n:,}: resume it with the same task"
+                )
+            if kind == "build" and last["kind"] != "build":
+                raise SettingsMismatchError(f"index {writer.path} has an unfinished append: run `append` to resume it")
+        elif kind == "build":
+            if last["kind"] == "build" and last["count"] == n:
+                notice(f"index {writer.path} is complete ({writer.rows:,} rows): refitting curvature only")
+                return _run(writer, source, task, config, progress)
+            raise SettingsMismatchError(
+                f"index {writer.path} already holds a complete build of {writer.rows:,} rows; "
+                f"use `append` to add examples or a new --index"
+            )
+        else:
+            if n == 0:
+                raise ValueError("the task has no training examples to append")
+            _check_disk(writer.path, writer.layout, n)
+            settings = dict(settings, segments=segments + [{"kind": "append", "start": writer.rows, "count": n}])
+            settings["allow_duplicate_ids"] = settings.get("allow_duplicate_ids") or config.allow_duplicate_ids
+            writer.update_settings(settings)
+        return _run(writer, source, task, config, progress)
+    except BaseException:
+        writer.close()
+        raise
+
+
+# ------------------------------------------------------------------------------------ pipeline
+
+
+class _BlockCommitter(threading.Thread):
+    """Consumer: host copy -> encode -> one LMDB transaction per block."""
+
+    def __init__(self, writer: IndexWriter, allow_duplicate_ids: bool, bar: Progress):
+        super().__init__(name="lorif-block-writer", daemon=True)
+        self.writer, self.allow_duplicate_ids, self.bar = writer, allow_duplicate_ids, bar
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.bytes_written = 0
+
+    def run(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    self._commit(*item)
+            except BaseException as e:  # surfaced to the producer at its next put()
+                self.error = e
+            finally:
+                self.queue.task_done()
+
+    def _commit(self, first_row, host_factors, ids, ready) -> None:
+        if ready is not None:
+            ready.synchronize()
+        factors = [(L.numpy(), R.numpy()) for L, R in host_factors]
+        pending = self.writer.encode(first_row, factors, ids)
+        self.writer.commit(pending, allow_duplicate_ids=self.allow_duplicate_ids)
+        self.bytes_written += pending.nbytes
+        self.bar.update(pending.rows, nbytes=pending.nbytes)
+
+    def put(self, item) -> None:
+        self.check()
+        self.queue.put(item)
+
+    def drain(self) -> None:
+        self.queue.join()
+        self.check()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.join()
+
+
+def _to_host(tensors: list[torch.Tensor], device: torch.device):
+    """Device -> host copies; on CUDA into pinned memory, asynchronously, with an event to wait on."""
+    if device.type != "cuda":
+        return [t.contiguous() for t in tensors], None
+    host = []
+    for t in tensors:
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        h.copy_(t, non_blocking=True)
+        host.append(h)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _run(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool) -> BuildResult:
+    try:
+        return _extend(writer, source, task, config, progress)
+    finally:
+        writer.close()
+
+
+def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool) -> BuildResult:
+    t0 = time.perf_counter()
+    segment = writer.settings["segments"][-1]
+    start_row = writer.rows
+    end_row = segment["start"] + segment["count"]
+    examples = task.train_examples()
+    sketches = SketchSet.for_build(writer, source.device, config.curvature, config.budget())
+    sketches.catch_up(writer, progress=progress)
+    block_size = writer.layout.block_size
+    storage = _TORCH_DTYPES[writer.layout.dtype]
+    nonfinite: list[int] = []
+    bar = Progress(segment["kind"], total=end_row - start_row, unit="ex", enabled=progress)
+    committer = _BlockCommitter(writer, bool(writer.settings.get("allow_duplicate_ids")), bar)
+    committer.start()
+    pending: list[tuple[list[torch.Tensor], list[torch.Tensor], list[str]]] = []
+    pending_rows = 0
+    block_first = start_row
+    last_checkpoint = time.perf_counter()
+
+    def emit() -> None:
+        nonlocal pending, pending_rows, block_first
+        if not pending_rows:
+            return
+        n_layers = len(source.layers)
+        Ls = [torch.cat([p[0][l] for p in pending]) for l in range(n_layers)]
+        Rs = [torch.cat([p[1][l] for p in pending]) for l in range(n_layers)]
+        ids = [i for p in pending for i in p[2]]
+        sketches.update(Ls, Rs)
+        host, ready = _to_host([t for pair in zip(Ls, Rs) for t in pair], source.device)
+        committer.put((block_first, list(zip(host[0::2], host[1::2])), ids, ready))
+        block_first += pending_rows
+        pending, pending_rows = [], 0
+
+    try:
+        with source.capture() as capture:
+            for batch_start in range(start_row, end_row, config.batch_size):
+                batch_end = min(batch_start + config.batch_size, end_row)
+                rows = list(range(batch_start, batch_end))
+                offsets = [r - segment["start"] for r in rows]
+                batch_examples = [examples[i] for i in offsets]
+                ids = [str(task.example_id(ex, i)) for ex, i in zip(batch_examples, offsets)]
+                grads, finite = source.projected_gradients(capture, batch_examples, ids, "loss")
+                if not bool(finite.all()):
+                    if not config.skip_nonfinite:
+                        ok = int(torch.nonzero(~finite)[0])
+                        # commit everything before the culprit, so the error leaves a clean resume point
+                        good = [G[:ok] for G in grads]
+                        if ok:
+                            _add(pending, good, ids[:ok], config.rank, storage)
+                            pending_rows += ok
+                        emit()
+                        committer.drain()
+                        raise NonFiniteGradientError(
+                            f"{describe_nonfinite(ids, rows, finite)}; rows 0..{block_first - 1} are committed and valid "
+                            f"(rerun with --skip-nonfinite to store zero factors for such examples)"
+                        )
+                    grads = [torch.where(finite.view(-1, 1, 1), torch.nan_to_num(G), torch.zeros_like(G)) for G in grads]
+                    nonfinite.extend(r for r, ok in zip(rows, finite.tolist()) if not ok)
+                _add(pending, grads, ids, config.rank, storage)
+                pending_rows += len(rows)
+                if pending_rows >= block_size:
+                    emit()
+                if time.perf_counter() - last_checkpoint > _SKETCH_CHECKPOINT_SECONDS:
+                    emit()
+                    committer.drain()
+                    sketches.save(writer)
+                    last_checkpoint = time.perf_counter()
+            emit()
+        committer.drain()
+    finally:
+        committer.stop()
+        bar.close()
+        if nonfinite:
+            s = dict(writer.settings)
+            s["nonfinite_rows"] = sorted(set(s.get("nonfinite_rows", [])) | set(nonfinite))
+            writer.update_settings(s)
+            notice(f"{len(nonfinite)} example(s) had non-finite gradients and were stored as zeros "
+                   f"(rows {s['nonfinite_rows'][:10]}{'...' if len(s['nonfinite_rows']) > 10 else ''})")
+    committer.check()
+    sketches.save(writer)
+    finalize_curvature(writer, sketches, config.curvature, source.device, config.budget(), progress=progress)
+    return BuildResult(str(writer.path), writer.rows, writer.rows - start_row, time.perf_counter() - t0,
+                       committer.bytes_written)
+
+
+def _add(pending: list, grads: list[torch.Tensor], ids: list[str], c: int, storage: torch.dtype) -> None:
+    """Factorize one batch and keep its factors rounded to the storage dtype."""
+    Ls, Rs = [], []
+    for G in grads:
+        L, R = factorize(G, c)
+        Ls.append(L.to(storage).float())
+        Rs.append(R.to(storage).float())
+    pending.append((Ls, Rs, ids))

@@ -1,0 +1,275 @@
+"""The `lorif-stream` command line: build, append, fit, query, info, verify, demo.
+
+Options of build/fit/query are generated from the config dataclasses (lorif_stream.config), so
+the CLI and the Python API cannot drift apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import typing
+
+import click
+
+from . import config as cfg
+
+_TASK_HELP = "the task: path/to/file.py:NAME or package.module:NAME (a Task class, factory or instance)"
+
+
+def _click_type(f: dataclasses.Field):
+    choices = f.metadata.get("choices")
+    if choices:
+        return click.Choice(choices)
+    if f.name == "memory_budget":
+        return str
+    hint = str(f.type)
+    if "bool" in hint:
+        return bool
+    if "int" in hint:
+        return int
+    if "float" in hint:
+        return float
+    return str
+
+
+def config_options(cls, exclude: tuple[str, ...] = ()):
+    """click options for every field of a config dataclass: --field-name, default, help."""
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            if f.name in exclude or not f.metadata.get("help") or dataclasses.is_dataclass(f.default_factory
+                                                                                              if f.default_factory is not dataclasses.MISSING else None):
+                continue
+            name = "--" + f.name.replace("_", "-")
+            default = None if f.default is dataclasses.MISSING else f.default
+            typ = _click_type(f)
+            if typ is bool:
+                fn = click.option(name, is_flag=True, default=bool(default), help=f.metadata["help"])(fn)
+            elif f.name == "layers":
+                fn = click.option(name, multiple=True, help=f.metadata["help"])(fn)
+            else:
+                fn = click.option(name, type=typ, default=default, show_default=default is not None,
+                                  help=f.metadata["help"])(fn)
+        return fn
+
+    return decorate
+
+
+def _split(cls, kwargs: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+
+
+def _budget(kwargs: dict) -> None:
+    if kwargs.get("memory_budget") is not None:
+        kwargs["memory_budget"] = cfg.parse_size(kwargs["memory_budget"])
+
+
+def task_options(fn):
+    fn = click.option("--max-length", type=int, default=512, show_default=True, help="HF task: tokens per example")(fn)
+    fn = click.option("--id-field", default=None, help="HF task: jsonl field holding the example id (default: line number)")(fn)
+    fn = click.option("--text-field", default="text", show_default=True, help="HF task: jsonl field holding the text")(fn)
+    fn = click.option("--queries", "query_data", type=click.Path(dir_okay=False), default=None,
+                      help="HF task: jsonl file of query texts")(fn)
+    fn = click.option("--data", "train_data", type=click.Path(dir_okay=False), default=None,
+                      help="HF task: jsonl file of training texts")(fn)
+    fn = click.option("--hf-model", type=click.Path(file_okay=False), default=None,
+                      help="built-in HF causal-LM task: a save_pretrained folder (model + tokenizer), local only")(fn)
+    fn = click.option("--task", "task_spec", default=None, help=_TASK_HELP)(fn)
+    return fn
+
+
+def _make_task(kwargs: dict):
+    spec = kwargs.pop("task_spec")
+    hf = {k: kwargs.pop(k) for k in ("hf_model", "train_data", "query_data", "text_field", "id_field", "max_length")}
+    if spec and hf["hf_model"]:
+        raise click.UsageError("give either --task or --hf-model, not both")
+    if spec:
+        return spec
+    if not hf["hf_model"]:
+        raise click.UsageError("no task: give --task path/file.py:NAME, or --hf-model DIR with --data/--queries")
+    from .task import HFCausalLMTask
+
+    return HFCausalLMTask(hf.pop("hf_model"), **hf)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="lorif-stream")
+def cli():
+    """lorif-stream: which training examples made the model produce this?
+
+    LoRIF influence functions as an out-of-core engine: `build` stores every training example's
+    projected gradient as compressed rank-c factors in an index on disk, `query` streams that
+    index to score training examples for your queries, `append` adds examples later.
+    Typical run:
+
+      lorif-stream build --task my_task.py:Task --index runs/idx
+
+      lorif-stream query --task my_task.py:Task --index runs/idx --top-k 10 --out results.jsonl
+    """
+
+
+@cli.command()
+@task_options
+@click.option("--index", required=True, type=click.Path(file_okay=False), help="index directory (created, or resumed)")
+@config_options(cfg.BuildConfig, exclude=("curvature",))
+@config_options(cfg.CurvatureConfig)
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def build(index, quiet, **kwargs):
+    """Index every training example (resumes an interrupted build with the same settings)."""
+    from .build import build as run
+
+    task = _make_task(kwargs)
+    curvature = cfg.CurvatureConfig(**_split(cfg.CurvatureConfig, kwargs))
+    _budget(kwargs)
+    result = run(task, index, cfg.BuildConfig(**kwargs, curvature=curvature), progress=not quiet)
+    click.echo(f"indexed {result.new_rows:,} new rows ({result.rows:,} in all) into {result.index} "
+               f"in {result.seconds:.1f}s, {result.bytes_written / 1e6:.1f} MB written")
+
+
+@cli.command()
+@task_options
+@click.option("--index", required=True, type=click.Path(file_okay=False), help="existing index directory")
+@config_options(cfg.BuildConfig, exclude=("curvature", "f", "rank", "projection", "seed", "dtype", "block_size",
+                                          "zstd_level"))
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def append(index, quiet, **kwargs):
+    """Add the task's training examples as new rows (the index's own settings are used)."""
+    from .build import append as run
+    from .store import IndexReader
+
+    task = _make_task(kwargs)
+    _budget(kwargs)
+    with IndexReader(index) as reader:
+        factors = reader.settings["factors"]
+    config = cfg.BuildConfig(**kwargs, f=factors["f"], rank=factors["rank"], projection=factors["projection"],
+                             seed=factors["seed"], dtype=factors["dtype"])
+    result = run(task, index, config, progress=not quiet)
+    click.echo(f"appended {result.new_rows:,} rows ({result.rows:,} in all) to {result.index} in {result.seconds:.1f}s")
+
+
+@cli.command()
+@click.option("--index", required=True, type=click.Path(file_okay=False), help="index directory")
+@config_options(cfg.CurvatureConfig)
+@click.option("--device", default="auto", show_default=True, help="torch device")
+@click.option("--memory-budget", default=None, help="RAM the passes may use, e.g. 8GB (default: half the available RAM)")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def fit(index, device, memory_budget, quiet, **kwargs):
+    """Recompute the curvature from the stored factors (factors are not touched)."""
+    from .fit import fit as run
+
+    summary = run(index, cfg.CurvatureConfig(**kwargs), device=device, memory_budget=memory_budget, progress=not quiet)
+    for name, layer in summary["layers"].items():
+        click.echo(f"{name}: rank {layer['rank']}, λ={layer['damping']:.3g}, captured energy {layer['captured_energy']:.3f}")
+
+
+@cli.command()
+@task_options
+@click.option("--index", required=True, type=click.Path(file_okay=False), help="index directory")
+@click.option("--out", type=click.Path(dir_okay=False), default="results.jsonl", show_default=True,
+              help="results: one JSON line per query with its proponents and opponents")
+@click.option("--scores", type=click.Path(dir_okay=False), default=None,
+              help="also write the dense (queries x rows) float32 score matrix to this .npy (streamed)")
+@config_options(cfg.QueryConfig)
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def query(index, out, scores, quiet, **kwargs):
+    """Score every indexed training example for each query example; keep the top-k both ways."""
+    from .query import query as run
+
+    task = _make_task(kwargs)
+    _budget(kwargs)
+    kwargs["layers"] = tuple(kwargs["layers"]) or None
+    result = run(task, index, out, scores, cfg.QueryConfig(**kwargs), progress=not quiet)
+    click.echo(f"scored {len(result.results)} queries against {result.rows:,} rows in {result.seconds:.1f}s -> {out}"
+               + (f", {scores}" if scores else ""))
+
+
+@cli.command()
+@click.option("--index", required=True, type=click.Path(file_okay=False), help="index directory")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def info(index, as_json):
+    """Settings, sizes, rows, layers and curvature summary of an index."""
+    from .inspect_index import info as run
+
+    report = run(index)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    f = report["factors"] or {}
+    click.echo(f"index     {report['index']}")
+    click.echo(f"rows      {report['rows']:,}   segments {len(report['segments'] or [])}   "
+               f"non-finite rows {report['nonfinite_rows']}")
+    click.echo(f"factors   f={f.get('f')} c={report['c']} {report['dtype']} projection={f.get('projection')} "
+               f"block={report['block_size']}")
+    bpe = report["bytes_per_example"]
+    click.echo(f"size      {report['disk_bytes'] / 1e6:,.1f} MB on disk; "
+               + (f"{bpe:,.0f} B/example ({bpe / report['raw_bytes_per_example']:.2f}× raw {report['dtype']})" if bpe else "empty"))
+    click.echo(f"curvature covers {report['curvature'].get('rows')} rows")
+    click.echo(f"{'layer':40s} {'D':>10s} {'r':>6s} {'λ':>10s} {'energy':>7s}")
+    for l in report["layers"]:
+        lam = f"{l['damping']:.3g}" if l["damping"] is not None else "-"
+        en = f"{l['captured_energy']:.3f}" if l["captured_energy"] is not None else "-"
+        click.echo(f"{l['name'][:40]:40s} {l['D']:>10,} {str(l['rank'] or '-'):>6s} {lam:>10s} {en:>7s}")
+
+
+@cli.command()
+@click.option("--index", required=True, type=click.Path(file_okay=False), help="index directory")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def verify(index, quiet):
+    """Decode every block (checksums included); check rows are contiguous and ids consistent."""
+    from .inspect_index import verify as run
+
+    report = run(index, progress=not quiet)
+    if report.ok:
+        click.echo(f"ok: {report.rows:,} rows, {report.blocks:,} blocks verified")
+        return
+    for e in report.errors:
+        click.echo(f"corrupt: {e}", err=True)
+    raise SystemExit(1)
+
+
+def _register_demo():
+    try:
+        from .demo import demo_command
+    except ImportError:
+        return
+    cli.add_command(demo_command)
+
+
+_register_demo()
+
+
+def main(argv: typing.Sequence[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit status 1 (LORIF_DEBUG=1 shows tracebacks)."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        raise SystemExit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        raise SystemExit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        raise SystemExit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted: committed rows are kept; rerun the same command to resume", err=True)
+        raise SystemExit(130)
+    except (ValueError, OSError, LookupError, MemoryError, TypeError, RuntimeError) as e:
+        if os.environ.get("LORIF_DEBUG"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        click.echo(f"lorif-stream: error: {message}  (LORIF_DEBUG=1 shows the traceback)", err=True)
+        raise SystemExit(1)
+    except Exception as e:  # our own index errors (corrupt, version, not an index) and anything else named
+        from .store import IndexFormatError
+
+        if isinstance(e, IndexFormatError) and not os.environ.get("LORIF_DEBUG"):
+            click.echo(f"lorif-stream: error: {e}", err=True)
+            raise SystemExit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

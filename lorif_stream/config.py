@@ -1,0 +1,155 @@
+"""Settings of each operation, as frozen dataclasses that validate themselves.
+
+Every field carries its help text in `metadata["help"]`: the CLI builds its options from it, so
+the Python API and the command line stay one thing.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+
+import psutil
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_size(text: str | int | float) -> int:
+    """'8GB', '512MiB', '1.5g', 123 -> bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"cannot read {text!r} as a size (examples: 8GB, 512MB, 1.5GiB)")
+    unit = (m.group(2) or "").lower()
+    base = unit[:1] if unit[:1] in "kmgt" and unit[:1] else ""
+    mult = _UNITS[base] * ((1024 / 1000) ** "_kmgt".index(base) if "i" in unit and base else 1)
+    return int(float(m.group(1)) * mult)
+
+
+def default_memory_budget() -> int:
+    """Half of the RAM available now: leaves room for the model, the OS and the page cache."""
+    return int(psutil.virtual_memory().available * 0.5)
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class CurvatureConfig:
+    """How the per-layer curvature (A_l + λ_l I) is approximated."""
+
+    sketch_rank: int = _opt(256, "r: eigenpairs kept per layer (clamped to min(r, D_l, N))")
+    oversample: int = _opt(16, "extra sketch columns beyond r (k = r + oversample)")
+    refine: int = _opt(0, "q: subspace-iteration passes over the stored factors after the sketch (0 = single pass)")
+    damping_policy: str = _opt("eigen-mean", "λ_l = scale·mean(σ²) (eigen-mean) or scale·trace(A_l)/D_l (trace)",
+                               choices=("eigen-mean", "trace"))
+    damping_scale: float = _opt(0.1, "M, the scale of the damping policy")
+    damping: float | None = _opt(None, "one explicit λ for every layer (overrides the policy)")
+    sketch_seed: int = _opt(0, "seed of the Gaussian sketch test matrices")
+
+    def __post_init__(self):
+        if self.sketch_rank < 1:
+            raise ValueError(f"sketch_rank={self.sketch_rank} must be >= 1")
+        if self.oversample < 0:
+            raise ValueError(f"oversample={self.oversample} must be >= 0")
+        if self.refine < 0:
+            raise ValueError(f"refine={self.refine} must be >= 0")
+        if self.damping_policy not in ("eigen-mean", "trace"):
+            raise ValueError(f"damping_policy={self.damping_policy!r} is not one of eigen-mean, trace")
+        if not self.damping_scale > 0:
+            raise ValueError(f"damping_scale={self.damping_scale} must be > 0")
+        if self.damping is not None and not self.damping > 0:
+            raise ValueError(f"damping={self.damping} must be > 0")
+
+    @property
+    def sketch_width(self) -> int:
+        return self.sketch_rank + self.oversample
+
+    def sketch_key(self) -> dict:
+        """What determines the sketch itself (changing it needs a fresh pass over the factors)."""
+        return {"k": self.sketch_width, "sketch_seed": self.sketch_seed}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How training examples become index rows."""
+
+    f: int = _opt(4, "projection factor: d = dim // f per side (1 = no projection, exact gradients)")
+    rank: int = _opt(1, "c, rank of the stored per-example factors")
+    projection: str = _opt("rademacher", "projection matrices", choices=("rademacher", "gaussian"))
+    seed: int = _opt(0, "seed of the projection matrices")
+    dtype: str = _opt("bf16", "storage dtype of the factors", choices=("bf16", "fp16", "fp32"))
+    block_size: int | None = _opt(None, "examples per stored block (default: sized to ~32 MB of factors)")
+    batch_size: int = _opt(8, "examples per forward/backward pass")
+    device: str = _opt("auto", "torch device (auto = cuda when available, else cpu)")
+    memory_budget: int | None = _opt(None, "RAM the engine may use, e.g. 8GB (default: half the available RAM)")
+    zstd_level: int = _opt(1, "zstd compression level (1 is the fastest and, on gradient bytes, about as small)")
+    durability: str = _opt("nosync", "sync = fsync every block (survives power loss); nosync = survives crashes of "
+                           "the process, fsync at the end", choices=("sync", "nosync"))
+    skip_nonfinite: bool = _opt(False, "store zero factors for examples with NaN/inf gradients (recorded) instead of stopping")
+    allow_duplicate_ids: bool = _opt(False, "accept example ids that are already in the index")
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig, metadata={"help": "curvature settings"})
+
+    def __post_init__(self):
+        if self.f < 1:
+            raise ValueError(f"f={self.f} must be >= 1")
+        if self.rank < 1:
+            raise ValueError(f"rank={self.rank} must be >= 1")
+        if self.projection not in ("rademacher", "gaussian"):
+            raise ValueError(f"projection={self.projection!r} is not one of rademacher, gaussian")
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"dtype={self.dtype!r} is not one of bf16, fp16, fp32")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size} must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ValueError(f"memory_budget={self.memory_budget} must be > 0")
+
+    def budget(self) -> int:
+        return self.memory_budget or default_memory_budget()
+
+    def factor_key(self) -> dict:
+        """Settings that determine the stored factors: a resume or append must match them exactly."""
+        return {"f": self.f, "rank": self.rank, "projection": self.projection, "seed": self.seed, "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """How queries are scored against the index."""
+
+    top_k: int = _opt(10, "proponents and opponents kept per query")
+    batch_size: int = _opt(8, "query examples per forward/backward pass")
+    device: str = _opt("auto", "torch device (auto = cuda when available, else cpu)")
+    memory_budget: int | None = _opt(None, "RAM the query may use, e.g. 4GB (default: half the available RAM)")
+    layers: tuple[str, ...] | None = _opt(None, "restrict scoring to these layers (regex per entry)")
+    buffers: int = _opt(2, "decoded blocks in flight between the loader and the scorer")
+    loader_threads: int = _opt(1, "threads decoding blocks while the scorer works (0 = decode inline)")
+    scorer: str = _opt("auto", "factored: c·D per example per query; dense: rebuild g_i (c·D) then Q·D; auto: cheaper",
+                       choices=("auto", "factored", "dense"))
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.buffers < 1:
+            raise ValueError(f"buffers={self.buffers} must be >= 1")
+        if self.loader_threads < 0:
+            raise ValueError(f"loader_threads={self.loader_threads} must be >= 0")
+        if self.scorer not in ("auto", "factored", "dense"):
+            raise ValueError(f"scorer={self.scorer!r} is not one of auto, factored, dense")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ValueError(f"memory_budget={self.memory_budget} must be > 0")
+
+    def budget(self) -> int:
+        return self.memory_budget or default_memory_budget()
+
+
+def option_help(cls, name: str) -> str:
+    for f in fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(name)

@@ -1,0 +1,233 @@
+"""fit: the per-layer curvature of an index, from its streaming sketches and stored factors.
+
+Sketches are additive over rows, so they are kept in the index with the row count each covers
+and only ever *caught up*: a resumed build, an append, or a post-build pass for layers whose
+sketch did not fit in memory during the build reads just the missing rows of just those layers
+(one LMDB key range per layer). Finalizing turns each sketch into top-r eigenpairs, optionally
+refined by streaming passes, and a damping λ; the result is stored for queries.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import CurvatureConfig, default_memory_budget, parse_size
+from .curvature import DampingPolicy, LayerCurvature, fit_layer_curvature
+from .device import notice, resolve_device
+from .progress import Progress
+from .sketch import LayerSketch
+from .store import IndexWriter, Snapshot
+
+SKETCH_META = "sketch"
+CURVATURE_META = "curvature"
+
+
+class BudgetTooSmallError(MemoryError):
+    pass
+
+
+def sketch_seed(seed: int, layer_name: str) -> int:
+    digest = hashlib.sha256(f"lorif-sketch\0{seed}\0{layer_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def _sketch_bytes(D: int, k: int) -> int:
+    return 2 * D * min(k, D) * 4  # Y and the cached test matrix Ω
+
+
+def _array_name(kind: str, layer: str, field: str) -> str:
+    return f"{kind}/{layer}/{field}"
+
+
+class SketchSet:
+    """The in-memory sketches of some of an index's layers (by layer position)."""
+
+    def __init__(self, writer: IndexWriter, config: CurvatureConfig, device: torch.device):
+        self.config = config
+        self.device = device
+        self.layout = writer.layout
+        self.sketches: dict[int, LayerSketch] = {}
+
+    # -- choosing and loading
+    @classmethod
+    def for_build(cls, writer: IndexWriter, device: torch.device, config: CurvatureConfig, budget: int) -> "SketchSet":
+        """Sketch during the build every layer that fits the budget (in layer order); say which do not."""
+        self = cls(writer, config, device)
+        used, skipped = 0, []
+        for i, layer in enumerate(self.layout.layers):
+            need = _sketch_bytes(layer.D, config.sketch_width)
+            if used + need <= budget // 2:
+                self.sketches[i] = self._load_or_new(writer, i)
+                used += need
+            else:
+                skipped.append(layer.name)
+        if skipped:
+            notice(f"memory budget {budget / 1e9:.2f} GB: {len(skipped)} layer sketch(es) do not fit during the build "
+                   f"and get a post-build pass over their own blocks ({', '.join(skipped[:4])}{'...' if len(skipped) > 4 else ''})")
+        return self
+
+    def _load_or_new(self, writer: IndexWriter, i: int) -> LayerSketch:
+        layer = self.layout.layers[i]
+        meta = writer.get_state_meta(SKETCH_META) or {}
+        stored = meta.get("layers", {}).get(layer.name)
+        if meta.get("key") == self.config.sketch_key() and stored is not None:
+            Y = writer.get_array(_array_name("sketch", layer.name, "Y"))
+            if Y is not None:
+                return LayerSketch.from_state(dict(stored, Y=Y), device=self.device)
+        return LayerSketch(D=layer.D, k=self.config.sketch_width, seed=sketch_seed(self.config.sketch_seed, layer.name),
+                           device=self.device)
+
+    # -- feeding
+    @torch.no_grad()
+    def update(self, Ls: list[torch.Tensor], Rs: list[torch.Tensor]) -> None:
+        for i, sketch in self.sketches.items():
+            sketch.update(Ls[i].to(self.device), Rs[i].to(self.device))
+
+    def catch_up(self, writer: IndexWriter, progress: bool = True) -> None:
+        """Replay rows the in-memory sketches miss (an interrupted build, an append) from the index."""
+        target = writer.rows
+        behind = {i: s for i, s in self.sketches.items() if s.rows < target}
+        if not behind:
+            return
+        for start in sorted({s.rows for s in behind.values()}):
+            group = sorted(i for i, s in behind.items() if s.rows == start)
+            self._replay(writer, group, start, target, progress)
+
+    def _replay(self, writer: IndexWriter, group: list[int], start: int, stop: int, progress: bool) -> None:
+        reader = writer.reader()
+        with reader.snapshot() as snap, Progress("sketch", total=stop - start, unit="rows", enabled=progress) as bar:
+            for _, n, factors in snap.blocks(start, stop, layers=group):
+                for i, (L, R) in zip(group, factors):
+                    self.sketches[i].update(torch.from_numpy(L).to(self.device), torch.from_numpy(R).to(self.device))
+                bar.update(n)
+
+    # -- persistence
+    def save(self, writer: IndexWriter) -> None:
+        """Store the in-memory sketches with the rows each covers (atomically)."""
+        if not self.sketches:
+            return
+        meta = writer.get_state_meta(SKETCH_META) or {}
+        if meta.get("key") != self.config.sketch_key():
+            meta = {"key": self.config.sketch_key(), "layers": {}}
+        arrays = {}
+        for i, sketch in self.sketches.items():
+            name = self.layout.layers[i].name
+            state = sketch.to_state()
+            arrays[_array_name("sketch", name, "Y")] = state.pop("Y")
+            meta["layers"][name] = state
+        writer.put_state(arrays, {SKETCH_META: meta})
+
+
+# ------------------------------------------------------------------------------------ finalize
+
+
+def _policy(config: CurvatureConfig) -> DampingPolicy:
+    if config.damping is not None:
+        return DampingPolicy("explicit", config.damping)
+    return DampingPolicy(config.damping_policy, config.damping_scale)
+
+
+def finalize_curvature(writer: IndexWriter, sketches: SketchSet, config: CurvatureConfig, device: torch.device,
+                       budget: int, progress: bool = True) -> dict:
+    """Bring every layer's sketch up to the index's rows (post-build passes within the budget),
+    then compute and store each layer's eigenpairs and damping. Returns the curvature summary."""
+    layout = writer.layout
+    rows = writer.rows
+    for i, layer in enumerate(layout.layers):
+        need = _sketch_bytes(layer.D, config.sketch_width) + layer.D * config.sketch_width * 4
+        if need > budget:
+            raise BudgetTooSmallError(
+                f"memory budget {budget / 1e6:.0f} MB is too small for even one layer: layer {layer.name!r} "
+                f"(D={layer.D:,}, k={config.sketch_width}) needs {need / 1e6:.0f} MB; raise --memory-budget or lower --sketch-rank"
+            )
+    # layers without an in-memory sketch: group them by what fits, one pass per group
+    missing = [i for i in range(len(layout.layers)) if i not in sketches.sketches]
+    while missing:
+        group, used = [], 0
+        for i in missing:
+            need = _sketch_bytes(layout.layers[i].D, config.sketch_width)
+            if not group or used + need <= budget // 2:
+                group.append(i)
+                used += need
+        passes = SketchSet(writer, config, device)
+        passes.sketches = {i: passes._load_or_new(writer, i) for i in group}
+        passes.catch_up(writer, progress)
+        passes.save(writer)
+        for i in group:
+            _finalize_layer(writer, passes.sketches.pop(i), i, config, device, progress)
+        missing = [i for i in missing if i not in group]
+    sketches.catch_up(writer, progress)
+    for i in sorted(sketches.sketches):
+        _finalize_layer(writer, sketches.sketches[i], i, config, device, progress)
+    summary = writer.get_state_meta(CURVATURE_META)
+    summary["rows"] = rows
+    writer.put_state({}, {CURVATURE_META: summary})
+    return summary
+
+
+def _finalize_layer(writer: IndexWriter, sketch: LayerSketch, i: int, config: CurvatureConfig,
+                    device: torch.device, progress: bool) -> None:
+    layer = writer.layout.layers[i]
+
+    def blocks():
+        reader = writer.reader()
+        with reader.snapshot() as snap:
+            for _, _, [(L, R)] in snap.blocks(0, sketch.rows, layers=[i]):
+                yield torch.from_numpy(L).to(device), torch.from_numpy(R).to(device)
+
+    curv = fit_layer_curvature(sketch, config.sketch_rank, _policy(config), config.refine,
+                               block_source=blocks if config.refine else None)
+    sketch.drop_omega()
+    meta = writer.get_state_meta(CURVATURE_META) or {}
+    if meta.get("config") != asdict(config):
+        meta = {"config": asdict(config), "layers": {}}
+    meta["layers"][layer.name] = {
+        "rank": curv.rank, "damping": curv.damping, "trace": curv.trace,
+        "captured_energy": curv.captured_energy, "rows": sketch.rows,
+        "top_eigenvalues": curv.sigma2[:8].tolist(),
+    }
+    writer.put_state(
+        {_array_name("curvature", layer.name, "V"): curv.V.cpu().numpy(),
+         _array_name("curvature", layer.name, "sigma2"): curv.sigma2.cpu().numpy()},
+        {CURVATURE_META: meta},
+    )
+
+
+def load_curvature(snap: Snapshot, layer: int, device: torch.device) -> LayerCurvature:
+    """The stored curvature of one layer (as the query sees it in its snapshot)."""
+    name = snap.layout.layers[layer].name
+    meta = snap.state_meta(CURVATURE_META)
+    if not meta or name not in meta.get("layers", {}):
+        raise ValueError(f"index has no curvature for layer {name!r}: run `lorif-stream fit --index ...`")
+    info = meta["layers"][name]
+    V = snap.array(_array_name("curvature", name, "V"))
+    sigma2 = snap.array(_array_name("curvature", name, "sigma2"))
+    return LayerCurvature(torch.from_numpy(sigma2).to(device), torch.from_numpy(V).to(device),
+                          float(info["damping"]), float(info["trace"]))
+
+
+# ------------------------------------------------------------------------------------ public
+
+
+def fit(index, config: CurvatureConfig | None = None, *, device: str = "auto", memory_budget=None,
+        progress: bool = True, **options) -> dict:
+    """Recompute the curvature of `index` from its stored factors (factors are not touched).
+
+    Options are the fields of CurvatureConfig. Stored sketches are reused when the sketch width
+    and seed are unchanged (then only rank, damping and refinement change); otherwise the
+    sketches are rebuilt with one pass per group of layers that fits `memory_budget`.
+    """
+    if config is not None and options:
+        raise TypeError("pass either a CurvatureConfig or keyword options, not both")
+    config = config or CurvatureConfig(**options)
+    budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget()
+    dev = resolve_device(device)
+    with IndexWriter.open(Path(index)) as writer:
+        settings = dict(writer.settings)
+        settings["curvature"] = asdict(config)
+        writer.update_settings(settings)
+        return finalize_curvature(writer, SketchSet(writer, config, dev), config, dev, budget, progress)

@@ -1,0 +1,97 @@
+"""The producer's first stage: a task's examples -> per-example projected gradients per layer.
+
+Shared by build/append (objective = the training loss) and query (objective = the measurement),
+so a query gradient is projected exactly like the stored ones.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .capture import GradientCapture, LayerInfo, model_fingerprint, tracked_layers
+from .device import to_device
+from .projection import ProjectionSpec, make_projections
+from .store import LayerShape
+
+
+class NonFiniteGradientError(ValueError):
+    """An example's loss or gradient is NaN/inf (names the example)."""
+
+
+@dataclass
+class GradientSource:
+    """A task's model on a device with its tracked layers, projections and capture hooks."""
+
+    task: object
+    model: torch.nn.Module
+    layers: list[LayerInfo]
+    spec: ProjectionSpec
+    device: torch.device
+    fingerprint: str
+
+    @classmethod
+    def open(cls, task, spec: ProjectionSpec, device: torch.device, layers: Sequence[LayerInfo] | None = None):
+        """Load the task's model onto `device` (eval mode) and prepare its tracked layers.
+
+        `layers` (from an existing index) pins the tracked set; otherwise the task's
+        `tracked_modules` regex chooses (None = every Linear / Conv1D).
+        """
+        model = task.model()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"task.model() must return a torch.nn.Module, got {type(model).__name__}")
+        model = model.to(device).eval()
+        found = tracked_layers(model, getattr(task, "tracked_modules", None), spec.f)
+        if layers is not None:
+            by_name = {l.name: l for l in found}
+            for want in layers:
+                have = by_name.get(want.name)
+                if have != want:
+                    raise ValueError(
+                        f"the task's model does not match the index: layer {want.name!r} is "
+                        f"{'missing' if have is None else f'{have.in_features}->{have.out_features}'} "
+                        f"(the index has {want.in_features}->{want.out_features})"
+                    )
+            found = list(layers)
+        return cls(task, model, found, spec, device, model_fingerprint(model, found))
+
+    def layout_layers(self) -> tuple[LayerShape, ...]:
+        return tuple(LayerShape(l.name, l.d_out, l.d_in) for l in self.layers)
+
+    def select(self, patterns: Sequence[str] | None) -> list[int]:
+        """Indices of the layers matching any regex in `patterns` (None = all)."""
+        if not patterns:
+            return list(range(len(self.layers)))
+        chosen = [i for i, l in enumerate(self.layers) if any(re.search(p, l.name) for p in patterns)]
+        if not chosen:
+            raise ValueError(f"no tracked layer matches --layers {list(patterns)} (layers: {[l.name for l in self.layers]})")
+        return chosen
+
+    def capture(self) -> GradientCapture:
+        return GradientCapture(self.model, self.layers, make_projections(self.layers, self.spec, self.device))
+
+    def projected_gradients(self, capture: GradientCapture, examples: list, ids: Sequence[str],
+                            objective: str = "loss") -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per layer (B, d_out, d_in) fp32 projected gradients of `objective` for `examples`,
+        and a (B,) bool mask of the examples whose objective and gradients are all finite."""
+        batch = to_device(self.task.collate(examples), self.device)
+        with torch.enable_grad():
+            fn = self.task.loss if objective == "loss" else self.task.measurement
+            values = fn(self.model, batch)
+            if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.shape[0] != len(examples):
+                shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+                raise ValueError(f"task.{objective}() must return a ({len(examples)},) tensor of per-example values, got {shape}")
+            finite = torch.isfinite(values.detach())
+            grads = capture.projected_gradients(values)
+        out = [grads[l.name] for l in self.layers]
+        for G in out:
+            finite &= torch.isfinite(G).flatten(1).all(dim=1)
+        return out, finite
+
+
+def describe_nonfinite(ids: Sequence[str], rows: Sequence[int], finite: torch.Tensor) -> str:
+    bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+    shown = ", ".join(f"{ids[i]!r} (row {rows[i]})" for i in bad[:5])
+    return f"non-finite loss or gradient for example {shown}" + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

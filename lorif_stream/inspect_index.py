@@ -1,0 +1,47 @@
+"""info / verify: what an index holds, and whether every block of it still decodes."""
+from __future__ import annotations
+
+from .fit import CURVATURE_META
+from .progress import Progress
+from .store import IndexReader, VerifyReport
+
+
+def info(index) -> dict:
+    """Settings, sizes, rows, layers and a spectrum summary of `index`, as a JSON-able dict."""
+    with IndexReader(index) as reader, reader.snapshot() as snap:
+        layout, settings = reader.layout, reader.settings
+        curvature = snap.state_meta(CURVATURE_META) or {}
+        disk = reader.disk_bytes()
+        factor_bytes = reader.factor_bytes()
+        layers = []
+        for layer in layout.layers:
+            c = curvature.get("layers", {}).get(layer.name, {})
+            layers.append({
+                "name": layer.name, "d_out": layer.d_out, "d_in": layer.d_in, "D": layer.D,
+                "rank": c.get("rank"), "damping": c.get("damping"), "captured_energy": c.get("captured_energy"),
+            })
+        raw = layout.values_per_example() * {"bf16": 2, "fp16": 2, "fp32": 4}[layout.dtype]
+        return {
+            "index": str(reader.path),
+            "rows": snap.rows,
+            "layers": layers,
+            "c": layout.c,
+            "dtype": layout.dtype,
+            "block_size": layout.block_size,
+            "factors": settings.get("factors"),
+            "segments": settings.get("segments"),
+            "nonfinite_rows": len(settings.get("nonfinite_rows", [])),
+            "curvature": {k: v for k, v in curvature.items() if k != "layers"},
+            "disk_bytes": disk,
+            "factor_bytes": factor_bytes,
+            "bytes_per_example": factor_bytes / snap.rows if snap.rows else None,
+            "raw_bytes_per_example": raw,
+        }
+
+
+def verify(index, progress: bool = True, max_errors: int = 20) -> VerifyReport:
+    """Decode every block (checksums included), check row contiguity and the id maps."""
+    with IndexReader(index) as reader, reader.snapshot() as snap:
+        total = snap.rows * len(reader.layout.layers)
+        with Progress("verify", total=total, unit="rows", enabled=progress) as bar:
+            return snap.verify(max_errors=max_errors, progress=bar.update)

@@ -1,0 +1,18 @@
+"""The on-disk index: LMDB environment of zstd-compressed rank-c factor blocks (docs/FORMAT.md)."""
+from .codec import BlockDecoder, BlockEncoder
+from .format import (
+    FORMAT_VERSION,
+    CorruptBlockError,
+    IndexError_ as IndexFormatError,
+    NotAnIndexError,
+    UnsupportedVersionError,
+    WriteRefusedError,
+)
+from .layout import IndexLayout, LayerShape
+from .lmdb_store import BlockBuffers, IndexReader, IndexWriter, PendingBlock, Snapshot, VerifyReport
+
+__all__ = [
+    "BlockBuffers", "BlockDecoder", "BlockEncoder", "CorruptBlockError", "FORMAT_VERSION", "IndexFormatError",
+    "IndexLayout", "IndexReader", "IndexWriter", "LayerShape", "NotAnIndexError", "PendingBlock", "Snapshot",
+    "UnsupportedVersionError", "VerifyReport", "WriteRefusedError",
+]

@@ -1,0 +1,269 @@
+"""Damping policies, the Woodbury preconditioner and per-layer curvature fitting."""
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lorif_stream.curvature import (
+    DAMPING_FLOOR,
+    DampingPolicy,
+    LayerCurvature,
+    clamp_rank,
+    fit_layer_curvature,
+    precondition,
+)
+from lorif_stream.sketch import LayerSketch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def random_factors(n, d_out, d_in, c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_out, c, generator=g), torch.randn(n, d_in, c, generator=g)
+
+
+def dense_grads(L, R):
+    return torch.bmm(L.double(), R.double().transpose(1, 2)).reshape(L.shape[0], -1)
+
+
+def blocks_of(L, R, size):
+    return [(L[s:s + size], R[s:s + size]) for s in range(0, L.shape[0], size)]
+
+
+def oracle(A, lam, g):
+    """(A + lam I)^-1 g^T in fp64, as rows."""
+    D = A.shape[0]
+    return torch.linalg.solve(A + lam * torch.eye(D, dtype=torch.float64), g.double().t()).t()
+
+
+def rel(a, b):
+    return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())
+
+
+# ---------------------------------------------------------------------------- rank
+
+
+def test_clamp_rank():
+    assert clamp_rank(256, D=100, N=10_000) == 100
+    assert clamp_rank(256, D=10_000, N=40) == 40
+    assert clamp_rank(16, D=10_000, N=10_000) == 16
+    assert clamp_rank(16, D=10, N=0) == 0
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"r={bad}"):
+            clamp_rank(bad, D=10, N=10)
+    with pytest.raises(ValueError, match="r=2.5"):
+        clamp_rank(2.5, D=10, N=10)
+
+
+# ---------------------------------------------------------------------------- damping
+
+
+def test_damping_policy_values():
+    s2 = torch.tensor([4.0, 2.0, 0.0])
+    assert DampingPolicy().to_dict() == {"name": "eigen-mean", "scale": 0.1}
+    assert DampingPolicy().value(s2, trace=50.0, D=10) == pytest.approx(0.2)
+    assert DampingPolicy("eigen-mean", 0.5).value(s2, 50.0, 10) == pytest.approx(1.0)
+    assert DampingPolicy("trace", 0.1).value(s2, 50.0, 10) == pytest.approx(0.5)
+    assert DampingPolicy("explicit", 3.0).value(s2, 50.0, 10) == 3.0
+    p = DampingPolicy("trace", 2)
+    assert DampingPolicy.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
+@pytest.mark.parametrize("scale", [-0.5, 0.0, float("nan"), float("inf")])
+def test_damping_policy_rejects_bad_scale_naming_it(scale):
+    with pytest.raises(ValueError, match=f"scale={scale}"):
+        DampingPolicy("eigen-mean", scale)
+
+
+def test_damping_policy_rejects_unknown_name():
+    with pytest.raises(ValueError, match="'mean'"):
+        DampingPolicy("mean", 0.1)
+
+
+@pytest.mark.parametrize("name", ["eigen-mean", "trace"])
+def test_damping_policy_floors_zero_curvature_with_a_warning(name):
+    with pytest.warns(RuntimeWarning, match="floor"):
+        lam = DampingPolicy(name, 0.1).value(torch.zeros(4), trace=0.0, D=10)
+    assert lam == DAMPING_FLOOR > 0
+    with pytest.warns(RuntimeWarning, match="floor"):
+        assert DampingPolicy(name).value(torch.zeros(0), trace=0.0, D=10) == DAMPING_FLOOR
+
+
+# ---------------------------------------------------------------------------- LayerCurvature
+
+
+def test_layer_curvature_validates_itself():
+    V = torch.linalg.qr(torch.randn(10, 3))[0]
+    s2 = torch.tensor([3.0, 2.0, 1.0])
+    c = LayerCurvature(s2, V, 0.5, 12.0)
+    assert (c.D, c.rank) == (10, 3)
+    assert c.captured_energy == pytest.approx(0.5)
+    assert LayerCurvature(torch.zeros(3), V, 1.0, 0.0).captured_energy == 0.0
+    with pytest.raises(ValueError, match="damping=0"):
+        LayerCurvature(s2, V, 0.0, 12.0)
+    with pytest.raises(ValueError, match="damping=-1"):
+        LayerCurvature(s2, V, -1.0, 12.0)
+    with pytest.raises(ValueError, match="r = len"):
+        LayerCurvature(s2[:2], V, 0.5, 12.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        LayerCurvature(s2, V * float("nan"), 0.5, 12.0)
+    with pytest.raises(ValueError, match="sigma2"):
+        LayerCurvature(-s2, V, 0.5, 12.0)
+    with pytest.raises(ValueError, match="trace=nan"):
+        LayerCurvature(s2, V, 0.5, float("nan"))
+    state = c.to_state()
+    back = LayerCurvature.from_state(state)
+    assert torch.equal(back.V, c.V) and back.damping == c.damping and back.trace == c.trace
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_curvature_moves_between_devices(device):
+    c = LayerCurvature(torch.ones(2), torch.eye(4, 2), 0.1, 2.0).to(device)
+    assert c.V.device.type == device and c.sigma2.device.type == device
+
+
+# ---------------------------------------------------------------------------- Woodbury
+
+
+def _low_rank_problem(n=6, d_out=8, d_in=6, c=1, seed=0):
+    """A = sum g g^T with rank(A) = n*c < D = 48, its exact eigenpairs and random queries."""
+    L, R = random_factors(n, d_out, d_in, c, seed)
+    G = dense_grads(L, R)
+    A = G.t() @ G
+    ev, U = torch.linalg.eigh(A)
+    rank = n * c
+    return L, R, A, ev.flip(0)[:rank], U.flip(1)[:, :rank]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_woodbury_equals_dense_solve_at_full_rank(device):
+    L, R, A, ev, U = _low_rank_problem()
+    lam = DampingPolicy().value(ev, float(A.trace()), A.shape[0])
+    curv = LayerCurvature(ev.float(), U.float(), lam, float(A.trace())).to(device)
+    g = torch.randn(5, 48, generator=torch.Generator().manual_seed(1))
+    h = precondition(g.to(device), curv)
+    assert h.dtype == torch.float32 and h.shape == (5, 48) and h.device.type == device
+    assert rel(h, oracle(A, lam, g)) < 1e-5
+    # Queries inside range(A) stress the V-term (they nearly cancel the g/lam term).
+    g_in = dense_grads(*random_factors(3, 8, 6, 1, seed=7)) @ (U @ U.t())
+    assert rel(precondition(g_in.float().to(device), curv), oracle(A, lam, g_in)) < 1e-5
+
+
+@pytest.mark.parametrize("policy", [DampingPolicy(), DampingPolicy("trace", 0.01), DampingPolicy("explicit", 0.5)])
+def test_woodbury_from_the_sketch_equals_dense_solve_when_rank_is_rank_A(policy):
+    L, R, A, ev, U = _low_rank_problem(n=5, c=2, seed=3)      # rank(A) = 10 < D = 48
+    sketch = LayerSketch(D=48, k=18, seed=2)
+    for Lb, Rb in blocks_of(L, R, 2):
+        sketch.update(Lb, Rb)
+    curv = fit_layer_curvature(sketch, rank=10, policy=policy)
+    assert curv.rank == 10
+    assert curv.captured_energy == pytest.approx(1.0, rel=1e-5)
+    g = torch.randn(4, 48, generator=torch.Generator().manual_seed(5))
+    assert rel(precondition(g, curv), oracle(A, curv.damping, g)) < 1e-5
+
+
+@settings(max_examples=20, deadline=None)
+@given(D=st.integers(2, 40), r=st.integers(1, 8), lam=st.floats(1e-3, 1e3), spread=st.floats(0, 6),
+       seed=st.integers(0, 10_000))
+def test_woodbury_property(D, r, lam, spread, seed):
+    r = min(r, D)
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.linalg.qr(torch.randn(D, r, generator=gen, dtype=torch.float64))[0]
+    s2 = (10.0 ** (spread * torch.rand(r, generator=gen, dtype=torch.float64))).sort(descending=True).values
+    A = V @ torch.diag(s2) @ V.t()
+    curv = LayerCurvature(s2.float(), V.float(), lam, float(s2.sum()))
+    g = torch.randn(3, D, generator=gen)
+    h = precondition(g, curv)
+    # fp32 V carries ~1e-7 error, amplified by at most sigma2/lam in h's V-part.
+    tol = 1e-5 * max(1.0, float(s2[0]) / lam) ** 0.5
+    assert rel(h, oracle(A, lam, g)) < max(tol, 1e-5)
+    # fp64 inputs are preconditioned in fp64.
+    curv64 = LayerCurvature(s2, V, lam, float(s2.sum()))
+    assert rel(precondition(g.double(), curv64), oracle(A, lam, g)) < 1e-10
+
+
+def test_precondition_checks_the_query_width():
+    curv = LayerCurvature(torch.ones(2), torch.eye(4, 2), 0.1, 2.0)
+    with pytest.raises(ValueError, match="D=4"):
+        precondition(torch.zeros(3, 5), curv)
+
+
+# ---------------------------------------------------------------------------- fitting
+
+
+def test_fit_clamps_rank_to_rows_and_stays_finite_when_n_below_d():
+    L, R = random_factors(3, 10, 10, 1, seed=1)               # N = 3 < D = 100
+    sketch = LayerSketch(D=100, k=24, seed=0).update(L, R)
+    curv = fit_layer_curvature(sketch, rank=16)
+    assert curv.rank == 3
+    G = dense_grads(L, R)
+    A = G.t() @ G
+    assert torch.allclose(curv.sigma2.double(), torch.linalg.eigvalsh(G @ G.t()).flip(0), rtol=1e-4)
+    g = torch.randn(2, 100)
+    h = precondition(g, curv)
+    assert torch.isfinite(h).all()
+    assert rel(h, oracle(A, curv.damping, g)) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("refine_passes", [0, 2])
+def test_fit_on_an_all_zero_layer_is_finite(device, refine_passes):
+    L, R = torch.zeros(6, 5, 1), torch.zeros(6, 4, 1)
+    sketch = LayerSketch(D=20, k=8, seed=0, device=device).update(L.to(device), R.to(device))
+    with pytest.warns(RuntimeWarning, match="floor"):
+        curv = fit_layer_curvature(sketch, rank=4, refine_passes=refine_passes,
+                                   block_source=lambda: [(L.to(device), R.to(device))])
+    assert curv.rank == 4 and torch.all(curv.sigma2 == 0) and torch.isfinite(curv.V).all()
+    assert curv.damping == DAMPING_FLOOR and curv.captured_energy == 0.0
+    h = precondition(torch.randn(2, 20, device=device), curv)
+    assert torch.isfinite(h).all()
+
+
+def test_fit_with_no_rows_gives_rank_zero():
+    sketch = LayerSketch(D=12, k=4, seed=0)
+    with pytest.warns(RuntimeWarning):
+        curv = fit_layer_curvature(sketch, rank=4, policy=DampingPolicy("trace"))
+    assert curv.rank == 0 and curv.V.shape == (12, 0)
+    g = torch.randn(3, 12)
+    assert torch.allclose(precondition(g, curv), g / curv.damping)
+    assert fit_layer_curvature(sketch, 4, DampingPolicy("explicit", 2.0)).damping == 2.0
+
+
+def test_fit_rejects_bad_settings():
+    L, R = random_factors(20, 5, 5, 1)
+    sketch = LayerSketch(D=25, k=6, seed=0).update(L, R)
+    with pytest.raises(ValueError, match="r=0"):
+        fit_layer_curvature(sketch, rank=0)
+    with pytest.raises(ValueError, match="r=-2"):
+        fit_layer_curvature(sketch, rank=-2)
+    with pytest.raises(ValueError, match="k=6"):
+        fit_layer_curvature(sketch, rank=8)
+    with pytest.raises(ValueError, match="block_source"):
+        fit_layer_curvature(sketch, rank=4, refine_passes=1)
+    with pytest.raises(ValueError, match="refine_passes=-1"):
+        fit_layer_curvature(sketch, rank=4, refine_passes=-1)
+
+
+@pytest.mark.parametrize("finalize", ["rr", "nystrom"])
+def test_fit_with_refinement_recovers_the_top_eigenvalues(finalize):
+    # A decaying spectrum the single pass gets only roughly; a few passes nail it.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.arange(1, 21, dtype=torch.float32) ** -0.7
+    L = torch.randn(300, 20, 1, generator=gen) * a[None, :, None]
+    R = torch.randn(300, 15, 1, generator=gen) * a[None, :15, None]
+    sketch = LayerSketch(D=300, k=24, seed=1)
+    for Lb, Rb in blocks_of(L, R, 64):
+        sketch.update(Lb, Rb)
+    G = dense_grads(L, R)
+    ev = torch.linalg.eigvalsh(G.t() @ G).flip(0)[:8]
+    err = lambda c: float(((c.sigma2.double() - ev) / ev).abs().max())
+    single = fit_layer_curvature(sketch, rank=8)
+    refined = fit_layer_curvature(sketch, rank=8, refine_passes=4, block_source=lambda: blocks_of(L, R, 64),
+                                  finalize=finalize)
+    print(f"\nD=300 r=8 k=24: single pass {err(single):.2e}, 4 passes ({finalize}) {err(refined):.2e}")
+    assert err(refined) < 1e-3 and err(refined) < err(single)
+    assert torch.allclose(refined.V.t() @ refined.V, torch.eye(8), atol=1e-5)
