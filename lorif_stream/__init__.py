@@ -7,23 +7,16 @@
     ls.fit("runs/idx", sketch_rank=512)               # refit the curvature only
     ls.info("runs/idx"); ls.verify("runs/idx")
 """
-from importlib import import_module
+from .build import BuildResult, append, build
+from .config import BuildConfig, CurvatureConfig, QueryConfig
+from .fit import fit
+from .inspect_index import info, verify
+from .query import QueryResult, query
+from .task import HFCausalLMTask, Task, load_task
 
+# the functions shadow their modules' names on purpose: `lorif_stream.query(...)` is the API
+__all__ = [
+    "BuildConfig", "BuildResult", "CurvatureConfig", "HFCausalLMTask", "QueryConfig", "QueryResult", "Task",
+    "append", "build", "fit", "info", "load_task", "query", "verify",
+]
 __version__ = "0.1.0"
-
-# name -> module; imported on first use so `lorif_stream.store` and the CLI's --help stay light
-_API = {
-    "build": "build", "append": "build", "BuildResult": "build",
-    "fit": "fit",
-    "query": "query", "QueryResult": "query",
-    "info": "inspect_index", "verify": "inspect_index",
-    "BuildConfig": "config", "CurvatureConfig": "config", "QueryConfig": "config",
-    "Task": "task", "HFCausalLMTask": "task", "load_task": "task",
-}
-__all__ = sorted(_API)
-
-
-def __getattr__(name):
-    if name in _API:
-        return getattr(import_module(f".{_API[name]}", __name__), name)
-    raise AttributeError(f"module 'lorif_stream' has no attribute {name!r}")

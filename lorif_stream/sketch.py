@@ -14,6 +14,8 @@ product is formed in fp64, chunked over rows so no D x k fp64 copy is ever resid
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Tuple
 
@@ -43,7 +45,9 @@ def gaussian_test_matrix(D: int, k: int, seed: int, device=None) -> Tensor:
 
     Generated on the CPU from uniform fp64 draws (serial mt19937, one draw per element, so the
     stream does not depend on CPU vector extensions) through Box-Muller in fp64 and rounded to
-    fp32: every machine and device gets the same bits. Row i depends only on (seed, k, i), so
+    fp32: every device gets the same bits, and machines whose fp64 log/cos differ in the last
+    bit can at worst flip the last fp32 bit of a rare entry (harmless: Nystrom's shift is far
+    larger). Never torch.randn: its fp32 path differs between CPU kernels. Row i depends only on (seed, k, i), so
     Omega(D1) is a prefix of Omega(D2) for D1 < D2. CPU scratch is one row chunk; the result is
     written chunk by chunk straight into device memory.
     """
@@ -301,8 +305,53 @@ def _gram64(A: Tensor, B: Tensor) -> Tensor:
     return out
 
 
+def _sketch_grams(Y: Tensor, omega: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Omega^T Y, Y^T Y, Omega^T Omega in fp64 from one chunked sweep (each chunk cast once)."""
+    k = Y.shape[1]
+    OtY, YtY, OtO = (torch.zeros(k, k, dtype=torch.float64, device=Y.device) for _ in range(3))
+    for s in range(0, Y.shape[0], _ROW_CHUNK):
+        y = Y[s:s + _ROW_CHUNK].to(torch.float64)
+        o = omega[s:s + _ROW_CHUNK].to(torch.float64)
+        OtY += o.t() @ y
+        YtY += y.t() @ y
+        OtO += o.t() @ o
+    return OtY, YtY, OtO
+
+
 def _sym(M: Tensor) -> Tensor:
     return 0.5 * (M + M.t())
+
+
+_serial_lock = threading.Lock()
+_serial_depth = 0
+_serial_saved = 1
+
+
+@contextmanager
+def _serial_lapack(device: torch.device):
+    """Run the k x k LAPACK calls (eigh, Cholesky) on one CPU thread.
+
+    They gain nothing from threads at these sizes, but a threaded LAPACK on a busy machine loses
+    badly: a 144 x 144 eigh took 1.2 s with 2 OpenMP threads on a loaded 2-core box vs 2 ms on
+    one. The thread count is process-wide, so nested/concurrent users share one save/restore.
+    """
+    global _serial_depth, _serial_saved
+    if device.type != "cpu":
+        yield
+        return
+    with _serial_lock:
+        if _serial_depth == 0:
+            _serial_saved = torch.get_num_threads()
+            if _serial_saved != 1:
+                torch.set_num_threads(1)
+        _serial_depth += 1
+    try:
+        yield
+    finally:
+        with _serial_lock:
+            _serial_depth -= 1
+            if _serial_depth == 0 and _serial_saved != 1:
+                torch.set_num_threads(_serial_saved)
 
 
 def orthonormalize(X: Tensor, fill_seed: int = 0) -> Tensor:
@@ -359,64 +408,66 @@ def nystrom_eig(Y: Tensor, omega: Tensor, rank: int, shift_eps: float | None = N
     if shift_eps is None:
         shift_eps = float(torch.finfo(torch.float32).eps)
 
-    OtY = _gram64(omega, Y)
-    YtY = _gram64(Y, Y)
-    OtO = _gram64(omega, omega)
+    OtY, YtY, OtO = _sketch_grams(Y, omega)
+    with _serial_lapack(dev):
+        small = _nystrom_core(OtY, YtY, OtO, rank, shift_eps)
+    if small is None:
+        # A = 0 on everything the sketch sees: zero spectrum, any orthonormal basis.
+        return (torch.zeros(rank, dtype=torch.float32, device=dev),
+                orthonormalize(omega[:, :rank]))
+    nu, T, sigma2 = small
+    m = T.shape[1]
+    V = torch.zeros(D, rank, dtype=torch.float32, device=dev)
+    for s in range(0, D, _ROW_CHUNK):
+        Yc = Y[s:s + _ROW_CHUNK].to(torch.float64) + nu * omega[s:s + _ROW_CHUNK].to(torch.float64)
+        V[s:s + _ROW_CHUNK, :m] = (Yc @ T).to(torch.float32)
+    return sigma2.to(torch.float32), orthonormalize(V)
+
+
+def _nystrom_core(OtY: Tensor, YtY: Tensor, OtO: Tensor, rank: int, shift_eps: float):
+    """The k x k part of nystrom_eig: (nu, T (k, m), sigma2 (rank,)) with V = Y_nu T, or None if Y = 0."""
+    k = OtY.shape[0]
+    dev = OtY.device
     ynorm2 = float(torch.linalg.eigvalsh(_sym(YtY))[-1].clamp_min(0).item())
     if not math.isfinite(ynorm2):
         raise ValueError("sketch Y contains non-finite values")
     if ynorm2 == 0.0:
-        # A = 0 on everything the sketch sees: zero spectrum, any orthonormal basis.
-        return (torch.zeros(rank, dtype=torch.float32, device=dev),
-                orthonormalize(omega[:, :rank]))
-
+        return None
     # The shift must dominate the fp32 rounding of Y as seen through Omega^T (about
-    # eps * sqrt(k) * ||Y||) and Omega^T Omega ~ D I multiplies it by D. Anything larger only
-    # costs accuracy: the shift's tail nu * D leaks into the top eigenvalues (Tropp et al.'s
-    # sqrt(D) * eps(||Y||) assumes fp64 Y and would bias them by ~eps32 * D^1.5 here).
-    # Omega^T Omega ~ (||Omega||_F^2 / k) I: D I for a Gaussian Omega, I for an orthonormal one.
+    # eps * sqrt(k) * ||Y||), and Omega^T Omega ~ (||Omega||_F^2 / k) I (D I for a Gaussian Omega,
+    # I for an orthonormal one) multiplies it. Anything larger only costs accuracy: the shift's
+    # tail nu * D leaks into the top eigenvalues (Tropp et al.'s sqrt(D) * eps(||Y||) assumes
+    # fp64 Y and would bias them by ~eps32 * D^1.5 here).
     nu = shift_eps * math.sqrt(k) * math.sqrt(ynorm2) * k / float(torch.trace(OtO).item())
     T0 = None
     for _ in range(8):
-        M = _sym(OtY + nu * OtO)
-        C, info = torch.linalg.cholesky_ex(M)
+        C, info = torch.linalg.cholesky_ex(_sym(OtY + nu * OtO))
         if int(info.item()) == 0 and bool(torch.isfinite(C).all()):
-            # B = Y_nu T0 with T0 = C^-T.
             eye = torch.eye(k, dtype=torch.float64, device=dev)
-            T0 = torch.linalg.solve_triangular(C.t(), eye, upper=True)
+            T0 = torch.linalg.solve_triangular(C.t(), eye, upper=True)       # B = Y_nu C^-T
             break
         nu *= 10.0
     if T0 is None:
         # Pseudo-inverse square root of M: keeps only its well-determined eigen-directions.
-        M = _sym(OtY + nu * OtO)
-        lam, U = torch.linalg.eigh(M)
+        lam, U = torch.linalg.eigh(_sym(OtY + nu * OtO))
         keep = lam > lam[-1].clamp_min(0) * (k * torch.finfo(torch.float64).eps) * 1e3
         if not bool(keep.any()):
-            return (torch.zeros(rank, dtype=torch.float32, device=dev),
-                    orthonormalize(omega[:, :rank]))
+            return None
         T0 = U[:, keep] / torch.sqrt(lam[keep])
     GYnu = _sym(YtY + nu * (OtY + OtY.t()) + (nu * nu) * OtO)
-    BtB = _sym(T0.t() @ GYnu @ T0)
-    s2, W = torch.linalg.eigh(BtB)
+    s2, W = torch.linalg.eigh(_sym(T0.t() @ GYnu @ T0))                       # svd(B) via B^T B
     s2, W = s2.flip(0), W.flip(1)
     s2 = s2.clamp_min(0)
-
     m = min(rank, s2.shape[0])
     s2r = s2[:m]
     # Directions whose singular value is lost in rounding carry no curvature: leave them to the
     # orthonormal completion rather than amplifying noise by 1/s.
     tiny = s2r <= s2[0] * (torch.finfo(torch.float64).eps * 1e2)
     inv_s = torch.where(tiny, torch.zeros_like(s2r), torch.rsqrt(torch.where(tiny, torch.ones_like(s2r), s2r)))
-    T = (T0 @ W[:, :m]) * inv_s                              # (k, m) fp64
-    V = torch.zeros(D, rank, dtype=torch.float32, device=dev)
-    for s in range(0, D, _ROW_CHUNK):
-        Yc = Y[s:s + _ROW_CHUNK].to(torch.float64) + nu * omega[s:s + _ROW_CHUNK].to(torch.float64)
-        V[s:s + _ROW_CHUNK, :m] = (Yc @ T).to(torch.float32)
+    T = (T0 @ W[:, :m]) * inv_s                                                 # (k, m) fp64
     sigma2 = torch.zeros(rank, dtype=torch.float64, device=dev)
-    sigma2[:m] = (s2r - nu).clamp_min(0)
-    sigma2[:m][tiny] = 0.0
-    V = orthonormalize(V)
-    return sigma2.to(torch.float32), V
+    sigma2[:m] = torch.where(tiny, torch.zeros_like(s2r), (s2r - nu).clamp_min(0))
+    return nu, T, sigma2
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,7 +480,8 @@ def rayleigh_ritz(Q: Tensor, Z: Tensor) -> Tuple[Tensor, Tensor]:
     if Q.shape != Z.shape or Q.dim() != 2:
         raise ValueError(f"Q{tuple(Q.shape)} and Z{tuple(Z.shape)} must both be (D, m)")
     H = _sym(_gram64(Q, Z))
-    theta, W = torch.linalg.eigh(H)
+    with _serial_lapack(H.device):
+        theta, W = torch.linalg.eigh(H)
     theta, W = theta.flip(0), W.flip(1)
     V = Q.to(torch.float32) @ W.to(torch.float32)
     return theta.clamp_min(0).to(torch.float32), V

@@ -1,0 +1,221 @@
+"""build -> fit -> query end to end, against exact influence computed independently."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+import lorif_stream as ls
+from lorif_stream.store import IndexReader
+
+ROOT = Path(__file__).parents[1]
+TASKS = ROOT / "tests" / "tasks" / "mlp_task.py"
+sys.path.insert(0, str(TASKS.parent))
+import mlp_task  # noqa: E402
+
+EXACT = dict(f=1, rank=1, dtype="fp32", sketch_rank=64, damping=0.5, device="cpu")
+
+
+def per_example_grads(model, examples):
+    """{layer: (N, O*I)} weight gradients of each example's loss, with torch.func (the oracle)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.stack([e[0] for e in examples])
+    y = torch.stack([e[1] for e in examples])
+
+    def loss(p, xi, yi):
+        out = functional_call(model, p, (xi[None],))
+        return torch.nn.functional.cross_entropy(out, yi[None])
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return {name[: -len(".weight")]: g[name].reshape(len(examples), -1).double()
+            for name in params if name.endswith(".weight")}
+
+
+def exact_influence(task, damping):
+    model = task.model().eval()
+    gtr = per_example_grads(model, task.train_examples())
+    gq = per_example_grads(model, task.query_examples())
+    total = 0
+    for name, G in gtr.items():
+        A = G.T @ G
+        H = torch.linalg.solve(A + damping * torch.eye(A.shape[0], dtype=A.dtype), gq[name].T).T
+        total = total + H @ G.T
+    return total.numpy()
+
+
+def read_results(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def exact_index(tmp_path_factory):
+    path = tmp_path_factory.mktemp("exact") / "idx"
+    ls.build(mlp_task.full(), path, block_size=7, batch_size=5, progress=False, **EXACT)
+    return path
+
+
+def test_scores_equal_exact_influence(exact_index, tmp_path):
+    res = ls.query(mlp_task.full(), exact_index, tmp_path / "r.jsonl", tmp_path / "s.npy", top_k=5, device="cpu",
+                   progress=False)
+    scores = np.load(tmp_path / "s.npy")
+    oracle = exact_influence(mlp_task.full(), EXACT["damping"])
+    assert scores.shape == oracle.shape == (mlp_task.N_QUERY, mlp_task.N_TRAIN)
+    np.testing.assert_allclose(scores, oracle, rtol=2e-3, atol=2e-3 * np.abs(oracle).max())
+    for q, r in enumerate(read_results(tmp_path / "r.jsonl")):
+        want = np.argsort(-oracle[q])[:5].tolist()
+        assert [p["row"] for p in r["proponents"]] == want
+        assert [p["row"] for p in r["opponents"]] == np.argsort(oracle[q])[:5].tolist()
+        assert [p["id"] for p in r["proponents"]] == [f"ex{i}" for i in want]
+        assert r["id"] == f"ex{q}"  # the task's example_id, applied to the query set
+    assert res.rows == mlp_task.N_TRAIN
+
+
+@pytest.mark.parametrize("opts", [dict(buffers=1, loader_threads=0), dict(buffers=4, loader_threads=1),
+                                  dict(buffers=2, loader_threads=2, batch_size=2), dict(scorer="dense"),
+                                  dict(scorer="factored", memory_budget=30_000)])
+def test_loader_and_batching_do_not_change_results(exact_index, tmp_path, opts):
+    ref = ls.query(mlp_task.full(), exact_index, None, tmp_path / "ref.npy", top_k=4, device="cpu", progress=False)
+    got = ls.query(mlp_task.full(), exact_index, None, tmp_path / "got.npy", top_k=4, device="cpu", progress=False,
+                   **opts)
+    np.testing.assert_allclose(np.load(tmp_path / "got.npy"), np.load(tmp_path / "ref.npy"), rtol=1e-5, atol=1e-6)
+    assert [[p["row"] for p in r["proponents"]] for r in got.results] == \
+           [[p["row"] for p in r["proponents"]] for r in ref.results]
+
+
+def test_block_size_does_not_change_scores(exact_index, tmp_path):
+    other = tmp_path / "idx"
+    ls.build(mlp_task.full(), other, block_size=48, batch_size=16, progress=False, **EXACT)
+    a = ls.query(mlp_task.full(), exact_index, None, tmp_path / "a.npy", top_k=3, device="cpu", progress=False)
+    b = ls.query(mlp_task.full(), other, None, tmp_path / "b.npy", top_k=3, device="cpu", progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"), rtol=1e-4, atol=1e-6)
+
+
+def test_build_then_append_equals_one_build(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    opts = dict(f=1, rank=1, dtype="bf16", sketch_rank=16, damping=0.5, device="cpu", block_size=8, progress=False)
+    ls.build(mlp_task.full(), whole, **opts)
+    ls.build(mlp_task.first(), parts, **opts)
+    ls.append(mlp_task.second(), parts, f=1, rank=1, dtype="bf16", device="cpu", block_size=8, progress=False)
+    with IndexReader(whole) as a, IndexReader(parts) as b, a.snapshot() as sa, b.snapshot() as sb:
+        assert sa.rows == sb.rows == mlp_task.N_TRAIN
+        assert sa.ids(0, sa.rows) == sb.ids(0, sb.rows)
+        for row in range(sa.rows):
+            for (La, Ra), (Lb, Rb) in zip(sa.row(row), sb.row(row)):
+                np.testing.assert_array_equal(La, Lb)
+                np.testing.assert_array_equal(Ra, Rb)
+        for name in ("0", "2"):
+            np.testing.assert_allclose(sa.array(f"sketch/{name}/Y"), sb.array(f"sketch/{name}/Y"), rtol=1e-4, atol=1e-6)
+    ra = ls.query(mlp_task.full(), whole, None, tmp_path / "a.npy", top_k=5, device="cpu", progress=False)
+    rb = ls.query(mlp_task.full(), parts, None, tmp_path / "b.npy", top_k=5, device="cpu", progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"), rtol=1e-3, atol=1e-5)
+    assert [[p["id"] for p in r["proponents"]] for r in ra.results] == [[p["id"] for p in r["proponents"]] for r in rb.results]
+
+
+def test_append_refuses_mismatches_and_leaves_index_untouched(tmp_path):
+    path = tmp_path / "idx"
+    ls.build(mlp_task.first(), path, f=1, rank=1, device="cpu", sketch_rank=8, progress=False)
+    before = (path / "data.mdb").read_bytes()
+    with pytest.raises(ValueError, match="model differs"):
+        ls.append(mlp_task.other_weights(), path, f=1, rank=1, device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"f: index 1 vs 2"):
+        ls.append(mlp_task.second(), path, f=2, rank=1, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="already in the index"):
+        ls.append(mlp_task.first(), path, f=1, rank=1, device="cpu", progress=False)
+    with IndexReader(path) as r, r.snapshot() as s:
+        assert s.rows == 30 and s.verify().ok
+
+
+def test_nonfinite_gradient_names_the_example_and_keeps_committed_rows(tmp_path):
+    path = tmp_path / "idx"
+    with pytest.raises(ValueError, match=r"'ex21' \(row 21\)"):
+        ls.build(mlp_task.with_nan(), path, f=1, rank=1, device="cpu", batch_size=4, block_size=8, sketch_rank=8,
+                 progress=False)
+    with IndexReader(path) as r, r.snapshot() as s:
+        assert s.rows == 21 and s.verify().ok
+    skipped = tmp_path / "skip"
+    ls.build(mlp_task.with_nan(), skipped, f=1, rank=1, device="cpu", sketch_rank=8, skip_nonfinite=True, progress=False)
+    with IndexReader(skipped) as r, r.snapshot() as s:
+        assert s.rows == mlp_task.N_TRAIN and r.settings["nonfinite_rows"] == [21]
+        assert all(not L.any() for L, _ in s.row(21))
+
+
+def test_query_errors(exact_index, tmp_path):
+    with pytest.raises(ValueError, match="model differs"):
+        ls.query(mlp_task.other_weights(), exact_index, None, top_k=3, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="larger than the index's 48 rows"):
+        ls.query(mlp_task.full(), exact_index, None, top_k=49, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="no query examples"):
+        ls.query(mlp_task.no_queries(), exact_index, None, top_k=3, device="cpu", progress=False)
+    with pytest.raises(Exception, match="does not exist"):
+        ls.query(mlp_task.full(), tmp_path / "nope", None, top_k=3, device="cpu", progress=False)
+
+
+def cli(*args, check=True, env=None):
+    proc = subprocess.run([sys.executable, "-m", "lorif_stream.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_cli_end_to_end(tmp_path):
+    idx = tmp_path / "idx"
+    task = f"{TASKS}:full"
+    cli("build", "--task", task, "--index", idx, "--f", 1, "--sketch-rank", 16, "--device", "cpu", "--quiet")
+    info = json.loads(cli("info", "--index", idx, "--json").stdout)
+    assert info["rows"] == mlp_task.N_TRAIN and [l["name"] for l in info["layers"]] == ["0", "2"]
+    assert "ok: 48 rows" in cli("verify", "--index", idx, "--quiet").stdout
+    out = tmp_path / "results.jsonl"
+    cli("query", "--task", task, "--index", idx, "--top-k", 3, "--out", out, "--device", "cpu", "--quiet")
+    results = read_results(out)
+    assert len(results) == mlp_task.N_QUERY
+    assert all(len(r["proponents"]) == 3 and len(r["opponents"]) == 3 for r in results)
+    assert all(r["proponents"][0]["score"] >= r["proponents"][-1]["score"] for r in results)
+    bad = cli("query", "--task", "tests/tasks/missing.py:full", "--index", idx, check=False)
+    assert bad.returncode != 0 and "missing.py" in bad.stderr and "Traceback" not in bad.stderr
+    bad = cli("info", "--index", tmp_path / "nowhere", check=False)
+    assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sigkill_during_build_then_resume_equals_uninterrupted(tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    args = ["--f", 1, "--sketch-rank", 16, "--device", "cpu", "--block-size", 4, "--batch-size", 2, "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "lorif_stream.cli", "build", "--task", f"{TASKS}:slow",
+                             "--index", killed, *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if (killed / "data.mdb").exists():
+            try:
+                with IndexReader(killed) as r:
+                    if r.rows >= 12:
+                        break
+            except Exception:
+                pass
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with IndexReader(killed) as r:
+        assert 12 <= r.rows < mlp_task.N_TRAIN
+    cli("build", "--task", f"{TASKS}:full", "--index", killed, *args)
+    cli("build", "--task", f"{TASKS}:full", "--index", clean, *args)
+    with IndexReader(killed) as a, IndexReader(clean) as b, a.snapshot() as sa, b.snapshot() as sb:
+        assert sa.rows == sb.rows == mlp_task.N_TRAIN and sa.ids(0, 48) == sb.ids(0, 48)
+        for row in range(sa.rows):
+            for (La, Ra), (Lb, Rb) in zip(sa.row(row), sb.row(row)):
+                np.testing.assert_array_equal(La, Lb)
+                np.testing.assert_array_equal(Ra, Rb)
+        for name in ("0", "2"):
+            np.testing.assert_allclose(sa.array(f"curvature/{name}/sigma2"), sb.array(f"curvature/{name}/sigma2"),
+                                       rtol=1e-4)
+    # different settings on an existing index are refused, naming them
+    bad = cli("build", "--task", f"{TASKS}:full", "--index", killed, "--f", 2, "--device", "cpu", check=False)
+    assert bad.returncode == 1 and "f: index 1 vs 2" in bad.stderr
