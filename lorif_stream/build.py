@@ -55,6 +55,7 @@ class BuildResult:
     new_rows: int
     seconds: float
     bytes_written: int
+    sketch_seconds: float = 0.0
 
 
 # ------------------------------------------------------------------------------------ public
@@ -365,7 +366,7 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
     sketches.save(writer)
     finalize_curvature(writer, sketches, config.curvature, source.device, config.budget(), progress=progress)
     return BuildResult(str(writer.path), writer.rows, writer.rows - start_row, time.perf_counter() - t0,
-                       committer.bytes_written)
+                       committer.bytes_written, sketches.seconds)
 
 
 def _add(pending: list, grads: list[torch.Tensor], ids: list[str], c: int, storage: torch.dtype) -> None:

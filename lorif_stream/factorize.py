@@ -22,24 +22,28 @@ result is exact (SVD, zero columns appended when ``c`` exceeds the smaller dimen
 ``G`` gives zero ``L`` and a finite ``R``. Each example is factorised independently of its
 batch-mates (the power-iteration start is a fixed seeded matrix, not drawn from the batch).
 
-Timings (this repository's 2-core CPU, fp32, torch 2.13; ms per batch):
+Timings (this repository's shared 2-core CPU, torch 2.13, fp32, ONE thread to dampen the noise
+of other jobs, best of 3-7 runs; ms per batch, "svd / power"; gradient-like G = sum of 64 token
+outer products with a 100x decaying scale):
 
-    d_out x d_in   B   c=1 svd/power   c=8 svd/power   c=16 svd/power  c=32 svd/power
-       48 x 48    64     16.1 / 3.6      16.4 / 8.4      16.5 / 15.3     18.5 / 84.5
-       96 x 96    64     49.3 / 8.6      51.5 / 17.4     50.5 / 29.7     51.9 / 213.5
-      192 x 192    8     22.1 / 4.4      22.3 / 6.8      22.1 / 9.1      21.9 / 22.2
-      192 x 768    8     85.0 / 16.7     81.5 / 19.8     80.9 / 27.9     83.5 / 79.1
-      768 x 192    8    270.3 / 36.3    204.3 / 61.9     65.0 / 48.1     64.9 / 141.3
-      384 x 384    8    707.1 / 37.4    251.8 / 42.7    622.5 / 181.6   800.4 / 312.7
-      384 x 384   64   6502.6 / 342.5  5516.2 / 862.9  5016.6 / 953.9      -
+    d_out x d_in    B    c=1            c=8            c=16           c=32
+      48 x 48      64    11.8 / 4.1     11.9 / 8.9     12.0 / 15.5    12.3 / 41.1
+      96 x 96      64    33.7 / 12.4    35.3 / 21.5    34.7 / 31.2    34.7 / 67.4
+     192 x 192      8    17.5 / 5.4     17.6 / 9.2     17.6 / 11.2    17.7 / 19.6
+     192 x 768      8    68.8 / 20.7    69.0 / 33.6    74.4 / 42.0    69.6 / 75.0
+     768 x 192      8    40.1 / 20.3    40.0 / 31.3    39.7 / 34.6    40.2 / 54.0
+     384 x 384      8    96.7 / 19.6   101.0 / 38.2   106.0 / 39.7    97.2 / 59.5
+     384 x 384     64   831.0 / 168.8 1277.1 / 513.5 1209.5 / 687.6  846.7 / 721.9
+     768 x 768     16  2289.2 / 215.4 2608.4 / 620.6 2197.6 / 495.4 2253.8 / 1198.1
 
-    (gradient-like G: sums of 64 token outer products with a 100x decaying scale; best of 5 on
-    a shared, noisy machine, so read the ratios, not the absolute numbers.) Accuracy: the worst
-    per-example Frobenius error of "power" was within 0.01% of the SVD optimum in every cell.
-    SVD costs ~min(d)^3 whatever c; power iteration ~iters * d_out * d_in * (c + 4) plus a QR
-    per step, so it wins by 2-19x until c + 4 nears min(d)/4, where SVD takes over: that is the
-    rule "auto" applies on CPU. On CUDA "auto" always picks "power" (not measured here: batched
-    GPU SVD of matrices this size is known to be slow, and the GPU path avoids per-matrix QR).
+Accuracy: in every cell the worst per-example Frobenius error of "power" was within 0.001% of
+the SVD optimum (without oversampling it was up to 2.7% worse). SVD costs ~d_out d_in min(d)
+whatever c; power iteration ~iters d_out d_in (c + OVERSAMPLE) plus an orthonormalisation per
+step, so power wins (2-10x at c=1) until c + OVERSAMPLE nears min(d)/4-min(d)/5, where the two
+are within ~30% of each other and SVD then takes over. "auto" on CPU therefore picks "power"
+when ``4 (c + OVERSAMPLE) <= min(d_out, d_in)``, else "svd". On CUDA it always picks "power"
+(not measured here: batched GPU SVD of matrices this size loops over the batch, and the GPU
+power path uses only batched GEMM / Cholesky / triangular-solve / small-eigh kernels).
 """
 
 from __future__ import annotations

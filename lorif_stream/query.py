@@ -277,7 +277,7 @@ def query(task, index, out: str | os.PathLike | None = None, scores: str | os.Pa
         if q_batch < len(queries):
             notice(f"{len(queries)} queries are scored in batches of {q_batch} (one index pass each) to fit the memory budget")
         results: list[dict] = []
-        stats = {"read_seconds": 0.0, "score_seconds": 0.0, "bytes_read": 0}
+        stats = {"read_seconds": 0.0, "score_seconds": 0.0, "bytes_read": 0, "curvature_rows": covered}
         writer = _ScoreWriter(scores, len(queries), snap.rows) if scores is not None else None
         try:
             for q0 in range(0, len(queries), q_batch):

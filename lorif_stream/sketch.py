@@ -203,7 +203,7 @@ class LayerSketch:
     rows: int = 0
     device: str | torch.device | None = None
     cache_omega: bool = True
-    _omega: Tensor | None = field(default=None, repr=False, compare=False)
+    _omega: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if int(self.D) < 1:

@@ -361,7 +361,8 @@ class HFCausalLMTask(Task):
         model_dir: a ``save_pretrained`` folder holding the model *and* its tokenizer (loaded
             with ``AutoModelForCausalLM`` / ``AutoTokenizer``, ``local_files_only=True``: no hub
             access).
-        train_data: ``.jsonl`` file, one JSON object per line, the text under ``text_field``.
+        train_data: ``.jsonl`` file, one JSON object per line, the text under ``text_field``;
+            ``None`` gives no training examples (enough to query an existing index).
         query_data: same format for the queries; ``None`` gives no queries (enough to build).
         text_field: key of the text in each object.
         id_field: key of the example id; ``None`` uses the 1-based line number in the file.
@@ -379,7 +380,7 @@ class HFCausalLMTask(Task):
     def __init__(
         self,
         model_dir: str | os.PathLike,
-        train_data: str | os.PathLike,
+        train_data: str | os.PathLike | None,
         query_data: str | os.PathLike | None = None,
         text_field: str = "text",
         id_field: str | None = None,
@@ -390,7 +391,7 @@ class HFCausalLMTask(Task):
             raise TaskLoadError(f"model directory not found: {self.model_dir}")
         if not (self.model_dir / "config.json").is_file():
             raise TaskLoadError(f"{self.model_dir} has no config.json: not a save_pretrained folder")
-        self.train_data = Path(train_data).expanduser()
+        self.train_data = None if train_data is None else Path(train_data).expanduser()
         self.query_data = None if query_data is None else Path(query_data).expanduser()
         for label, path in (("train", self.train_data), ("query", self.query_data)):
             if path is not None and not path.is_file():
@@ -455,6 +456,8 @@ class HFCausalLMTask(Task):
 
     # -- data -----------------------------------------------------------------------------------
     def train_examples(self) -> list[dict]:
+        if self.train_data is None:
+            return []
         if self._train is None:
             self._train = _read_jsonl(self.train_data, self.text_field, self.id_field)
         return self._train

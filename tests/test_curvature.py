@@ -21,18 +21,18 @@ from lorif_stream.sketch import LayerSketch
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def eigh(A):
-    """Dense oracle eigh on one thread: a threaded LAPACK crawls on a busy shared machine."""
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These problems are tiny: extra OpenMP threads only add contention on a shared 2-core box
+    (a 512-example vmap(grad) took 10 s with 2 threads under load vs 0.3 s with one)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        return torch.linalg.eigh(A)
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
 
 
-def eigvalsh(A):
-    return eigh(A)[0]
+eigh = torch.linalg.eigh
+eigvalsh = torch.linalg.eigvalsh
 
 
 def random_factors(n, d_out, d_in, c, seed=0):

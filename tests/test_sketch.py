@@ -21,18 +21,18 @@ from lorif_stream.sketch import (
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def eigh(A):
-    """Dense oracle eigh on one thread: a threaded LAPACK crawls on a busy shared machine."""
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These problems are tiny: extra OpenMP threads only add contention on a shared 2-core box
+    (a 512-example vmap(grad) took 10 s with 2 threads under load vs 0.3 s with one)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        return torch.linalg.eigh(A)
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
 
 
-def eigvalsh(A):
-    return eigh(A)[0]
+eigh = torch.linalg.eigh
+eigvalsh = torch.linalg.eigvalsh
 
 
 def random_factors(n, d_out, d_in, c, seed=0, decay=0.0):
@@ -352,3 +352,15 @@ def test_nystrom_falls_back_when_cholesky_fails():
     assert torch.allclose(sigma2[:3].double(), ev, rtol=1e-4)
     assert float(sigma2[3:].max()) <= 1e-5 * float(ev[0])
     assert torch.allclose(V.t() @ V, torch.eye(30), atol=1e-5)
+
+
+def test_small_lapack_runs_serially_and_restores_the_thread_count():
+    L, R = random_factors(20, 6, 5, 1)
+    s = _sketch(L, R, 8)
+    torch.set_num_threads(2)
+    try:
+        nystrom_eig(s.Y, s.omega(), 4)
+        rayleigh_ritz(s.omega(), s.Y)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)

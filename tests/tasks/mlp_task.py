@@ -93,3 +93,9 @@ def no_queries():
     t = MLPTask()
     t.queries = []
     return t
+
+
+def second_slow():
+    t = second()
+    t.delay = float(os.environ.get("MLP_TASK_DELAY", "0.05"))
+    return t
