@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import shutil
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -82,6 +83,8 @@ def build(task, index, config: BuildConfig | None = None, *, progress: bool = Tr
     layout = IndexLayout(source.layout_layers(), c=config.rank, dtype=config.dtype,
                          block_size=config.block_size or _default_block_size(source, config), zstd_level=config.zstd_level)
     _check_disk(path, layout, n)
+    if progress:
+        _announce(layout, n, config)
     settings = {
         "factors": config.factor_key(),
         "layers": [l.to_dict() for l in source.layers],
@@ -141,9 +144,23 @@ def _default_block_size(source: GradientSource, config: BuildConfig) -> int:
     return int(np.clip(target // per_row, 16, 16384))
 
 
+def _estimate_disk(layout: IndexLayout, n_rows: int) -> int:
+    return int(n_rows * layout.values_per_example() * {"bf16": 2, "fp16": 2, "fp32": 4}[layout.dtype]
+               * _COMPRESSED_FRACTION[layout.dtype] * 1.1) + (8 << 20)
+
+
+def _announce(layout: IndexLayout, n_rows: int, config: BuildConfig) -> None:
+    """The upfront estimate a user wants before a long run: disk, RAM and the budget it honours."""
+    block = layout.block_size * layout.values_per_example() * 4
+    sketch = sum(2 * l.D * min(config.curvature.sketch_width, l.D) * 4 for l in layout.layers)
+    ram = 4 * block + min(sketch, config.budget() // 2)
+    print(f"[lorif-stream] {n_rows:,} examples x {len(layout.layers)} layers, f={config.f} c={layout.c} {layout.dtype}: "
+          f"index ~{_estimate_disk(layout, n_rows) / 1e6:,.0f} MB on disk, engine RAM ~{ram / 1e6:,.0f} MB "
+          f"(budget {config.budget() / 1e6:,.0f} MB, blocks of {layout.block_size:,} rows)", file=sys.stderr, flush=True)
+
+
 def _check_disk(path: Path, layout: IndexLayout, n_rows: int) -> None:
-    est = int(n_rows * layout.values_per_example() * {"bf16": 2, "fp16": 2, "fp32": 4}[layout.dtype]
-              * _COMPRESSED_FRACTION[layout.dtype] * 1.1) + (8 << 20)
+    est = _estimate_disk(layout, n_rows)
     free = shutil.disk_usage(path if path.exists() else path.parent if path.parent.exists() else Path.cwd()).free
     if est > free:
         raise InsufficientDiskError(

@@ -28,7 +28,7 @@ class Progress:
         self.count = 0
         self.nbytes = 0
         self.start = time.perf_counter()
-        self._last = 0.0
+        self._last = self.start
 
     def update(self, n: int = 1, nbytes: int = 0) -> None:
         self.count += n

@@ -220,3 +220,39 @@ def test_sigkill_during_build_then_resume_equals_uninterrupted(tmp_path):
     # different settings on an existing index are refused, naming them
     bad = cli("build", "--task", f"{TASKS}:full", "--index", killed, "--f", 2, "--device", "cpu", check=False)
     assert bad.returncode == 1 and "f: index 1 vs 2" in bad.stderr
+
+
+def test_fit_recomputes_curvature_without_touching_factors(exact_index, tmp_path):
+    import shutil
+
+    idx = tmp_path / "idx"
+    shutil.copytree(exact_index, idx)
+    with IndexReader(idx) as r, r.snapshot() as s:
+        blocks_before = [bytes(v) for _, v in s.layer_values(0)]
+    proc = cli("fit", "--index", idx, "--sketch-rank", 4, "--damping-policy", "trace", "--damping-scale", 0.01,
+               "--refine", 2, "--device", "cpu", "--quiet")
+    assert "rank 4" in proc.stdout
+    info = ls.info(idx)
+    assert [l["rank"] for l in info["layers"]] == [4, 4]
+    assert info["curvature"]["config"]["damping_policy"] == "trace"
+    with IndexReader(idx) as r, r.snapshot() as s:
+        assert [bytes(v) for _, v in s.layer_values(0)] == blocks_before
+        meta = s.state_meta("curvature")
+        for name, layer in meta["layers"].items():
+            D = next(l.D for l in r.layout.layers if l.name == name)
+            assert layer["damping"] == pytest.approx(0.01 * layer["trace"] / D, rel=1e-6)
+
+
+def test_bad_curvature_settings_and_tiny_budget_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="sketch_rank=0"):
+        ls.build(mlp_task.full(), tmp_path / "a", sketch_rank=0, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="damping=-1"):
+        ls.build(mlp_task.full(), tmp_path / "b", damping=-1.0, device="cpu", progress=False)
+    with pytest.raises(MemoryError, match=r"too small for even one layer: layer '0'"):
+        ls.build(mlp_task.full(), tmp_path / "c", f=1, sketch_rank=16, memory_budget=1000, device="cpu",
+                 progress=False)
+    # the factors were committed before the curvature step failed: fit with a real budget finishes the job
+    with IndexReader(tmp_path / "c") as r:
+        assert r.rows == mlp_task.N_TRAIN
+    ls.fit(tmp_path / "c", sketch_rank=16, device="cpu", progress=False)
+    assert ls.query(mlp_task.full(), tmp_path / "c", None, top_k=2, device="cpu", progress=False).rows == 48
