@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_store import PeakRSS  # noqa: E402
+from _memory import PeakRSS  # noqa: E402
 
 import lorif_stream as ls  # noqa: E402
 from lorif_stream.factorize import factorize  # noqa: E402

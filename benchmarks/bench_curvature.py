@@ -27,11 +27,9 @@ import math
 import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 try:
@@ -42,33 +40,11 @@ except ImportError:  # run from a checkout without installing
     from lorif_stream.sketch import (LayerSketch, apply_curvature, gaussian_test_matrix, nystrom_eig,
                                      orthonormalize, rayleigh_ritz, refine)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import PeakRSS  # noqa: E402
+
 # D -> (d_out, d_in)
 SHAPES = {10_000: (100, 100), 30_000: (200, 150), 100_000: (400, 250)}
-
-
-class PeakRSS:
-    """Samples this process's RSS every 5 ms in a thread; .delta is the peak increase seen."""
-
-    def __init__(self):
-        self.proc = psutil.Process()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __enter__(self):
-        self.base = self.peak = self.proc.memory_info().rss
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-        self.delta = self.peak - self.base
 
 
 class SyntheticLayer:

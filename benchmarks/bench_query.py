@@ -22,7 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_store import GPT2_LAYERS, PeakRSS, make_block
+import sys
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import PeakRSS  # noqa: E402
+from bench_store import GPT2_LAYERS, make_block  # noqa: E402
 from lorif_stream.config import QueryConfig
 from lorif_stream.query import BlockLoader, TopK, score_layer, _stream_scores
 from lorif_stream.store import IndexLayout, IndexReader, IndexWriter, LayerShape

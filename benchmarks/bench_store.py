@@ -17,43 +17,20 @@ import json
 import os
 import shutil
 import tempfile
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import PeakRSS  # noqa: E402
 from lorif_stream.store import BlockBuffers, BlockDecoder, IndexLayout, IndexReader, IndexWriter, LayerShape
 
 # (name, d_out, d_in) of GPT-2 small's c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj at f = 4
 GPT2_LAYERS = [("attn.c_attn", 576, 192), ("attn.c_proj", 192, 192), ("mlp.c_fc", 768, 192), ("mlp.c_proj", 192, 768)]
-
-
-class PeakRSS:
-    """Samples this process's RSS every 5 ms in a thread; .peak is the maximum seen."""
-
-    def __init__(self):
-        self.proc = psutil.Process()
-        self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __enter__(self):
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def make_block(rng: torch.Generator, n: int, c: int = 1):

@@ -17,6 +17,8 @@ ROOT = Path(__file__).parents[1]
 TASKS = ROOT / "tests" / "tasks" / "mlp_task.py"
 sys.path.insert(0, str(TASKS.parent))
 import mlp_task  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers_index import assert_same_factors_and_ids  # noqa: E402
 
 OPTS = dict(f=1, rank=1, dtype="bf16", sketch_rank=16, damping=0.5, device="cpu", block_size=4, batch_size=2,
             progress=False)
@@ -40,17 +42,6 @@ def wait_rows(index, at_least, timeout=60):
     raise AssertionError(f"index never reached {at_least} rows")
 
 
-def assert_same_index(a_path, b_path):
-    with IndexReader(a_path) as a, IndexReader(b_path) as b, a.snapshot() as sa, b.snapshot() as sb:
-        assert sa.rows == sb.rows and sa.ids(0, sa.rows) == sb.ids(0, sb.rows)
-        for row in range(sa.rows):
-            for (La, Ra), (Lb, Rb) in zip(sa.row(row), sb.row(row)):
-                np.testing.assert_array_equal(La, Lb)
-                np.testing.assert_array_equal(Ra, Rb)
-        for name in ("0", "2"):
-            np.testing.assert_allclose(sa.array(f"sketch/{name}/Y"), sb.array(f"sketch/{name}/Y"), rtol=1e-5, atol=1e-7)
-
-
 def test_sigkill_during_append_then_resume_equals_uninterrupted(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     for path in (killed, clean):
@@ -63,7 +54,7 @@ def test_sigkill_during_append_then_resume_equals_uninterrupted(tmp_path):
         assert 34 <= r.rows < mlp_task.N_TRAIN and r.settings["segments"][-1] == {"kind": "append", "start": 30, "count": 18}
     ls.append(mlp_task.second(), killed, **APPEND)
     ls.append(mlp_task.second(), clean, **APPEND)
-    assert_same_index(killed, clean)
+    assert_same_factors_and_ids(killed, clean, sketch_layers=("0", "2"))
     a = ls.query(mlp_task.full(), killed, None, tmp_path / "a.npy", top_k=3, device="cpu", progress=False)
     b = ls.query(mlp_task.full(), clean, None, tmp_path / "b.npy", top_k=3, device="cpu", progress=False)
     np.testing.assert_allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"), rtol=1e-5, atol=1e-7)
