@@ -249,6 +249,9 @@ class GradientCapture:
         # Per layer, one (X P_in, output, output._version) triple per call of the module.
         self._calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
         self._handles: list = []
+        # layers whose forward never ran or whose output did not reach the loss in the last
+        # batch (e.g. nn.MultiheadAttention.out_proj, used functionally): their gradients are 0
+        self.unused_layers: list[str] = []
 
     # -- context manager ------------------------------------------------------------------
     def __enter__(self) -> "GradientCapture":
@@ -348,16 +351,21 @@ class GradientCapture:
             else ()
         )
         result: dict[str, torch.Tensor] = {}
+        self.unused_layers = []
         with torch.no_grad():
             for layer in self.layers:
                 proj = self._projections[layer.name]
                 G = torch.zeros(B, layer.d_out, layer.d_in, dtype=torch.float32, device=proj.device)
+                reached = False
                 for xp, _output, _version in self._calls[layer.name]:
                     delta = next(deltas)
                     if delta is None:  # output did not reach the loss
                         continue
+                    reached = True
                     dp = proj.project_out(delta).reshape(B, -1, layer.d_out)
                     # Σ_t outer(Δ_t P_out, X_t P_in) over every position of the example.
                     G.baddbmm_(dp.transpose(1, 2), xp.reshape(B, -1, layer.d_in))
+                if not reached:
+                    self.unused_layers.append(layer.name)
                 result[layer.name] = G
         return result

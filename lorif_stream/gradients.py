@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from .capture import GradientCapture, LayerInfo, model_fingerprint, tracked_layers
-from .device import to_device
+from .device import notice, to_device
 from .projection import ProjectionSpec, make_projections
 from .store import LayerShape
 
@@ -85,6 +85,10 @@ class GradientSource:
                 raise ValueError(f"task.{objective}() must return a ({len(examples)},) tensor of per-example values, got {shape}")
             finite = torch.isfinite(values.detach())
             grads = capture.projected_gradients(values)
+        if capture.unused_layers:
+            notice(f"{len(capture.unused_layers)} tracked layer(s) never reached the {objective} "
+                   f"({', '.join(capture.unused_layers[:3])}{'...' if len(capture.unused_layers) > 3 else ''}): "
+                   f"their gradients are zero; exclude them with tracked_modules")
         out = [grads[l.name] for l in self.layers]
         for G in out:
             finite &= torch.isfinite(G).flatten(1).all(dim=1)

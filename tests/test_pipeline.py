@@ -248,3 +248,19 @@ def test_bad_curvature_settings_and_tiny_budget_are_refused(tmp_path):
         assert r.rows == mlp_task.N_TRAIN
     ls.fit(tmp_path / "c", sketch_rank=16, device="cpu", progress=False)
     assert ls.query(mlp_task.full(), tmp_path / "c", None, top_k=2, device="cpu", progress=False).rows == 48
+
+
+def test_a_tracked_layer_that_never_runs_is_reported(tmp_path, capsys):
+    class WithIdleLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp_task.make_model()
+            self.idle = torch.nn.Linear(3, 3)  # weight used nowhere: its gradient is always zero
+
+        def forward(self, x):
+            return self.net(x)
+
+    task = mlp_task.full()
+    task.model = WithIdleLayer
+    ls.build(task, tmp_path / "idx", f=1, sketch_rank=4, device="cpu", progress=False)
+    assert "never reached the loss (idle)" in capsys.readouterr().err
