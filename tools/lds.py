@@ -54,6 +54,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:
+    from lorif_stream.device import to_device
+    from lorif_stream.task import load_task
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lorif_stream.device import to_device
+    from lorif_stream.task import load_task
+
 MANIFEST = "manifest.json"
 CACHE_VERSION = 1
 
@@ -255,6 +263,16 @@ class Utilities:
     def score(self, scores, **kwargs) -> LDSResult:
         return lds(scores, self.subsets, self.u, **kwargs)
 
+    def seed_agreement(self) -> float:
+        """Mean over queries of Spearman(seed 0's utilities, seed 1's) across the subsets: how
+        much of u is the subset rather than retraining noise (NaN with one seed). The LDS of
+        any scores is bounded by how reliable u is, so read the LDS against this."""
+        if self.measurement.shape[1] < 2:
+            return float("nan")
+        rho = [spearman(self.measurement[:, 0, q], self.measurement[:, 1, q]) for q in range(self.measurement.shape[2])]
+        rho = [r for r in rho if np.isfinite(r)]
+        return float(np.mean(rho)) if rho else float("nan")
+
 
 def _unwrap(task):
     # lorif_stream.resolve_task wraps duck-typed tasks; retrain lives on the wrapped object
@@ -267,8 +285,6 @@ def _retrain_key(task) -> str | None:
 
 
 def _measure(task, model: torch.nn.Module, queries, batch_size: int) -> np.ndarray:
-    from lorif_stream.device import to_device
-
     inner = _unwrap(task)
     measure = getattr(inner, "measurement", None) or inner.loss
     model.eval()
@@ -449,9 +465,6 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "utilities":
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-            from lorif_stream import load_task
-
             config = LDSConfig(args.subsets, args.seeds, args.alpha, args.seed, args.first_seed)
             res = compute_utilities(load_task(args.task), args.cache, config, max_new=args.max_new, task_key=args.task)
             state = "complete" if res.complete else "incomplete (run again to continue)"
