@@ -1,15 +1,15 @@
 """`lorif-stream demo`: the whole attribution workflow on a small real corpus, offline, on a CPU.
 
-    lorif-stream demo                 # about 2-5 minutes on a 2-core laptop CPU
-    lorif-stream demo --quick         # a reduced run (CI, first look), under a minute
+    lorif-stream demo                 # about a minute on a 2-core CPU (a few on a busy one)
+    lorif-stream demo --quick         # a reduced run (CI, first look): seconds of work
 
 What it does, in ``--out DIR`` (default ``./lorif-demo``):
 
 1. takes the bundled corpus ``lorif_stream/data/fortunes.jsonl.gz`` -- 6,185 short quotations
    and jokes from the BSD ``fortune`` databases (Debian packages ``fortunes-min`` and
-   ``fortunes``, fortune-mod 1.99.1, BSD license; regenerate it with
-   ``tools/make_demo_corpus.py``) -- and writes ``train_a.jsonl`` (most of the training
-   fortunes), ``train_b.jsonl`` (the rest, added later) and ``queries.jsonl``;
+   ``fortunes``, fortune-mod 1.99.1, BSD license: see ``lorif_stream/data/README.md``;
+   regenerate it with ``tools/make_demo_corpus.py``) -- and writes ``train_a.jsonl`` (most
+   of the training fortunes), ``train_b.jsonl`` (the rest, added later) and ``queries.jsonl``;
 2. trains a byte-level BPE tokenizer and a tiny GPT-2 on ``train_a`` + ``train_b`` and saves
    both into ``DIR/model`` (``save_pretrained``);
 3. runs the real command line: ``lorif-stream build`` over ``train_a``, ``append`` of
@@ -56,8 +56,8 @@ class DemoSize:
     lr: float
 
 
-FULL = DemoSize(examples=2000, appended=0.15, vocab=1024, context=64, n_embd=128, n_layer=2, n_head=4,
-                steps=160, batch=32, lr=4e-3)
+FULL = DemoSize(examples=3000, appended=0.15, vocab=1024, context=64, n_embd=128, n_layer=2, n_head=4,
+                steps=400, batch=32, lr=4e-3)
 QUICK = DemoSize(examples=240, appended=0.2, vocab=512, context=48, n_embd=64, n_layer=2, n_head=4,
                  steps=30, batch=16, lr=4e-3)
 
@@ -144,7 +144,8 @@ def train_tokenizer(texts: list[str], vocab: int):
 
 def train_model(tokenizer, texts: list[str], size: DemoSize, device, seed: int = 0, progress: bool = True):
     """A tiny GPT-2 (eager attention) trained on `texts` with the loss the HF task attributes
-    (next-token cross-entropy over each text's own tokens, no special tokens added)."""
+    (next-token cross-entropy over each text's own tokens, no special tokens added).
+    Returns (model in eval mode on the CPU, last batch's loss)."""
     import math
 
     import torch
@@ -166,17 +167,17 @@ def train_model(tokenizer, texts: list[str], size: DemoSize, device, seed: int =
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / size.steps))))
     rng = random.Random(seed)
     batches: list[list[int]] = []
+    loss = torch.tensor(float("nan"))
     model.train()
     with Progress("train", total=size.steps, unit="step", enabled=progress) as bar:
-        for step in range(size.steps):
-            if not batches:  # one epoch of batches of similar lengths (little padding), in random order
+        for _ in range(size.steps):
+            if not batches:  # an epoch of batches of similar lengths (little padding), in random order
                 fresh = list(range(len(encoded)))
                 rng.shuffle(fresh)
                 fresh.sort(key=lambda i: len(encoded[i]))
                 batches = [fresh[i: i + size.batch] for i in range(0, len(fresh), size.batch)]
                 rng.shuffle(batches)
-            picked = batches.pop()
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in picked]}, return_tensors="pt")
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in batches.pop()]}, return_tensors="pt")
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
             loss.backward()
@@ -192,15 +193,22 @@ def train_model(tokenizer, texts: list[str], size: DemoSize, device, seed: int =
 # ------------------------------------------------------------------------------------ folder
 
 
-def _prepare(out: Path, force: bool, echo) -> None:
+def _check_folder(out: Path, force: bool) -> None:
+    """Refuse a folder that is not ours, or that holds a finished demo (unless forced)."""
     if out.exists() and not out.is_dir():
         raise DemoError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).exists():
-            raise DemoError(f"{out} is not empty and was not made by `lorif-stream demo`: give a new or empty --out")
-        if (out / FINISHED).exists() and not force:
-            raise DemoError(f"{out} already holds a finished demo (results in {out / 'results.jsonl'}): "
-                            "add --force to redo it, or give another --out")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not (out / MARKER).exists():
+        raise DemoError(f"{out} is not empty and was not made by `lorif-stream demo`: give a new or empty --out")
+    if (out / FINISHED).exists() and not force:
+        raise DemoError(f"{out} already holds a finished demo (results in {out / 'results.jsonl'}): "
+                        "add --force to redo it, or give another --out")
+
+
+def _reset_folder(out: Path, echo) -> None:
+    """Remove the previous demo's own files (never anything else), create the folder and its marker."""
+    if out.is_dir() and (out / MARKER).exists():
         echo(f"removing the previous {'finished' if (out / FINISHED).exists() else 'unfinished'} demo in {out}")
         for name in ARTIFACTS:
             path = out / name
@@ -221,9 +229,18 @@ def _run_cli(args: list[str], echo) -> None:
 
 
 class _Quiet:
-    """Silence transformers' info/warnings and its weight-loading bars while the demo runs."""
+    """While the demo runs: transformers' info/warnings and weight-loading bars silenced, and
+    torch limited to `threads` intra-op threads (None: left alone)."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads
 
     def __enter__(self):
+        import torch
+
+        self.torch_threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
         try:
             from transformers.utils import logging as hf_logging
         except ImportError:
@@ -236,6 +253,9 @@ class _Quiet:
         return self
 
     def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.torch_threads)
         if self.hf is not None:
             self.hf.set_verbosity(self.verbosity)
             if self.bars:
@@ -266,7 +286,7 @@ def format_results(results: list[dict], queries: list[dict], texts: dict[str, st
                 part = "train_a" if e["row"] < rows_a else "train_b"
                 twin = "  <- its twin" if e["id"] == q.get("twin") else ""
                 score = click.style(f"{e['score']:+9.3f}", fg="green" if e["score"] > 0 else "red")
-                head = f"    {rank}. {score}  {e['id']:<16s} [{part}]{twin}"
+                head = f"    {rank}. {score}  {e['id']:<18s} [{part}]{twin}"
                 lines.append(head)
                 lines.append(f"         \"{_clip(texts.get(e['id'], '?'), width - 11)}\"")
     return "\n".join(lines)
@@ -276,12 +296,16 @@ def format_results(results: list[dict], queries: list[dict], texts: dict[str, st
 
 
 def run_demo(out_dir: str = "lorif-demo", quick: bool = False, device: str = "auto", force: bool = False,
-             top_k: int = 3, examples: int | None = None, seed: int = 0, progress: bool = True, echo=click.echo) -> dict:
+             top_k: int = 3, examples: int | None = None, threads: int | None = 1, seed: int = 0,
+             progress: bool = True, echo=click.echo) -> dict:
     """Run the demo into `out_dir` and return its summary (also written to ``out_dir/demo.json``).
 
     quick: the reduced size (CI); device: torch device for training and for the engine
     (auto = cuda when available); force: redo a finished demo in `out_dir`; top_k: proponents and
-    opponents shown per query; examples: training fortunes to use (default 2,000; quick 240).
+    opponents shown per query; examples: training fortunes to use (default 3,000; quick 240);
+    threads: torch CPU threads while the demo runs on the CPU (None: torch's default). One is the
+    default because the demo's model is tiny: more threads barely help it, and on a busy machine
+    (a CI runner, a shared box) threads that wait for each other make every step many times slower.
     """
     started = time.perf_counter()
     size = QUICK if quick else FULL
@@ -290,7 +314,11 @@ def run_demo(out_dir: str = "lorif-demo", quick: bool = False, device: str = "au
             raise click.BadParameter(f"--examples {examples}: need at least 8")
         size = DemoSize(**{**size.__dict__, "examples": examples})
     out = Path(out_dir)
-    _prepare(out, force, echo)
+    _check_folder(out, force)
+    from .device import resolve_device
+
+    torch_device = resolve_device(device)  # a missing CUDA fails here, before any file is touched
+    _reset_folder(out, echo)
     stages = 6
     timings: dict[str, float] = {}
 
@@ -311,14 +339,11 @@ def run_demo(out_dir: str = "lorif-demo", quick: bool = False, device: str = "au
          f"{len(train_b):,} in train_b.jsonl (append), {len(queries)} queries in queries.jsonl")
     timings["corpus"] = time.perf_counter() - t
 
-    with _Quiet():
-        import torch
-
-        from .device import resolve_device
-
-        torch_device = resolve_device(device)
+    cpu_threads = threads if torch_device.type == "cpu" else None
+    with _Quiet(cpu_threads):
+        where = f"{torch_device}" + (f" ({cpu_threads} thread{'s' if cpu_threads > 1 else ''})" if cpu_threads else "")
         t = stage(2, f"tokenizer + model: byte-level BPE ({size.vocab} tokens) and a {size.n_layer}-layer, "
-                     f"{size.n_embd}-wide GPT-2, {size.steps} steps of {size.batch} on {torch_device}")
+                     f"{size.n_embd}-wide GPT-2, {size.steps} steps of {size.batch} on {where}")
         train_texts = [r["text"] for r in train_a + train_b]
         tokenizer = train_tokenizer(train_texts, size.vocab)
         model, final_loss = train_model(tokenizer, train_texts, size, torch_device, seed, progress)
@@ -381,15 +406,19 @@ def run_demo(out_dir: str = "lorif-demo", quick: bool = False, device: str = "au
 @click.option("--force", is_flag=True, help="redo the demo even if --out already holds a finished one")
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True, help="proponents and opponents shown per query")
 @click.option("--examples", type=click.IntRange(8), default=None,
-              help="training fortunes to index (default 2,000; --quick 240; the corpus has 6,185)")
+              help="training fortunes to index (default 3,000; --quick 240; the corpus has about 6,000)")
+@click.option("--threads", type=click.IntRange(0), default=1, show_default=True,
+              help="torch CPU threads (0 = torch's default); the demo's model is tiny, and one thread is also the "
+                   "fastest on a busy machine")
 @click.option("--quiet", is_flag=True, help="no progress bars (stage lines and results are still printed)")
-def demo_command(out_dir, quick, device, force, top_k, examples, quiet):
+def demo_command(out_dir, quick, device, force, top_k, examples, threads, quiet):
     """Run the whole workflow on a small real corpus, offline: the first thing to try.
 
     Trains a tiny GPT-2 (and its tokenizer) on fortunes from the BSD fortune databases bundled
     with lorif-stream, then runs `build` on most of them, `append` on the rest and `query` for a
     few queries, and prints each query's top proponents and opponents with their text. Two
     queries are reworded copies of training fortunes, so you can check the top proponent is the
-    original. About 2-5 minutes on a laptop CPU (--quick: under a minute).
+    original. About a minute on a 2-core CPU (--quick: well under one).
     """
-    run_demo(out_dir, quick=quick, device=device, force=force, top_k=top_k, examples=examples, progress=not quiet)
+    run_demo(out_dir, quick=quick, device=device, force=force, top_k=top_k, examples=examples,
+             threads=threads or None, progress=not quiet)

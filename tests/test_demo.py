@@ -130,6 +130,6 @@ def test_foreign_folder_is_refused(tmp_path):
 def test_help_explains_the_options():
     result = CliRunner().invoke(cli, ["demo", "--help"])
     assert result.exit_code == 0
-    for option in ("--out", "--quick", "--device", "--force", "--top-k", "--examples", "--quiet"):
+    for option in ("--out", "--quick", "--device", "--force", "--top-k", "--examples", "--threads", "--quiet"):
         assert option in result.output
     assert "lorif-demo" in result.output
