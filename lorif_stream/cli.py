@@ -230,15 +230,9 @@ def verify(index, quiet):
     raise SystemExit(1)
 
 
-def _register_demo():
-    try:
-        from .demo import demo_command
-    except ImportError:
-        return
-    cli.add_command(demo_command)
+from .demo import demo_command  # noqa: E402  (light: imports torch/transformers only when it runs)
 
-
-_register_demo()
+cli.add_command(demo_command)
 
 
 def main(argv: typing.Sequence[str] | None = None) -> None:
