@@ -3,9 +3,10 @@
 Pipeline (DESIGN §3): the producer (this thread) runs forward/backward with capture hooks,
 factorizes on the device, rounds to the storage dtype, feeds the curvature sketches from those
 rounded factors (the very values that are stored, so sketch replay from the index is exact) and
-hands each block to a bounded queue. A consumer thread copies it to the host (pinned, async on
-CUDA), encodes it and commits it, with the new row count, in one transaction. The queue bounds
-memory and gives back-pressure; zstd and torch release the GIL so the two overlap.
+hands each block, copied to the host (pinned, async on CUDA), to the store's BlockSink: a bounded
+queue into an encoder thread and a committer thread, so block n+1 encodes while block n commits,
+with the new row count, in one transaction. The queue bounds memory and gives back-pressure; zstd,
+numba and torch release the GIL so all stages overlap.
 
 Both operations extend the index by one *segment* of rows (the build's, then one per append),
 recorded in the index settings before the first row is written. An interrupted segment resumes
@@ -13,10 +14,8 @@ at its first uncommitted row.
 """
 from __future__ import annotations
 
-import queue
 import shutil
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinit
 from .progress import Progress
 from .projection import ProjectionSpec
 from .store import IndexLayout, IndexWriter, WriteRefusedError
+from .store.sink import BlockSink
 from .store.format import DATA_FILE
 from .task import load_task, resolve_task
 
@@ -231,55 +231,6 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
 # ------------------------------------------------------------------------------------ pipeline
 
 
-class _BlockCommitter(threading.Thread):
-    """Consumer: host copy -> encode -> one LMDB transaction per block."""
-
-    def __init__(self, writer: IndexWriter, allow_duplicate_ids: bool, bar: Progress):
-        super().__init__(name="lorif-block-writer", daemon=True)
-        self.writer, self.allow_duplicate_ids, self.bar = writer, allow_duplicate_ids, bar
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.bytes_written = 0
-
-    def run(self) -> None:
-        while True:
-            item = self.queue.get()
-            try:
-                if item is None:
-                    return
-                if self.error is None:
-                    self._commit(*item)
-            except BaseException as e:  # surfaced to the producer at its next put()
-                self.error = e
-            finally:
-                self.queue.task_done()
-
-    def _commit(self, first_row, host_factors, ids, ready) -> None:
-        if ready is not None:
-            ready.synchronize()
-        factors = [(L.numpy(), R.numpy()) for L, R in host_factors]
-        pending = self.writer.encode(first_row, factors, ids)
-        self.writer.commit(pending, allow_duplicate_ids=self.allow_duplicate_ids)
-        self.bytes_written += pending.nbytes
-        self.bar.update(pending.rows, nbytes=pending.nbytes)
-
-    def put(self, item) -> None:
-        self.check()
-        self.queue.put(item)
-
-    def drain(self) -> None:
-        self.queue.join()
-        self.check()
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def stop(self) -> None:
-        self.queue.put(None)
-        self.join()
-
-
 def _to_host(tensors: list[torch.Tensor], device: torch.device):
     """Device -> host copies; on CUDA into pinned memory, asynchronously, with an event to wait on."""
     if device.type != "cuda":
@@ -313,8 +264,8 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
     storage = _TORCH_DTYPES[writer.layout.dtype]
     nonfinite: list[int] = []
     bar = Progress(segment["kind"], total=end_row - start_row, unit="ex", enabled=progress)
-    committer = _BlockCommitter(writer, bool(writer.settings.get("allow_duplicate_ids")), bar)
-    committer.start()
+    committer = BlockSink(writer, allow_duplicate_ids=bool(writer.settings.get("allow_duplicate_ids")),
+                          on_commit=lambda block: bar.update(block.rows, nbytes=block.nbytes))
     pending: list[tuple[list[torch.Tensor], list[torch.Tensor], list[str]]] = []
     pending_rows = 0
     block_first = start_row
@@ -330,7 +281,7 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
         ids = [i for p in pending for i in p[2]]
         sketches.update(Ls, Rs)
         host, ready = _to_host([t for pair in zip(Ls, Rs) for t in pair], source.device)
-        committer.put((block_first, list(zip(host[0::2], host[1::2])), ids, ready))
+        committer.put(block_first, [(L.numpy(), R.numpy()) for L, R in zip(host[0::2], host[1::2])], ids, ready)
         block_first += pending_rows
         pending, pending_rows = [], 0
 
@@ -371,7 +322,7 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
             emit()
         committer.drain()
     finally:
-        committer.stop()
+        committer.close()
         bar.close()
         if nonfinite:
             s = dict(writer.settings)
