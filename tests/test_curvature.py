@@ -21,14 +21,7 @@ from lorif_stream.sketch import LayerSketch
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are tiny: extra OpenMP threads only add contention on a shared 2-core box
-    (a 512-example vmap(grad) took 10 s with 2 threads under load vs 0.3 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 eigh = torch.linalg.eigh
