@@ -367,7 +367,7 @@ def run_demo(out_dir: str = "lorif-demo", quick: bool = False, device: str = "au
         timings["append"] = time.perf_counter() - t
         t = stage(5, f"query: score the {len(queries)} queries against all {len(train_a) + len(train_b):,} rows")
         results_file = out / "results.jsonl"
-        _run_cli(["query", *common, "--data", str(files["train_a"]), "--queries", str(files["queries"]),
+        _run_cli(["query", *common, "--queries", str(files["queries"]),
                   "--top-k", str(top_k), "--out", str(results_file), *quiet], echo)
         timings["query"] = time.perf_counter() - t
 
@@ -391,7 +391,7 @@ def run_demo(out_dir: str = "lorif-demo", quick: bool = False, device: str = "au
     echo(f"  model    {model_dir}  (model + tokenizer, save_pretrained)")
     echo("next: inspect the index, or ask your own questions:")
     echo(f"  lorif-stream info --index {shlex.quote(str(index))}")
-    echo(f"  lorif-stream query --hf-model {shlex.quote(str(model_dir))} --data {shlex.quote(str(files['train_a']))} "
+    echo(f"  lorif-stream query --hf-model {shlex.quote(str(model_dir))} "
          f"--queries my_queries.jsonl --id-field id --max-length {size.context} --index {shlex.quote(str(index))} "
          f"--top-k 5 --out my_results.jsonl")
     return summary
