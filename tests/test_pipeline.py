@@ -264,3 +264,30 @@ def test_a_tracked_layer_that_never_runs_is_reported(tmp_path, capsys):
     task.model = WithIdleLayer
     ls.build(task, tmp_path / "idx", f=1, sketch_rank=4, device="cpu", progress=False)
     assert "never reached the loss (idle)" in capsys.readouterr().err
+
+
+def test_layers_option_scores_only_the_chosen_layers(exact_index, tmp_path):
+    ls.query(mlp_task.full(), exact_index, None, tmp_path / "l0.npy", top_k=3, device="cpu", progress=False,
+             layers=("^0$",))
+    model = mlp_task.full().model().eval()
+    gtr = per_example_grads(model, mlp_task.full().train_examples())["0"]
+    gq = per_example_grads(model, mlp_task.full().query_examples())["0"]
+    A = gtr.T @ gtr
+    oracle = (torch.linalg.solve(A + EXACT["damping"] * torch.eye(A.shape[0], dtype=A.dtype), gq.T).T @ gtr.T).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "l0.npy"), oracle, rtol=2e-3, atol=2e-3 * np.abs(oracle).max())
+    with pytest.raises(ValueError, match="no tracked layer matches"):
+        ls.query(mlp_task.full(), exact_index, None, top_k=3, device="cpu", progress=False, layers=("nope",))
+
+
+def test_memory_budget_sizes_parse_and_bad_ones_are_named():
+    from lorif_stream.config import parse_size
+
+    assert parse_size("8GB") == 8_000_000_000
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5g") == 1_500_000_000
+    assert parse_size(123) == 123
+    with pytest.raises(ValueError, match="'lots'"):
+        parse_size("lots")
+    bad = cli("build", "--task", f"{TASKS}:full", "--index", "/tmp/never-created-idx", "--memory-budget", "lots",
+              check=False)
+    assert bad.returncode == 1 and "'lots'" in bad.stderr and "Traceback" not in bad.stderr
