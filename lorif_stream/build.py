@@ -30,7 +30,7 @@ from .fit import SketchSet, finalize_curvature
 from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
 from .progress import Progress
 from .projection import ProjectionSpec
-from .store import IndexLayout, IndexWriter, WriteRefusedError
+from .store import IndexLayout, IndexWriter
 from .store.sink import BlockSink
 from .store.format import DATA_FILE
 from .task import load_task, resolve_task
@@ -248,8 +248,19 @@ def _to_host(tensors: list[torch.Tensor], device: torch.device):
 def _run(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool) -> BuildResult:
     try:
         return _extend(writer, source, task, config, progress)
+    except BaseException:
+        _withdraw_empty_append(writer)
+        raise
     finally:
         writer.close()
+
+
+def _withdraw_empty_append(writer: IndexWriter) -> None:
+    """An append refused before its first row (duplicate ids, bad examples) leaves the index as it
+    was: its segment record would otherwise make every later append look like an unfinished one."""
+    segments = writer.settings["segments"]
+    if segments[-1]["kind"] == "append" and writer.rows == segments[-1]["start"]:
+        writer.update_settings(dict(writer.settings, segments=segments[:-1]))
 
 
 def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool) -> BuildResult:

@@ -96,8 +96,8 @@ def test_loader_and_batching_do_not_change_results(exact_index, tmp_path, opts):
 def test_block_size_does_not_change_scores(exact_index, tmp_path):
     other = tmp_path / "idx"
     ls.build(mlp_task.full(), other, block_size=48, batch_size=16, progress=False, **EXACT)
-    a = ls.query(mlp_task.full(), exact_index, None, tmp_path / "a.npy", top_k=3, device="cpu", progress=False)
-    b = ls.query(mlp_task.full(), other, None, tmp_path / "b.npy", top_k=3, device="cpu", progress=False)
+    ls.query(mlp_task.full(), exact_index, None, tmp_path / "a.npy", top_k=3, device="cpu", progress=False)
+    ls.query(mlp_task.full(), other, None, tmp_path / "b.npy", top_k=3, device="cpu", progress=False)
     np.testing.assert_allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"), rtol=1e-4, atol=1e-6)
 
 
@@ -118,7 +118,8 @@ def test_build_then_append_equals_one_build(tmp_path):
 def test_append_refuses_mismatches_and_leaves_index_untouched(tmp_path):
     path = tmp_path / "idx"
     ls.build(mlp_task.first(), path, f=1, rank=1, device="cpu", sketch_rank=8, progress=False)
-    before = (path / "data.mdb").read_bytes()
+    with IndexReader(path) as r:
+        settings_before = r.settings
     with pytest.raises(ValueError, match="model differs"):
         ls.append(mlp_task.other_weights(), path, f=1, rank=1, device="cpu", progress=False)
     with pytest.raises(ValueError, match=r"f: index 1 vs 2"):
@@ -127,6 +128,9 @@ def test_append_refuses_mismatches_and_leaves_index_untouched(tmp_path):
         ls.append(mlp_task.first(), path, f=1, rank=1, device="cpu", progress=False)
     with IndexReader(path) as r, r.snapshot() as s:
         assert s.rows == 30 and s.verify().ok
+        assert r.settings == settings_before  # no half-started append segment left behind
+    ls.append(mlp_task.second(), path, f=1, rank=1, device="cpu", progress=False)
+    assert ls.info(path)["rows"] == mlp_task.N_TRAIN
 
 
 def test_nonfinite_gradient_names_the_example_and_keeps_committed_rows(tmp_path):
