@@ -147,7 +147,7 @@ def main():
         small, big = root / "small", root / "big"
         write_index(small, args.dense_rows)
         write_index(big, args.rows)
-        D = write_dense(root / "dense.npy", args.dense_rows)
+        write_dense(root / "dense.npy", args.dense_rows)
         res["disk_bytes_per_example"] = {
             "lorif": IndexReader(small).factor_bytes() / args.dense_rows,
             "dense": os.path.getsize(root / "dense.npy") / args.dense_rows,

@@ -13,7 +13,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import CurvatureConfig, default_memory_budget, parse_size

@@ -47,7 +47,7 @@ def test_sigkill_during_append_then_resume_equals_uninterrupted(tmp_path):
     for path in (killed, clean):
         ls.build(mlp_task.first(), path, **OPTS)
     proc = start_append(killed, "second_slow", delay=0.1)
-    rows = wait_rows(killed, 34)
+    wait_rows(killed, 34)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     with IndexReader(killed) as r:

@@ -1,9 +1,6 @@
 """Damping policies, the Woodbury preconditioner and per-layer curvature fitting."""
 import json
-import math
-import warnings
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st

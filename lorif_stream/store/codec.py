@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-import torch
 import zstandard
 
 from .format import FORMAT_VERSION, SUPPORTED_VERSIONS, CorruptBlockError, UnsupportedVersionError

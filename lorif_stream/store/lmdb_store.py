@@ -388,11 +388,7 @@ class Snapshot:
             return
         for key, value in cur:
             layer_idx, first_row = keys.parse_factor_key(key)
-            if layer_idx != layer:
-                if layer_idx < layer:
-                    continue
-                break
-            if first_row >= stop:
+            if layer_idx != layer or first_row >= stop:  # _seek_block never lands before `layer`
                 break
             yield first_row, value
 
