@@ -189,14 +189,25 @@ def test_write_refusals_name_layer_and_rows(tmp_path):
         bad[1][1][1, 3, 0] = np.inf
         with pytest.raises(WriteRefusedError, match="non-finite"):
             w.append(4, bad, ["x", "y"])
-        with pytest.raises(WriteRefusedError, match=r"'b'.*row 1"):
+        with pytest.raises(WriteRefusedError, match=r"'b' \(row 5\) is already in the index at row 1$"):
             w.append(4, random_factors(rng, layout, 2), ["x", "b"])
-        with pytest.raises(WriteRefusedError, match="'x'"):
+        with pytest.raises(WriteRefusedError, match=r"'x' \(row 5\) is already in the index at row 4 \(this block\)"):
             w.append(4, random_factors(rng, layout, 2), ["x", "x"])
         assert w.rows == 4
         w.append(4, random_factors(rng, layout, 2), ["x", "y"])
     with IndexReader(tmp_path / "i") as r, r.snapshot() as s:
         assert s.rows == 6 and s.ids(0, 6) == ["a", "b", "c", "d", "x", "y"] and s.verify().ok
+
+
+def test_allowed_duplicate_ids_keep_their_first_row(tmp_path):
+    layout = small_layout()
+    rng = np.random.default_rng(5)
+    with IndexWriter.create(tmp_path / "i", layout, {}) as w:
+        w.append(0, random_factors(rng, layout, 3), ["a", "b", "a"], allow_duplicate_ids=True)
+        w.append(3, random_factors(rng, layout, 2), ["b", "c"], allow_duplicate_ids=True)
+    with IndexReader(tmp_path / "i") as r, r.snapshot() as s:
+        assert s.ids(0, 5) == ["a", "b", "a", "b", "c"]
+        assert [s.row_of(i) for i in "abc"] == [0, 1, 4]
 
 
 def test_map_grows_beyond_initial_size(tmp_path):

@@ -272,16 +272,30 @@ class IndexWriter:
         fdb, idb, mdb = self._dbs[DB_FACTORS], self._dbs[DB_IDS], self._dbs[DB_META]
         for layer_idx, value in enumerate(block.values):
             txn.put(keys.factor_key(layer_idx, block.first_row), value, db=fdb)
-        seen = set()
-        for offset, example_id in enumerate(block.ids):
-            row = block.first_row + offset
-            txn.put(keys.row_to_id_key(row), example_id.encode("utf-8"), db=idb)
-            fresh = txn.put(keys.id_to_row_key(example_id), keys.pack_row(row), db=idb, overwrite=False)
-            if (not fresh or example_id in seen) and not allow_duplicate_ids:
-                where = f"row {keys.unpack_row(txn.get(keys.id_to_row_key(example_id), db=idb))}" if not fresh else "this block"
-                raise WriteRefusedError(f"example id {example_id!r} (row {row}) is already in the index at {where}")
-            seen.add(example_id)
+        # putmulti: two C-level batch inserts instead of 2·rows Python calls (a third of commit time)
+        rows = range(block.first_row, block.first_row + block.rows)
+        encoded_ids = [example_id.encode("utf-8") for example_id in block.ids]
+        with txn.cursor(db=idb) as cur:
+            cur.putmulti([(keys.row_to_id_key(row), eid) for row, eid in zip(rows, encoded_ids)], append=True)
+            _, added = cur.putmulti([(keys.ID_PREFIX + eid, keys.pack_row(row)) for row, eid in zip(rows, encoded_ids)],
+                                    overwrite=False)
+        if added != block.rows and not allow_duplicate_ids:
+            raise self._duplicate_id_error(txn, idb, block)
         txn.put(META_ROWS, keys.pack_row(block.first_row + block.rows), db=mdb)
+
+    @staticmethod
+    def _duplicate_id_error(txn, idb, block: PendingBlock) -> WriteRefusedError:
+        """Name the first id of `block` that an earlier row (of the index or the block) holds."""
+        first_seen: dict[str, int] = {}
+        for row, example_id in enumerate(block.ids, start=block.first_row):
+            if example_id in first_seen:
+                return WriteRefusedError(f"example id {example_id!r} (row {row}) is already in the index at row "
+                                         f"{first_seen[example_id]} (this block)")
+            first_seen[example_id] = row
+            held = keys.unpack_row(txn.get(keys.id_to_row_key(example_id), db=idb))
+            if held != row:
+                return WriteRefusedError(f"example id {example_id!r} (row {row}) is already in the index at row {held}")
+        raise AssertionError("putmulti reported a duplicate id that is not there")
 
     # -- metadata and curvature state
     def update_settings(self, settings: dict) -> None:
