@@ -15,6 +15,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 import lorif_stream as ls
+from lorif_stream.fit import SKETCH_META
 from lorif_stream.store import IndexReader
 
 ROOT = Path(__file__).parents[1]
@@ -237,6 +238,25 @@ def test_fit_recomputes_curvature_without_touching_factors(exact_index, tmp_path
         for name, layer in meta["layers"].items():
             D = next(l.D for l in r.layout.layers if l.name == name)
             assert layer["damping"] == pytest.approx(0.01 * layer["trace"] / D, rel=1e-6)
+
+
+def test_default_sketch_width_is_stored_as_a_number(tmp_path):
+    # k = 4r by default, written into the index as a number: a later default never reinterprets it
+    path = tmp_path / "idx"
+    ls.build(mlp_task.first(), path, f=1, rank=1, device="cpu", sketch_rank=6, progress=False)
+    with IndexReader(path) as r:
+        assert r.settings["curvature"]["oversample"] == 18
+        with r.snapshot() as s:
+            widths = {name: layer["k"] for name, layer in s.state_meta(SKETCH_META)["layers"].items()}
+            assert widths == {l.name: min(24, l.D) for l in r.layout.layers}  # clamped to D
+    # an index built with another width keeps it when appended to
+    old = tmp_path / "old"
+    ls.build(mlp_task.first(), old, f=1, rank=1, device="cpu", sketch_rank=6, oversample=2, progress=False)
+    ls.append(mlp_task.second(), old, f=1, rank=1, device="cpu", progress=False)
+    with IndexReader(old) as r, r.snapshot() as s:
+        assert r.settings["curvature"]["oversample"] == 2
+        widths = {name: layer["k"] for name, layer in s.state_meta(SKETCH_META)["layers"].items()}
+        assert widths == {l.name: min(8, l.D) for l in r.layout.layers}
 
 
 def test_bad_curvature_settings_and_tiny_budget_are_refused(tmp_path):
