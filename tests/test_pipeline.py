@@ -186,6 +186,35 @@ def test_cli_end_to_end(tmp_path):
     assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
+_FILE_SIZE_LIMITED_BUILD = """
+import resource, signal, sys
+from lorif_stream.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE stands in for a full disk on Linux")
+def test_a_full_disk_stops_the_build_with_one_line_and_loses_nothing(tmp_path):
+    full, clean = tmp_path / "full", tmp_path / "clean"
+    args = ["build", "--task", f"{TASKS}:full", "--f", 1, "--sketch-rank", 4, "--device", "cpu", "--block-size", 4,
+            "--quiet"]
+    cli(*args, "--index", clean)
+    # a file-size cap below the finished index's size: the writes fail part-way, as on a full disk
+    limit = (clean / "data.mdb").stat().st_size * 3 // 4
+    proc = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMITED_BUILD, str(limit), *map(str, args), "--index",
+                           str(full)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and f"writing to index {full} failed" in proc.stderr
+    assert "rerun the same command to resume" in proc.stderr
+    with IndexReader(full) as r, r.snapshot() as s:
+        assert 0 < r.rows < mlp_task.N_TRAIN and s.verify().ok
+    cli(*args, "--index", full)
+    assert_same_factors_and_ids(full, clean)
+
+
 def test_sigkill_during_build_then_resume_equals_uninterrupted(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     args = ["--f", 1, "--sketch-rank", 16, "--device", "cpu", "--block-size", 4, "--batch-size", 2, "--quiet"]

@@ -4,6 +4,7 @@ from .format import (
     FORMAT_VERSION,
     CorruptBlockError,
     IndexError_ as IndexFormatError,
+    IndexWriteError,
     NotAnIndexError,
     UnsupportedVersionError,
     WriteRefusedError,
@@ -13,6 +14,6 @@ from .lmdb_store import BlockBuffers, IndexReader, IndexWriter, PendingBlock, Sn
 
 __all__ = [
     "BlockBuffers", "BlockDecoder", "BlockEncoder", "CorruptBlockError", "FORMAT_VERSION", "IndexFormatError",
-    "IndexLayout", "IndexReader", "IndexWriter", "LayerShape", "NotAnIndexError", "PendingBlock", "Snapshot",
+    "IndexLayout", "IndexReader", "IndexWriteError", "IndexWriter", "LayerShape", "NotAnIndexError", "PendingBlock", "Snapshot",
     "UnsupportedVersionError", "VerifyReport", "WriteRefusedError",
 ]

@@ -39,5 +39,9 @@ class CorruptBlockError(IndexError_):
     pass
 
 
+class IndexWriteError(IndexError_, OSError):
+    """The file system refused a write (disk full, size limit, I/O error); nothing of it was committed."""
+
+
 class WriteRefusedError(IndexError_, ValueError):
     """A write that would break an index invariant; nothing of it was committed."""

@@ -38,6 +38,7 @@ from .format import (
     CorruptBlockError,
     NotAnIndexError,
     UnsupportedVersionError,
+    IndexWriteError,
     WriteRefusedError,
 )
 from .layout import IndexLayout
@@ -341,8 +342,11 @@ class IndexWriter:
             except lmdb.MapFullError:
                 # the failed transaction is aborted; no transaction is open while the map grows
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
-            except lmdb.DiskError as e:
-                raise OSError(f"writing to index {self.path} failed: {e} (is the disk full?)") from None
+            except lmdb.Error as e:
+                # disk full, file-size limit, I/O error: the transaction is aborted and every block
+                # committed before it stays readable, so the same command resumes once fixed
+                raise IndexWriteError(f"writing to index {self.path} failed ({e}): is the disk full? Blocks "
+                                      f"committed before are kept; rerun the same command to resume") from None
 
     def _encoder(self) -> BlockEncoder:
         enc = getattr(self._local, "encoder", None)
