@@ -82,7 +82,7 @@ def build(task, index, config: BuildConfig | None = None, *, progress: bool = Tr
         raise ValueError("the task has no training examples (train_examples() is empty)")
     layout = IndexLayout(source.layout_layers(), c=config.rank, dtype=config.dtype,
                          block_size=config.block_size or _default_block_size(source, config), zstd_level=config.zstd_level)
-    _check_disk(path, layout, n)
+    _check_disk(path, layout, n, config.curvature)
     if progress:
         _announce(layout, n, config)
     settings = {
@@ -144,9 +144,13 @@ def _default_block_size(source: GradientSource, config: BuildConfig) -> int:
     return int(np.clip(target // per_row, 16, 16384))
 
 
-def _estimate_disk(layout: IndexLayout, n_rows: int) -> int:
-    return int(n_rows * layout.values_per_example() * {"bf16": 2, "fp16": 2, "fp32": 4}[layout.dtype]
-               * _COMPRESSED_FRACTION[layout.dtype] * 1.1) + (8 << 20)
+def _estimate_disk(layout: IndexLayout, n_rows: int, curvature: CurvatureConfig) -> int:
+    factors = (n_rows * layout.values_per_example() * {"bf16": 2, "fp16": 2, "fp32": 4}[layout.dtype]
+               * _COMPRESSED_FRACTION[layout.dtype] * 1.1)
+    # sketches (D x k) and eigenvectors (D x r) are stored too, and LMDB's copy-on-write needs room
+    # for the old and the new copy when they are rewritten: for small corpora they dominate
+    state = 2 * 4 * sum(l.D * (min(curvature.sketch_width, l.D) + min(curvature.sketch_rank, l.D)) for l in layout.layers)
+    return int(factors + state) + (8 << 20)
 
 
 def _announce(layout: IndexLayout, n_rows: int, config: BuildConfig) -> None:
@@ -155,12 +159,12 @@ def _announce(layout: IndexLayout, n_rows: int, config: BuildConfig) -> None:
     sketch = sum(2 * l.D * min(config.curvature.sketch_width, l.D) * 4 for l in layout.layers)
     ram = 4 * block + min(sketch, config.budget() // 2)
     print(f"[lorif-stream] {n_rows:,} examples x {len(layout.layers)} layers, f={config.f} c={layout.c} {layout.dtype}: "
-          f"index ~{_estimate_disk(layout, n_rows) / 1e6:,.0f} MB on disk, engine RAM ~{ram / 1e6:,.0f} MB "
+          f"index ~{_estimate_disk(layout, n_rows, config.curvature) / 1e6:,.0f} MB on disk, engine RAM ~{ram / 1e6:,.0f} MB "
           f"(budget {config.budget() / 1e6:,.0f} MB, blocks of {layout.block_size:,} rows)", file=sys.stderr, flush=True)
 
 
-def _check_disk(path: Path, layout: IndexLayout, n_rows: int) -> None:
-    est = _estimate_disk(layout, n_rows)
+def _check_disk(path: Path, layout: IndexLayout, n_rows: int, curvature: CurvatureConfig) -> None:
+    est = _estimate_disk(layout, n_rows, curvature)
     free = shutil.disk_usage(path if path.exists() else path.parent if path.parent.exists() else Path.cwd()).free
     if est > free:
         raise InsufficientDiskError(
@@ -218,7 +222,7 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
         else:
             if n == 0:
                 raise ValueError("the task has no training examples to append")
-            _check_disk(writer.path, writer.layout, n)
+            _check_disk(writer.path, writer.layout, n, config.curvature)
             settings = dict(settings, segments=segments + [{"kind": "append", "start": writer.rows, "count": n}])
             settings["allow_duplicate_ids"] = settings.get("allow_duplicate_ids") or config.allow_duplicate_ids
             writer.update_settings(settings)

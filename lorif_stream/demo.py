@@ -1,6 +1,6 @@
 """`lorif-stream demo`: the whole attribution workflow on a small real corpus, offline, on a CPU.
 
-    lorif-stream demo                 # about a minute on a 2-core CPU (a few on a busy one)
+    lorif-stream demo                 # about 1.5 minutes on a 2-core CPU (a few on a busy one)
     lorif-stream demo --quick         # a reduced run (CI, first look): seconds of work
 
 What it does, in ``--out DIR`` (default ``./lorif-demo``):
@@ -418,7 +418,7 @@ def demo_command(out_dir, quick, device, force, top_k, examples, threads, quiet)
     with lorif-stream, then runs `build` on most of them, `append` on the rest and `query` for a
     few queries, and prints each query's top proponents and opponents with their text. Two
     queries are reworded copies of training fortunes, so you can check the top proponent is the
-    original. About a minute on a 2-core CPU (--quick: well under one).
+    original. About 1.5 minutes on a 2-core CPU (--quick: under one).
     """
     run_demo(out_dir, quick=quick, device=device, force=force, top_k=top_k, examples=examples,
              threads=threads or None, progress=not quiet)

@@ -288,6 +288,25 @@ def test_default_sketch_width_is_stored_as_a_number(tmp_path):
         assert widths == {l.name: min(8, l.D) for l in r.layout.layers}
 
 
+def test_a_disk_too_small_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import shutil as _shutil
+
+    from lorif_stream.config import CurvatureConfig
+    from lorif_stream.store import IndexLayout, LayerShape
+
+    build_module = sys.modules["lorif_stream.build"]  # the package attribute is the build() function
+    real_usage = _shutil.disk_usage
+    monkeypatch.setattr(build_module.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1 << 20))
+    with pytest.raises(OSError, match=r"the index needs about 0\.0\d GB for 48 examples but .* has 0\.00 GB free"):
+        ls.build(mlp_task.full(), tmp_path / "idx", f=1, sketch_rank=16, device="cpu", progress=False)
+    assert not (tmp_path / "idx" / "data.mdb").exists()
+    # the estimate counts the stored sketches (D x k) and eigenvectors (D x r), twice for copy-on-write
+    layout = IndexLayout((LayerShape("a", 64, 32), LayerShape("b", 8, 4)), c=1, dtype="bf16", block_size=16)
+    small, wide = CurvatureConfig(sketch_rank=4, oversample=0), CurvatureConfig(sketch_rank=16)
+    grow = build_module._estimate_disk(layout, 1000, wide) - build_module._estimate_disk(layout, 1000, small)
+    assert grow == 2 * 4 * (2048 * (64 + 16 - 4 - 4) + 32 * (32 + 16 - 4 - 4))
+
+
 def test_bad_curvature_settings_and_tiny_budget_are_refused(tmp_path):
     with pytest.raises(ValueError, match="sketch_rank=0"):
         ls.build(mlp_task.full(), tmp_path / "a", sketch_rank=0, device="cpu", progress=False)
