@@ -193,6 +193,8 @@ def test_write_refusals_name_layer_and_rows(tmp_path):
             w.append(4, random_factors(rng, layout, 2), ["x", "b"])
         with pytest.raises(WriteRefusedError, match=r"'x' \(row 5\) is already in the index at row 4 \(this block\)"):
             w.append(4, random_factors(rng, layout, 2), ["x", "x"])
+        with pytest.raises(WriteRefusedError, match=r"example id of row 5 is 600 bytes long; ids must be at most 510"):
+            w.append(4, random_factors(rng, layout, 2), ["x", "é" * 300])
         assert w.rows == 4
         w.append(4, random_factors(rng, layout, 2), ["x", "y"])
     with IndexReader(tmp_path / "i") as r, r.snapshot() as s:

@@ -276,6 +276,11 @@ class IndexWriter:
         # putmulti: two C-level batch inserts instead of 2·rows Python calls (a third of commit time)
         rows = range(block.first_row, block.first_row + block.rows)
         encoded_ids = [example_id.encode("utf-8") for example_id in block.ids]
+        if len(keys.ID_PREFIX) + max(map(len, encoded_ids)) > self._env.max_key_size():
+            longest = max(range(block.rows), key=lambda j: len(encoded_ids[j]))
+            raise WriteRefusedError(f"example id of row {block.first_row + longest} is {len(encoded_ids[longest])} bytes "
+                                    f"long; ids must be at most {self._env.max_key_size() - len(keys.ID_PREFIX)} bytes "
+                                    f"(UTF-8): {block.ids[longest][:40]!r}...")
         with txn.cursor(db=idb) as cur:
             cur.putmulti([(keys.row_to_id_key(row), eid) for row, eid in zip(rows, encoded_ids)], append=True)
             _, added = cur.putmulti([(keys.ID_PREFIX + eid, keys.pack_row(row)) for row, eid in zip(rows, encoded_ids)],
