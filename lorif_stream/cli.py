@@ -203,8 +203,10 @@ def info(index, as_json):
     click.echo(f"factors   f={f.get('f')} c={report['c']} {report['dtype']} projection={f.get('projection')} "
                f"block={report['block_size']}")
     bpe = report["bytes_per_example"]
-    click.echo(f"size      {report['disk_bytes'] / 1e6:,.1f} MB on disk; "
-               + (f"{bpe:,.0f} B/example ({bpe / report['raw_bytes_per_example']:.2f}× raw {report['dtype']})" if bpe else "empty"))
+    other = max(report["disk_bytes"] - report["factor_bytes"], 0)
+    click.echo(f"size      {report['disk_bytes'] / 1e6:,.1f} MB on disk: factors {report['factor_bytes'] / 1e6:,.1f} MB"
+               + (f" ({bpe:,.0f} B/example, {bpe / report['raw_bytes_per_example']:.2f}× raw {report['dtype']})" if bpe else "")
+               + f", curvature state and free pages {other / 1e6:,.1f} MB")
     click.echo(f"curvature covers {report['curvature'].get('rows')} rows")
     click.echo(f"{'layer':40s} {'D':>10s} {'r':>6s} {'λ':>10s} {'energy':>7s}")
     for l in report["layers"]:

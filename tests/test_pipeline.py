@@ -173,6 +173,10 @@ def test_cli_end_to_end(tmp_path):
     cli("build", "--task", task, "--index", idx, "--f", 1, "--sketch-rank", 16, "--device", "cpu", "--quiet")
     info = json.loads(cli("info", "--index", idx, "--json").stdout)
     assert info["rows"] == mlp_task.N_TRAIN and [l["name"] for l in info["layers"]] == ["0", "2"]
+    text = cli("info", "--index", idx).stdout
+    other = (info["disk_bytes"] - info["factor_bytes"]) / 1e6
+    assert (f"{info['disk_bytes'] / 1e6:,.1f} MB on disk: factors {info['factor_bytes'] / 1e6:,.1f} MB" in text
+            and f"curvature state and free pages {other:,.1f} MB" in text)
     assert "ok: 48 rows" in cli("verify", "--index", idx, "--quiet").stdout
     out = tmp_path / "results.jsonl"
     cli("query", "--task", task, "--index", idx, "--top-k", 3, "--out", out, "--device", "cpu", "--quiet")
