@@ -233,7 +233,7 @@ def main():
     ap.add_argument("--dims", default=None, help="comma-separated D values from {10000, 30000, 100000}")
     ap.add_argument("--rows", type=int, default=None, help="N examples (default 4000; quick 1500)")
     ap.add_argument("--rank", type=int, default=None, help="r (default 128; quick 64)")
-    ap.add_argument("--oversample", type=int, default=16, help="k = r + oversample")
+    ap.add_argument("--oversample", type=int, default=None, help="k = r + oversample (default 3r: the engine's default)")
     ap.add_argument("--c", type=int, default=1, help="rank of the stored factors")
     ap.add_argument("--block", type=int, default=256, help="rows per block")
     ap.add_argument("--alpha", type=float, default=0.6, help="power-law decay of the d_out side")
@@ -254,6 +254,8 @@ def main():
         dims = [10_000, 30_000, 100_000]
         args.rows = args.rows or 4000
         args.rank = args.rank or 128
+    if args.oversample is None:
+        args.oversample = 3 * args.rank
     if args.out is None:
         args.out = str(Path(__file__).parent / "results" / ("curvature_quick.json" if args.quick else "curvature.json"))
     if args.dims:
