@@ -26,7 +26,7 @@ import torch
 from .config import BuildConfig, CurvatureConfig
 from .device import notice, resolve_device
 from .factorize import factorize
-from .fit import SketchSet, finalize_curvature
+from .fit import SketchSet, finalize_curvature, sketch_memory_bytes
 from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
 from .progress import Progress
 from .projection import ProjectionSpec
@@ -156,7 +156,7 @@ def _estimate_disk(layout: IndexLayout, n_rows: int, curvature: CurvatureConfig)
 def _announce(layout: IndexLayout, n_rows: int, config: BuildConfig) -> None:
     """The upfront estimate a user wants before a long run: disk, RAM and the budget it honours."""
     block = layout.block_size * layout.values_per_example() * 4
-    sketch = sum(2 * l.D * min(config.curvature.sketch_width, l.D) * 4 for l in layout.layers)
+    sketch = sum(sketch_memory_bytes(l.D, config.curvature.sketch_width) for l in layout.layers)
     ram = 4 * block + min(sketch, config.budget() // 2)
     print(f"[lorif-stream] {n_rows:,} examples x {len(layout.layers)} layers, f={config.f} c={layout.c} {layout.dtype}: "
           f"index ~{_estimate_disk(layout, n_rows, config.curvature) / 1e6:,.0f} MB on disk, engine RAM ~{ram / 1e6:,.0f} MB "

@@ -35,7 +35,7 @@ def sketch_seed(seed: int, layer_name: str) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
-def _sketch_bytes(D: int, k: int) -> int:
+def sketch_memory_bytes(D: int, k: int) -> int:
     return 2 * D * min(k, D) * 4  # Y and the cached test matrix Ω
 
 
@@ -60,7 +60,7 @@ class SketchSet:
         self = cls(writer, config, device)
         used, skipped = 0, []
         for i, layer in enumerate(self.layout.layers):
-            need = _sketch_bytes(layer.D, config.sketch_width)
+            need = sketch_memory_bytes(layer.D, config.sketch_width)
             if used + need <= budget // 2:
                 self.sketches[i] = self._load_or_new(writer, i)
                 used += need
@@ -148,7 +148,7 @@ def finalize_curvature(writer: IndexWriter, sketches: SketchSet, config: Curvatu
     generation = int(old.get("generation", 0)) + 1
     new_layers: dict[str, dict] = {}
     for i, layer in enumerate(layout.layers):
-        need = _sketch_bytes(layer.D, config.sketch_width) + layer.D * config.sketch_width * 4
+        need = sketch_memory_bytes(layer.D, config.sketch_width) + layer.D * config.sketch_width * 4
         if need > budget:
             raise BudgetTooSmallError(
                 f"memory budget {budget / 1e6:.0f} MB is too small for even one layer: layer {layer.name!r} "
@@ -159,7 +159,7 @@ def finalize_curvature(writer: IndexWriter, sketches: SketchSet, config: Curvatu
     while missing:
         group, used = [], 0
         for i in missing:
-            need = _sketch_bytes(layout.layers[i].D, config.sketch_width)
+            need = sketch_memory_bytes(layout.layers[i].D, config.sketch_width)
             if not group or used + need <= budget // 2:
                 group.append(i)
                 used += need
