@@ -36,9 +36,9 @@ from .format import (
     META_SETTINGS,
     SUPPORTED_VERSIONS,
     CorruptBlockError,
+    IndexWriteError,
     NotAnIndexError,
     UnsupportedVersionError,
-    IndexWriteError,
     WriteRefusedError,
 )
 from .layout import IndexLayout
