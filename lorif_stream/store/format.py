@@ -5,8 +5,9 @@ readers refuse any version they do not know instead of guessing.
 """
 from __future__ import annotations
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+# v1 indexes (random projections only, no whitening records) still open and query.
+SUPPORTED_VERSIONS = (1, 2)
 
 # Named LMDB databases inside the one environment.
 DB_FACTORS = b"factors"
