@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import BuildConfig, CurvatureConfig
+from .config import FACTOR_FIELDS, BuildConfig, CurvatureConfig, factor_key_of_index, factor_options
 from .device import notice, resolve_device
 from .factorize import factorize
-from .fit import SketchSet, finalize_curvature, sketch_memory_bytes
+from .fit import curvature_statistics, sketch_memory_bytes
 from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
 from .progress import Progress
 from .projection import ProjectionSpec
@@ -34,6 +34,7 @@ from .store import IndexLayout, IndexWriter
 from .store.sink import BlockSink
 from .store.format import DATA_FILE
 from .task import load_task, resolve_task
+from .whitening import ensure_whitening, moment_bytes
 
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _TARGET_BLOCK_BYTES = 32 << 20  # fp32 bytes of one block of every layer
@@ -69,12 +70,22 @@ def build(task, index, config: BuildConfig | None = None, *, progress: bool = Tr
     built with the same task and settings is resumed at its first uncommitted row; different
     settings raise SettingsMismatchError naming them. Options are the fields of BuildConfig.
     """
+    return _build(_task(task), Path(index), _config(config, options), progress, whiten_only=False)
+
+
+def whiten(task, index, config: BuildConfig | None = None, *, progress: bool = True, **options) -> BuildResult:
+    """Run only the whitening pre-pass of a build into `index` (created, or resumed); a later
+    `build` with the same settings continues from it. Options are the fields of BuildConfig."""
     config = _config(config, options)
-    task = _task(task)
-    path = Path(index)
+    if config.projection_kind != "whitened":
+        raise ValueError(f"whiten needs projection_kind='whitened', got {config.projection_kind!r}")
+    return _build(_task(task), Path(index), config, progress, whiten_only=True)
+
+
+def _build(task, path: Path, config: BuildConfig, progress: bool, whiten_only: bool) -> BuildResult:
     if (path / DATA_FILE).exists():
         writer = IndexWriter.open(path, durability=config.durability)
-        return _resume_or_extend(writer, task, config, progress, kind="build")
+        return _resume_or_extend(writer, task, config, progress, kind="build", whiten_only=whiten_only)
     device = resolve_device(config.device)
     source = GradientSource.open(task, _spec(config), device)
     n = _train_len(task)
@@ -82,9 +93,9 @@ def build(task, index, config: BuildConfig | None = None, *, progress: bool = Tr
         raise ValueError("the task has no training examples (train_examples() is empty)")
     layout = IndexLayout(source.layout_layers(), c=config.rank, dtype=config.dtype,
                          block_size=config.block_size or _default_block_size(source, config), zstd_level=config.zstd_level)
-    _check_disk(path, layout, n, config.curvature)
+    _check_disk(path, layout, source.layers, n, config)
     if progress:
-        _announce(layout, n, config)
+        _announce(layout, source.layers, n, config)
     settings = {
         "factors": config.factor_key(),
         "layers": [l.to_dict() for l in source.layers],
@@ -96,7 +107,7 @@ def build(task, index, config: BuildConfig | None = None, *, progress: bool = Tr
         "nonfinite_rows": [],
     }
     writer = IndexWriter.create(path, layout, settings, durability=config.durability)
-    return _run(writer, source, task, config, progress)
+    return _run(writer, source, task, config, progress, whiten_only)
 
 
 def append(task, index, config: BuildConfig | None = None, *, progress: bool = True, **options) -> BuildResult:
@@ -106,10 +117,12 @@ def append(task, index, config: BuildConfig | None = None, *, progress: bool = T
     match); the sketches are updated and the curvature re-finalized. An interrupted append is
     resumed by running the same append again.
     """
+    # factor settings the caller named must match the index; the others are the index's own
+    given = set(FACTOR_FIELDS) if config is not None else set(options) & set(FACTOR_FIELDS)
     config = _config(config, options)
     task = _task(task)
     writer = IndexWriter.open(index, durability=config.durability)
-    return _resume_or_extend(writer, task, config, progress, kind="append")
+    return _resume_or_extend(writer, task, config, progress, kind="append", given=given)
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -130,7 +143,7 @@ def _task(task):
 
 
 def _spec(config: BuildConfig) -> ProjectionSpec:
-    return ProjectionSpec(f=config.f, kind=config.projection, seed=config.seed)
+    return ProjectionSpec(f=config.f, kind=config.projection, seed=config.seed, min_side=config.min_side)
 
 
 def _train_len(task) -> int:
@@ -144,27 +157,46 @@ def _default_block_size(source: GradientSource, config: BuildConfig) -> int:
     return int(np.clip(target // per_row, 16, 16384))
 
 
-def _estimate_disk(layout: IndexLayout, n_rows: int, curvature: CurvatureConfig) -> int:
+def state_bytes(layers, config: BuildConfig) -> int:
+    """Bytes of curvature/whitening state an index stores besides its factors (LayerInfo layers)."""
+    curvature = config.curvature
+    total = 0
+    for l in layers:
+        if config.projection_kind == "whitened":
+            # P_in', P_out', the eigenbases, and the fp64 moment checkpoint while the pre-pass runs
+            total += 4 * (l.in_features * l.d_in + l.out_features * l.d_out + l.d_in ** 2 + l.d_out ** 2)
+            total += moment_bytes(l)
+        if curvature.preconditioner == "lowrank":
+            total += 4 * l.D * (min(curvature.sketch_width, l.D) + min(curvature.sketch_rank, l.D))
+        elif curvature.preconditioner == "ekfac":
+            total += 12 * l.D  # fp64 running sums + one fp32 generation
+    return total
+
+
+def _estimate_disk(layout: IndexLayout, layers, n_rows: int, config: BuildConfig) -> int:
     factors = (n_rows * layout.values_per_example() * {"bf16": 2, "fp16": 2, "fp32": 4}[layout.dtype]
                * _COMPRESSED_FRACTION[layout.dtype] * 1.1)
-    # sketches (D x k) and eigenvectors (D x r) are stored too, and LMDB's copy-on-write needs room
-    # for the old and the new copy when they are rewritten: for small corpora they dominate
-    state = 2 * 4 * sum(l.D * (min(curvature.sketch_width, l.D) + min(curvature.sketch_rank, l.D)) for l in layout.layers)
-    return int(factors + state) + (8 << 20)
+    # LMDB's copy-on-write needs room for the old and the new copy of rewritten state
+    return int(factors + 2 * state_bytes(layers, config)) + (8 << 20)
 
 
-def _announce(layout: IndexLayout, n_rows: int, config: BuildConfig) -> None:
+def _announce(layout: IndexLayout, layers, n_rows: int, config: BuildConfig) -> None:
     """The upfront estimate a user wants before a long run: disk, RAM and the budget it honours."""
     block = layout.block_size * layout.values_per_example() * 4
-    sketch = sum(sketch_memory_bytes(l.D, config.curvature.sketch_width) for l in layout.layers)
-    ram = 4 * block + min(sketch, config.budget() // 2)
-    print(f"[lorif-stream] {n_rows:,} examples x {len(layout.layers)} layers, f={config.f} c={layout.c} {layout.dtype}: "
-          f"index ~{_estimate_disk(layout, n_rows, config.curvature) / 1e6:,.0f} MB on disk, engine RAM ~{ram / 1e6:,.0f} MB "
+    stats = 0
+    if config.curvature.preconditioner == "lowrank":
+        stats = sum(sketch_memory_bytes(l.D, config.curvature.sketch_width) for l in layout.layers)
+    if config.projection_kind == "whitened":
+        stats = max(stats, max(moment_bytes(l) for l in layers))
+    ram = 4 * block + min(stats, config.budget() // 2)
+    print(f"[lorif-stream] {n_rows:,} examples x {len(layout.layers)} layers, f={config.f} c={layout.c} {layout.dtype}, "
+          f"{config.projection_kind} projections, {config.curvature.preconditioner} preconditioner: "
+          f"index ~{_estimate_disk(layout, layers, n_rows, config) / 1e6:,.0f} MB on disk, engine RAM ~{ram / 1e6:,.0f} MB "
           f"(budget {config.budget() / 1e6:,.0f} MB, blocks of {layout.block_size:,} rows)", file=sys.stderr, flush=True)
 
 
-def _check_disk(path: Path, layout: IndexLayout, n_rows: int, curvature: CurvatureConfig) -> None:
-    est = _estimate_disk(layout, n_rows, curvature)
+def _check_disk(path: Path, layout: IndexLayout, layers, n_rows: int, config: BuildConfig) -> None:
+    est = _estimate_disk(layout, layers, n_rows, config)
     free = shutil.disk_usage(path if path.exists() else path.parent if path.parent.exists() else Path.cwd()).free
     if est > free:
         raise InsufficientDiskError(
@@ -183,12 +215,22 @@ def _check_same(index_settings: dict, key: str, mine, what: str) -> None:
         raise SettingsMismatchError(f"{what} differ from the index's ({diff})")
 
 
-def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: bool, kind: str) -> BuildResult:
+def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: bool, kind: str,
+                      whiten_only: bool = False, given: set[str] = frozenset(FACTOR_FIELDS)) -> BuildResult:
     try:
         settings = writer.settings
-        _check_same(settings, "factors", config.factor_key(), "factor settings (f, rank, projection, seed, dtype)")
+        stored = factor_key_of_index(settings["factors"])
+        if kind == "append":
+            # an append uses the index's own factor settings for those not given, whatever today's defaults
+            config = replace(config, **{k: v for k, v in factor_options(stored).items() if k not in given},
+                             curvature=CurvatureConfig(**settings["curvature"]))
+        _check_same({"factors": stored}, "factors", config.factor_key(), "factor settings")
+        if kind == "build" and writer.rows == 0:
+            # nothing is fitted yet (a failed start, or `whiten` alone): this command's curvature applies
+            settings = dict(settings, curvature=asdict(config.curvature))
+            writer.update_settings(settings)
         # curvature settings live with the index (change them with `fit`)
-        config = replace(config, curvature=CurvatureConfig(**settings["curvature"]))
+        config = replace(config, curvature=CurvatureConfig(**settings["curvature"]).resolved(config.projection_kind))
         from .capture import LayerInfo
 
         device = resolve_device(config.device)
@@ -214,7 +256,7 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
         elif kind == "build":
             if last["kind"] == "build" and last["count"] == n:
                 notice(f"index {writer.path} is complete ({writer.rows:,} rows): refitting curvature only")
-                return _run(writer, source, task, config, progress)
+                return _run(writer, source, task, config, progress, whiten_only)
             raise SettingsMismatchError(
                 f"index {writer.path} already holds a complete build of {writer.rows:,} rows; "
                 f"use `append` to add examples or a new --index"
@@ -222,11 +264,11 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
         else:
             if n == 0:
                 raise ValueError("the task has no training examples to append")
-            _check_disk(writer.path, writer.layout, n, config.curvature)
+            _check_disk(writer.path, writer.layout, source.layers, n, config)
             settings = dict(settings, segments=segments + [{"kind": "append", "start": writer.rows, "count": n}])
             settings["allow_duplicate_ids"] = settings.get("allow_duplicate_ids") or config.allow_duplicate_ids
             writer.update_settings(settings)
-        return _run(writer, source, task, config, progress)
+        return _run(writer, source, task, config, progress, whiten_only)
     except BaseException:
         writer.close()
         raise
@@ -249,8 +291,14 @@ def _to_host(tensors: list[torch.Tensor], device: torch.device):
     return host, event
 
 
-def _run(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool) -> BuildResult:
+def _run(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool,
+         whiten_only: bool = False) -> BuildResult:
     try:
+        if config.projection_kind == "whitened":
+            t0 = time.perf_counter()
+            source.projections = ensure_whitening(writer, source, task, config, progress)
+            if whiten_only:
+                return BuildResult(str(writer.path), writer.rows, 0, time.perf_counter() - t0, 0)
         return _extend(writer, source, task, config, progress)
     except BaseException:
         _withdraw_empty_append(writer)
@@ -273,7 +321,7 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
     start_row = writer.rows
     end_row = segment["start"] + segment["count"]
     examples = task.train_examples()
-    sketches = SketchSet.for_build(writer, source.device, config.curvature, config.budget())
+    sketches = curvature_statistics(writer, source.device, config.curvature, config.budget())
     sketches.catch_up(writer, progress=progress)
     block_size = writer.layout.block_size
     storage = _TORCH_DTYPES[writer.layout.dtype]
@@ -347,7 +395,7 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
                    f"(rows {s['nonfinite_rows'][:10]}{'...' if len(s['nonfinite_rows']) > 10 else ''})")
     committer.check()
     sketches.save(writer)
-    finalize_curvature(writer, sketches, config.curvature, source.device, config.budget(), progress=progress)
+    sketches.finalize(writer, config.curvature, config.budget(), progress=progress)
     return BuildResult(str(writer.path), writer.rows, writer.rows - start_row, time.perf_counter() - t0,
                        committer.bytes_written, sketches.seconds)
 

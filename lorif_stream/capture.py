@@ -44,6 +44,7 @@ __all__ = [
     "LayerInfo",
     "tracked_layers",
     "model_fingerprint",
+    "LayerHooks",
     "GradientCapture",
 ]
 
@@ -130,25 +131,25 @@ def _features(module: nn.Module, kind: str) -> tuple[int, int]:
     return (cols, rows) if kind == "linear" else (rows, cols)
 
 
-def tracked_layers(model: nn.Module, pattern: str | None, f: int) -> list[LayerInfo]:
+def tracked_layers(model: nn.Module, pattern: str | None, f: int, min_side: int = 1) -> list[LayerInfo]:
     """Every ``nn.Linear`` / HF ``Conv1D`` whose qualified name matches ``re.search(pattern)``.
 
     Layers come in ``model.named_modules()`` order (a module registered under two names is
-    listed once, under its first name). ``pattern=None`` tracks them all. ``f`` is the
-    projection factor that sets ``d_in``/``d_out``.
+    listed once, under its first name). ``pattern=None`` tracks them all. ``f`` and ``min_side``
+    set ``d_in``/``d_out`` (:func:`lorif_stream.projection.reduced_dim`).
     """
     try:
         regex = re.compile(pattern) if pattern is not None else None
     except (re.error, TypeError) as exc:
         raise ValueError(f"invalid tracked-modules pattern {pattern!r}: {exc}") from None
-    reduced_dim(1, f)  # validates f with a clear message
+    reduced_dim(1, f, min_side)  # validates f and min_side with a clear message
     layers: list[LayerInfo] = []
     for name, module in model.named_modules():
         kind = _layer_kind(module)
         if kind is None or (regex is not None and regex.search(name) is None):
             continue
         I, O = _features(module, kind)
-        layers.append(LayerInfo(name, kind, I, O, reduced_dim(I, f), reduced_dim(O, f)))
+        layers.append(LayerInfo(name, kind, I, O, reduced_dim(I, f, min_side), reduced_dim(O, f, min_side)))
     if not layers:
         what = "any" if pattern is None else f"pattern {pattern!r}"
         raise ValueError(f"no nn.Linear / Conv1D module of {type(model).__name__} matches {what}")
@@ -189,7 +190,131 @@ def model_fingerprint(model: nn.Module, layers: Iterable[LayerInfo]) -> str:
     return digest.hexdigest()
 
 
-class GradientCapture:
+class LayerHooks:
+    """Forward hooks on the tracked layers plus one backward for their output gradients.
+
+    Subclasses decide what to keep of each call's input (:meth:`_keep_input`, e.g. its
+    projection) and what to make of the (kept input, output gradient) pairs. The gradient is of
+    ``losses.sum()``: row b of each ``Δ`` then depends on example b only, and no parameter's
+    ``.grad`` is touched.
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[LayerInfo]) -> None:
+        self.model = model
+        self.layers = list(layers)
+        if not self.layers:
+            raise ValueError(f"{type(self).__name__} needs at least one tracked layer")
+        modules = dict(model.named_modules())
+        self._modules: dict[str, nn.Module] = {}
+        for layer in self.layers:
+            if layer.name in self._modules:
+                raise ValueError(f"layer {layer.name!r} is listed twice")
+            module = modules.get(layer.name)
+            if module is None:
+                raise ValueError(f"tracked layer {layer.name!r} is not a module of the model")
+            kind = _layer_kind(module)
+            if kind != layer.kind or _features(module, kind) != (layer.in_features, layer.out_features):
+                raise ValueError(
+                    f"tracked layer {layer.name!r} is described as {layer.kind} "
+                    f"{layer.in_features}->{layer.out_features} but the model has "
+                    f"{type(module).__name__} {_features(module, kind) if kind else ''}"
+                )
+            self._modules[layer.name] = module
+        # Per layer, one (kept input, output, output._version) triple per call of the module.
+        self._calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        self._handles: list = []
+        # layers whose forward never ran or whose output did not reach the loss in the last
+        # batch (e.g. nn.MultiheadAttention.out_proj, used functionally): their gradients are 0
+        self.unused_layers: list[str] = []
+
+    def _keep_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- context manager ------------------------------------------------------------------
+    def __enter__(self):
+        if self._handles:
+            raise RuntimeError(f"{type(self).__name__} is already active (not re-entrant)")
+        self.reset()
+        for name, module in self._modules.items():
+            handle = module.register_forward_hook(self._make_hook(name), with_kwargs=True)
+            self._handles.append(handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything captured since the last backward."""
+        self._calls = {name: [] for name in self._modules}
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _make_hook(self, name: str):
+        def hook(module, args, kwargs, output):
+            if args:
+                x = args[0]
+            else:  # called as module(input=x) / module(x=x)
+                x = kwargs.get("input", kwargs.get("x"))
+            if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
+                raise RuntimeError(f"{type(self).__name__}: layer {name!r} was called without a tensor input")
+            if x.dim() < 2:
+                raise RuntimeError(
+                    f"{type(self).__name__}: layer {name!r} got an input of shape {tuple(x.shape)}; "
+                    "inputs must be batched as (B, ..., I)"
+                )
+            with torch.no_grad():
+                kept = self._keep_input(name, x.detach())
+            # The version counter lets the backward refuse outputs modified in place, whose
+            # gradient would no longer be the gradient of this layer's output.
+            self._calls[name].append((kept, output, output._version))
+
+        return hook
+
+    # -- backward -------------------------------------------------------------------------
+    def _output_gradients(self, losses: torch.Tensor, retain_graph: bool) -> dict[str, list[tuple]]:
+        """Per layer, one ``(kept input, Δ or None)`` pair per call (None: did not reach the loss)."""
+        if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ValueError(f"losses must be a (B,) tensor of per-example losses, got {shape}")
+        if not losses.requires_grad:
+            raise ValueError(
+                "losses do not require grad: run the forward pass with grad enabled and "
+                "parameters that require grad"
+            )
+        B = losses.shape[0]
+        flat: list[torch.Tensor] = []
+        for name, calls in self._calls.items():
+            for _kept, output, version in calls:
+                if output.shape[0] != B:
+                    raise ValueError(
+                        f"layer {name!r} saw a batch of {output.shape[0]} but losses has {B} rows "
+                        "(did an earlier forward pass go without a backward/reset?)"
+                    )
+                if output._version != version:
+                    raise RuntimeError(
+                        f"the output of layer {name!r} was modified in place after the layer ran; "
+                        "its gradient cannot be captured"
+                    )
+                if not output.requires_grad:
+                    raise ValueError(
+                        f"the output of layer {name!r} does not require grad: make its parameters "
+                        "require grad and do not run the forward pass under torch.no_grad()"
+                    )
+                flat.append(output)
+        deltas = iter(
+            torch.autograd.grad(losses.sum(), flat, allow_unused=True, retain_graph=retain_graph)
+            if flat
+            else ()
+        )
+        pairs = {layer.name: [(kept, next(deltas)) for kept, _o, _v in self._calls[layer.name]]
+                 for layer in self.layers}
+        self.unused_layers = [name for name, calls in pairs.items() if all(d is None for _k, d in calls)]
+        return pairs
+
+
+class GradientCapture(LayerHooks):
     """Context manager that hooks tracked layers and returns per-example projected gradients.
 
     Usage::
@@ -213,26 +338,9 @@ class GradientCapture:
         layers: Iterable[LayerInfo],
         projections: Mapping[str, LayerProjection],
     ) -> None:
-        self.model = model
-        self.layers = list(layers)
-        if not self.layers:
-            raise ValueError("GradientCapture needs at least one tracked layer")
-        modules = dict(model.named_modules())
-        self._modules: dict[str, nn.Module] = {}
+        super().__init__(model, layers)
         self._projections: dict[str, LayerProjection] = {}
         for layer in self.layers:
-            if layer.name in self._modules:
-                raise ValueError(f"layer {layer.name!r} is listed twice")
-            module = modules.get(layer.name)
-            if module is None:
-                raise ValueError(f"tracked layer {layer.name!r} is not a module of the model")
-            kind = _layer_kind(module)
-            if kind != layer.kind or _features(module, kind) != (layer.in_features, layer.out_features):
-                raise ValueError(
-                    f"tracked layer {layer.name!r} is described as {layer.kind} "
-                    f"{layer.in_features}->{layer.out_features} but the model has "
-                    f"{type(module).__name__} {_features(module, kind) if kind else ''}"
-                )
             proj = projections.get(layer.name)
             if proj is None:
                 raise ValueError(f"no projection given for tracked layer {layer.name!r}")
@@ -244,62 +352,16 @@ class GradientCapture:
                     f"{proj.out_features}x{proj.d_out}) but the layer needs "
                     f"({layer.in_features}x{layer.d_in}, {layer.out_features}x{layer.d_out})"
                 )
-            self._modules[layer.name] = module
             self._projections[layer.name] = proj
-        # Per layer, one (X P_in, output, output._version) triple per call of the module.
-        self._calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
-        self._handles: list = []
-        # layers whose forward never ran or whose output did not reach the loss in the last
-        # batch (e.g. nn.MultiheadAttention.out_proj, used functionally): their gradients are 0
-        self.unused_layers: list[str] = []
 
-    # -- context manager ------------------------------------------------------------------
-    def __enter__(self) -> "GradientCapture":
-        if self._handles:
-            raise RuntimeError("GradientCapture is already active (not re-entrant)")
-        self.reset()
-        for name, module in self._modules.items():
-            handle = module.register_forward_hook(self._make_hook(name), with_kwargs=True)
-            self._handles.append(handle)
-        return self
+    def _keep_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        proj = self._projections[name]
+        if proj.device != x.device:
+            # Models sharded over devices: keep each layer's projection where its input is.
+            proj = self._projections[name] = proj.to(x.device)
+        # X P_in, not X: memory scales with d_in instead of I
+        return proj.project_in(x)
 
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget everything captured since the last :meth:`projected_gradients` call."""
-        self._calls = {name: [] for name in self._modules}
-
-    # -- hooks ----------------------------------------------------------------------------
-    def _make_hook(self, name: str):
-        def hook(module, args, kwargs, output):
-            if args:
-                x = args[0]
-            else:  # called as module(input=x) / module(x=x)
-                x = kwargs.get("input", kwargs.get("x"))
-            if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
-                raise RuntimeError(f"GradientCapture: layer {name!r} was called without a tensor input")
-            if x.dim() < 2:
-                raise RuntimeError(
-                    f"GradientCapture: layer {name!r} got an input of shape {tuple(x.shape)}; "
-                    "inputs must be batched as (B, ..., I)"
-                )
-            proj = self._projections[name]
-            if proj.device != x.device:
-                # Models sharded over devices: keep each layer's projection where its input is.
-                proj = self._projections[name] = proj.to(x.device)
-            with torch.no_grad():
-                xp = proj.project_in(x.detach())
-            # The version counter lets projected_gradients refuse outputs modified in place,
-            # whose gradient would no longer be the gradient of this layer's output.
-            self._calls[name].append((xp, output, output._version))
-
-        return hook
-
-    # -- gradients ------------------------------------------------------------------------
     def projected_gradients(
         self, losses: torch.Tensor, retain_graph: bool = False
     ) -> dict[str, torch.Tensor]:
@@ -311,61 +373,22 @@ class GradientCapture:
         was not called) gets zeros. Captured state is cleared afterwards.
         """
         try:
-            return self._projected_gradients(losses, retain_graph)
+            pairs = self._output_gradients(losses, retain_graph)
+            return self._project(pairs, losses.shape[0])
         finally:
             self.reset()
 
-    def _projected_gradients(self, losses: torch.Tensor, retain_graph: bool) -> dict[str, torch.Tensor]:
-        if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
-            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise ValueError(f"losses must be a (B,) tensor of per-example losses, got {shape}")
-        if not losses.requires_grad:
-            raise ValueError(
-                "losses do not require grad: run the forward pass with grad enabled and "
-                "parameters that require grad"
-            )
-        B = losses.shape[0]
-        flat: list[torch.Tensor] = []
-        for name, calls in self._calls.items():
-            for xp, output, version in calls:
-                if output.shape[0] != B:
-                    raise ValueError(
-                        f"layer {name!r} saw a batch of {output.shape[0]} but losses has {B} rows "
-                        "(did an earlier forward pass go without projected_gradients/reset?)"
-                    )
-                if output._version != version:
-                    raise RuntimeError(
-                        f"the output of layer {name!r} was modified in place after the layer ran; "
-                        "its gradient cannot be captured"
-                    )
-                if not output.requires_grad:
-                    raise ValueError(
-                        f"the output of layer {name!r} does not require grad: make its parameters "
-                        "require grad and do not run the forward pass under torch.no_grad()"
-                    )
-                flat.append(output)
-
-        deltas = iter(
-            torch.autograd.grad(losses.sum(), flat, allow_unused=True, retain_graph=retain_graph)
-            if flat
-            else ()
-        )
+    @torch.no_grad()
+    def _project(self, pairs: dict[str, list[tuple]], B: int) -> dict[str, torch.Tensor]:
         result: dict[str, torch.Tensor] = {}
-        self.unused_layers = []
-        with torch.no_grad():
-            for layer in self.layers:
-                proj = self._projections[layer.name]
-                G = torch.zeros(B, layer.d_out, layer.d_in, dtype=torch.float32, device=proj.device)
-                reached = False
-                for xp, _output, _version in self._calls[layer.name]:
-                    delta = next(deltas)
-                    if delta is None:  # output did not reach the loss
-                        continue
-                    reached = True
-                    dp = proj.project_out(delta).reshape(B, -1, layer.d_out)
-                    # Σ_t outer(Δ_t P_out, X_t P_in) over every position of the example.
-                    G.baddbmm_(dp.transpose(1, 2), xp.reshape(B, -1, layer.d_in))
-                if not reached:
-                    self.unused_layers.append(layer.name)
-                result[layer.name] = G
+        for layer in self.layers:
+            proj = self._projections[layer.name]
+            G = torch.zeros(B, layer.d_out, layer.d_in, dtype=torch.float32, device=proj.device)
+            for xp, delta in pairs[layer.name]:
+                if delta is None:
+                    continue
+                dp = proj.project_out(delta).reshape(B, -1, layer.d_out)
+                # Σ_t outer(Δ_t P_out, X_t P_in) over every position of the example.
+                G.baddbmm_(dp.transpose(1, 2), xp.reshape(B, -1, layer.d_in))
+            result[layer.name] = G
         return result

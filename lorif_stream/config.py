@@ -6,7 +6,7 @@ the Python API and the command line stay one thing.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import psutil
 
@@ -32,6 +32,15 @@ def default_memory_budget() -> int:
     return int(psutil.virtual_memory().available * 0.5)
 
 
+PROJECTION_KINDS = ("whitened", "random")
+PRECONDITIONERS = ("ekfac", "lowrank", "none")
+
+
+def default_preconditioner(projection_kind: str) -> str:
+    """ekfac where whitening statistics exist, else the paper's low-rank curvature."""
+    return "ekfac" if projection_kind == "whitened" else "lowrank"
+
+
 def _opt(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
@@ -53,8 +62,16 @@ class CurvatureConfig:
     damping_scale: float = _opt(0.1, "M, the scale of the damping policy")
     damping: float | None = _opt(None, "one explicit λ for every layer (overrides the policy)")
     sketch_seed: int = _opt(0, "seed of the Gaussian sketch test matrices")
+    preconditioner: str = _opt(
+        "auto", "how a query gradient is preconditioned before the dot product with the stored rows: ekfac = "
+                "eigenvalue-corrected K-FAC in the projected space (needs whitened projections; a D-sized statistic "
+                "per layer), lowrank = the paper's top-r eigenpairs of Σ g gᵀ + Woodbury (needs the D·k sketches), "
+                "none = plain dot product; auto = ekfac for whitened projections, lowrank for random ones",
+        choices=PRECONDITIONERS + ("auto",))
 
     def __post_init__(self):
+        if self.preconditioner not in PRECONDITIONERS + ("auto",):
+            raise ValueError(f"preconditioner={self.preconditioner!r} is not one of {', '.join(PRECONDITIONERS)}, auto")
         if self.sketch_rank < 1:
             raise ValueError(f"sketch_rank={self.sketch_rank} must be >= 1")
         if self.oversample is None:
@@ -72,6 +89,15 @@ class CurvatureConfig:
         if self.damping is not None and not self.damping > 0:
             raise ValueError(f"damping={self.damping} must be > 0")
 
+    def resolved(self, projection_kind: str) -> "CurvatureConfig":
+        """This config with `auto` replaced by the default for `projection_kind` (what the index stores)."""
+        if self.preconditioner == "auto":
+            return replace(self, preconditioner=default_preconditioner(projection_kind))
+        if self.preconditioner == "ekfac" and projection_kind != "whitened":
+            raise ValueError("preconditioner=ekfac needs whitened projections (projection_kind=whitened): "
+                             "its eigenbasis comes from the whitening statistics")
+        return self
+
     @property
     def sketch_width(self) -> int:
         return self.sketch_rank + self.oversample
@@ -85,9 +111,20 @@ class CurvatureConfig:
 class BuildConfig:
     """How training examples become index rows."""
 
-    f: int = _opt(4, "projection factor: d = dim // f per side (1 = no projection, exact gradients)")
+    f: int = _opt(4, "projection factor: each side of a layer is projected to d = min(dim, max(dim // f, min_side)) "
+                     "(1 = no projection, exact gradients)")
     rank: int = _opt(1, "c, rank of the stored per-example factors")
-    projection: str = _opt("rademacher", "projection matrices", choices=("rademacher", "gaussian"))
+    projection_kind: str = _opt(
+        "whitened", "whitened = whiten each side with its K-FAC factor (A_in, A_out from a pre-pass over "
+                    "--whiten-examples training examples) before the random projection, so dot products approximate "
+                    "K-FAC influence and rank-c truncation happens in that metric; random = the LoRIF paper's plain "
+                    "random projections", choices=PROJECTION_KINDS)
+    min_side: int = _opt(32, "no side of a layer is projected below this many dimensions; sides of at most this "
+                             "size are kept whole (1 = the paper's max(1, dim // f))")
+    whiten_examples: int = _opt(1000, "training examples (evenly spaced over the set; all if fewer) whose token "
+                                      "moments give the whitening")
+    whiten_damping: float = _opt(0.1, "ρ: each side is whitened by (A + ρ·mean(eig A)·I)^-1/2")
+    projection: str = _opt("rademacher", "entries of the random projection matrices", choices=("rademacher", "gaussian"))
     seed: int = _opt(0, "seed of the projection matrices")
     dtype: str = _opt("bf16", "storage dtype of the factors", choices=("bf16", "fp16", "fp32"))
     block_size: int | None = _opt(None, "examples per stored block (default: sized to ~32 MB of factors)")
@@ -116,13 +153,40 @@ class BuildConfig:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
         if self.memory_budget is not None and self.memory_budget <= 0:
             raise ValueError(f"memory_budget={self.memory_budget} must be > 0")
+        if self.projection_kind not in PROJECTION_KINDS:
+            raise ValueError(f"projection_kind={self.projection_kind!r} is not one of {', '.join(PROJECTION_KINDS)}")
+        if self.min_side < 1:
+            raise ValueError(f"min_side={self.min_side} must be >= 1")
+        if self.whiten_examples < 1:
+            raise ValueError(f"whiten_examples={self.whiten_examples} must be >= 1")
+        if not self.whiten_damping > 0:
+            raise ValueError(f"whiten_damping={self.whiten_damping} must be > 0")
+        object.__setattr__(self, "curvature", self.curvature.resolved(self.projection_kind))
 
     def budget(self) -> int:
         return self.memory_budget or default_memory_budget()
 
     def factor_key(self) -> dict:
         """Settings that determine the stored factors: a resume or append must match them exactly."""
-        return {"f": self.f, "rank": self.rank, "projection": self.projection, "seed": self.seed, "dtype": self.dtype}
+        key = {"f": self.f, "rank": self.rank, "projection": self.projection, "seed": self.seed, "dtype": self.dtype,
+               "projection_kind": self.projection_kind, "min_side": self.min_side}
+        if self.projection_kind == "whitened":
+            key.update(whiten_examples=self.whiten_examples, whiten_damping=self.whiten_damping)
+        return key
+
+
+def factor_key_of_index(stored: dict) -> dict:
+    """An index's stored factor settings, with what format version 1 left implicit made explicit."""
+    return {"projection_kind": "random", "min_side": 1, **stored}
+
+
+FACTOR_FIELDS = ("f", "rank", "projection", "seed", "dtype", "projection_kind", "min_side", "whiten_examples",
+                 "whiten_damping")
+
+
+def factor_options(stored: dict) -> dict:
+    """BuildConfig keyword options that reproduce an index's stored factor settings (append uses them)."""
+    return {k: v for k, v in factor_key_of_index(stored).items() if k in FACTOR_FIELDS}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""fit: the per-layer curvature of an index, from its streaming sketches and stored factors.
+"""fit: the per-layer curvature of an index, from its streaming statistics and stored factors.
+
+Three preconditioners (CurvatureConfig.preconditioner): `lowrank`, the paper's top-r eigenpairs
+of Σ g gᵀ from D x k Nyström sketches; `ekfac`, a diagonal in the whitening's Kronecker eigenbasis
+(ekfac.py, D numbers per layer); `none`, the plain dot product. Each has a statistics object with
+the same life cycle: fed during the build, caught up from the stored factors, saved, finalized.
 
 Sketches are additive over rows, so they are kept in the index with the row count each covers
 and only ever *caught up*: a resumed build, an append, or a post-build pass for layers whose
@@ -10,20 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .config import CurvatureConfig, default_memory_budget, parse_size
-from .curvature import DampingPolicy, LayerCurvature, fit_layer_curvature
+from .config import CurvatureConfig, default_memory_budget, factor_key_of_index, parse_size
+from .curvature import DampingPolicy, LayerCurvature, fit_layer_curvature, precondition
+from .ekfac import EkfacPreconditioner, LayerEigenStats
 from .device import notice, resolve_device
 from .progress import Progress
 from .sketch import LayerSketch
 from .store import IndexWriter, Snapshot
+from .whitening import load_eigenbases
 
 SKETCH_META = "sketch"
 CURVATURE_META = "curvature"
+EKFAC_META = "ekfac"
 
 
 class BudgetTooSmallError(MemoryError):
@@ -103,12 +112,8 @@ class SketchSet:
             self._replay(writer, group, start, target, progress)
 
     def _replay(self, writer: IndexWriter, group: list[int], start: int, stop: int, progress: bool) -> None:
-        reader = writer.reader()
-        with reader.snapshot() as snap, Progress("sketch", total=stop - start, unit="rows", enabled=progress) as bar:
-            for _, n, factors in snap.blocks(start, stop, layers=group):
-                for i, (L, R) in zip(group, factors):
-                    self.sketches[i].update(torch.from_numpy(L).to(self.device), torch.from_numpy(R).to(self.device))
-                bar.update(n)
+        replay_rows(writer, group, start, stop, self.device, progress, "sketch",
+                    lambda i, L, R: self.sketches[i].update(L, R))
 
     # -- persistence
     def save(self, writer: IndexWriter) -> None:
@@ -125,6 +130,129 @@ class SketchSet:
             arrays[_array_name("sketch", name, "Y")] = state.pop("Y")
             meta["layers"][name] = state
         writer.put_state(arrays, {SKETCH_META: meta})
+
+
+    def finalize(self, writer: IndexWriter, config: CurvatureConfig, budget: int, progress: bool = True) -> dict:
+        return finalize_curvature(writer, self, config, self.device, budget, progress=progress)
+
+
+def replay_rows(writer: IndexWriter, layers: list[int], start: int, stop: int, device: torch.device,
+                progress: bool, desc: str, feed) -> None:
+    """Stream rows [start, stop) of `layers` from the index into `feed(layer, L, R)` (device tensors)."""
+    reader = writer.reader()
+    with reader.snapshot() as snap, Progress(desc, total=stop - start, unit="rows", enabled=progress) as bar:
+        for _, n, factors in snap.blocks(start, stop, layers=layers):
+            for i, (L, R) in zip(layers, factors):
+                feed(i, torch.from_numpy(L).to(device), torch.from_numpy(R).to(device))
+            bar.update(n)
+
+
+# ------------------------------------------------------------------------------------ EK-FAC / none
+
+
+class EkfacSet:
+    """The EK-FAC statistic Λ of every layer (d_out x d_in each: small, always in memory)."""
+
+    def __init__(self, writer: IndexWriter, device: torch.device, resume: bool = True):
+        self.layout = writer.layout
+        self.device = device
+        self.seconds = 0.0
+        meta = writer.get_state_meta(EKFAC_META) or {}
+        self.stats: dict[int, LayerEigenStats] = {}
+        for i, layer in enumerate(self.layout.layers):
+            q_out, q_in = load_eigenbases(writer.get_array, layer.name, device)
+            stored = meta.get("layers", {}).get(layer.name)
+            sums = writer.get_array(_array_name("ekfac", layer.name, "sums")) if stored and resume else None
+            if sums is None:
+                self.stats[i] = LayerEigenStats.empty(q_out, q_in)
+            else:
+                self.stats[i] = LayerEigenStats(q_out, q_in, torch.from_numpy(np.array(sums)).to(device),
+                                                int(stored["rows"]))
+
+    @classmethod
+    def for_build(cls, writer: IndexWriter, device: torch.device, config: CurvatureConfig, budget: int) -> "EkfacSet":
+        return cls(writer, device)
+
+    @torch.no_grad()
+    def update(self, Ls: list[torch.Tensor], Rs: list[torch.Tensor]) -> None:
+        t = time.perf_counter()
+        for i, stats in self.stats.items():
+            stats.update(Ls[i], Rs[i])
+        self.seconds += time.perf_counter() - t
+
+    def catch_up(self, writer: IndexWriter, progress: bool = True) -> None:
+        target = writer.rows
+        for start in sorted({s.rows for s in self.stats.values() if s.rows < target}):
+            group = [i for i, s in self.stats.items() if s.rows == start]
+            replay_rows(writer, group, start, target, self.device, progress, "ekfac",
+                        lambda i, L, R: self.stats[i].update(L, R))
+
+    def save(self, writer: IndexWriter) -> None:
+        arrays = {_array_name("ekfac", self.layout.layers[i].name, "sums"): s.to_numpy() for i, s in self.stats.items()}
+        meta = {"layers": {self.layout.layers[i].name: {"rows": s.rows} for i, s in self.stats.items()}}
+        writer.put_state(arrays, {EKFAC_META: meta})
+
+    def finalize(self, writer: IndexWriter, config: CurvatureConfig, budget: int, progress: bool = True) -> dict:
+        """Store each layer's Λ and damping as a new curvature generation (queries switch atomically)."""
+        self.catch_up(writer, progress)
+        self.save(writer)
+        old = writer.get_state_meta(CURVATURE_META) or {}
+        generation = int(old.get("generation", 0)) + 1
+        policy = _policy(config)
+        arrays, layers = {}, {}
+        for i, stats in self.stats.items():
+            layer = self.layout.layers[i]
+            eig = stats.sums.to(torch.float32)
+            trace = float(stats.sums.sum())
+            damping = policy.value(eig.flatten(), trace, layer.D)
+            arrays[_array_name(f"curvature/{generation}", layer.name, "ekfac")] = eig.cpu().numpy()
+            top = torch.topk(eig.flatten(), min(8, layer.D)).values.tolist()
+            layers[layer.name] = {"rank": layer.D, "damping": damping, "trace": trace, "captured_energy": 1.0,
+                                  "rows": stats.rows, "top_eigenvalues": top}
+        summary = {"generation": generation, "config": asdict(config), "rows": writer.rows, "layers": layers}
+        writer.put_state(arrays, {CURVATURE_META: summary}, drop=_stale_generation(old))
+        return summary
+
+
+class NoStatistics:
+    """Plain dot-product scoring: nothing to accumulate, a summary that says so."""
+
+    seconds = 0.0
+
+    @classmethod
+    def for_build(cls, writer: IndexWriter, device: torch.device, config: CurvatureConfig, budget: int) -> "NoStatistics":
+        return cls()
+
+    def update(self, Ls, Rs) -> None:
+        pass
+
+    def catch_up(self, writer: IndexWriter, progress: bool = True) -> None:
+        pass
+
+    def save(self, writer: IndexWriter) -> None:
+        pass
+
+    def finalize(self, writer: IndexWriter, config: CurvatureConfig, budget: int, progress: bool = True) -> dict:
+        old = writer.get_state_meta(CURVATURE_META) or {}
+        layers = {l.name: {"rank": 0, "damping": 1.0, "trace": 0.0, "captured_energy": 0.0, "rows": writer.rows,
+                           "top_eigenvalues": []} for l in writer.layout.layers}
+        summary = {"generation": int(old.get("generation", 0)) + 1, "config": asdict(config), "rows": writer.rows,
+                   "layers": layers}
+        writer.put_state({}, {CURVATURE_META: summary}, drop=_stale_generation(old))
+        return summary
+
+
+def curvature_statistics(writer: IndexWriter, device: torch.device, config: CurvatureConfig, budget: int):
+    """What the build feeds its factor blocks into, by preconditioner (sketches only for lowrank)."""
+    kinds = {"lowrank": SketchSet, "ekfac": EkfacSet, "none": NoStatistics}
+    return kinds[config.preconditioner].for_build(writer, device, config, budget)
+
+
+def _stale_generation(old: dict) -> list[str]:
+    if not old:
+        return []
+    fields = ("V", "sigma2", "ekfac")
+    return [_array_name(f"curvature/{old['generation']}", name, f) for name in old.get("layers", {}) for f in fields]
 
 
 # ------------------------------------------------------------------------------------ finalize
@@ -175,9 +303,7 @@ def finalize_curvature(writer: IndexWriter, sketches: SketchSet, config: Curvatu
     for i in sorted(sketches.sketches):
         new_layers[layout.layers[i].name] = _finalize_layer(writer, sketches.sketches[i], i, config, device, generation)
     summary = {"generation": generation, "config": asdict(config), "rows": rows, "layers": new_layers}
-    stale = [_array_name(f"curvature/{old['generation']}", name, f) for name in old.get("layers", {})
-             for f in ("V", "sigma2")] if old else []
-    writer.put_state({}, {CURVATURE_META: summary}, drop=stale)
+    writer.put_state({}, {CURVATURE_META: summary}, drop=_stale_generation(old))
     return summary
 
 
@@ -202,17 +328,43 @@ def _finalize_layer(writer: IndexWriter, sketch: LayerSketch, i: int, config: Cu
             "captured_energy": curv.captured_energy, "rows": sketch.rows, "top_eigenvalues": curv.sigma2[:8].tolist()}
 
 
-def load_curvature(snap: Snapshot, layer: int, device: torch.device) -> LayerCurvature:
-    """The stored curvature of one layer (as the query sees it in its snapshot)."""
+def stored_preconditioner(meta: dict | None) -> str:
+    """The preconditioner a curvature summary was made for (format version 1 knew only lowrank)."""
+    return ((meta or {}).get("config") or {}).get("preconditioner", "lowrank")
+
+
+@dataclass(frozen=True)
+class LowRankPreconditioner:
+    curvature: LayerCurvature
+
+    def apply(self, G: torch.Tensor) -> torch.Tensor:
+        return precondition(G.reshape(G.shape[0], -1), self.curvature).reshape(G.shape)
+
+
+class IdentityPreconditioner:
+    def apply(self, G: torch.Tensor) -> torch.Tensor:
+        return G
+
+
+def load_preconditioner(snap: Snapshot, layer: int, device: torch.device):
+    """The stored preconditioner of one layer, as the query sees it in its snapshot: `.apply(G)` maps
+    query gradients (Q, d_out, d_in) to the matrices H_q scored against the stored rows."""
     name = snap.layout.layers[layer].name
     meta = snap.state_meta(CURVATURE_META)
     if not meta or name not in meta.get("layers", {}):
         raise ValueError(f"index has no curvature for layer {name!r}: run `lorif-stream fit --index ...`")
     info = meta["layers"][name]
+    kind = stored_preconditioner(meta)
+    if kind == "none":
+        return IdentityPreconditioner()
+    if kind == "ekfac":
+        q_out, q_in = load_eigenbases(snap.array, name, device)
+        eig = snap.array(_array_name(f"curvature/{meta['generation']}", name, "ekfac"))
+        return EkfacPreconditioner(q_out, q_in, torch.from_numpy(np.array(eig)).to(device), float(info["damping"]))
     V = snap.array(_array_name(f"curvature/{meta['generation']}", name, "V"))
     sigma2 = snap.array(_array_name(f"curvature/{meta['generation']}", name, "sigma2"))
-    return LayerCurvature(torch.from_numpy(sigma2).to(device), torch.from_numpy(V).to(device),
-                          float(info["damping"]), float(info["trace"]))
+    return LowRankPreconditioner(LayerCurvature(torch.from_numpy(sigma2).to(device), torch.from_numpy(V).to(device),
+                                                float(info["damping"]), float(info["trace"])))
 
 
 # ------------------------------------------------------------------------------------ public
@@ -233,6 +385,12 @@ def fit(index, config: CurvatureConfig | None = None, *, device: str = "auto", m
     dev = resolve_device(device)
     with IndexWriter.open(Path(index)) as writer:
         settings = dict(writer.settings)
+        config = config.resolved(factor_key_of_index(settings["factors"])["projection_kind"])
         settings["curvature"] = asdict(config)
         writer.update_settings(settings)
-        return finalize_curvature(writer, SketchSet(writer, config, dev), config, dev, budget, progress)
+        if config.preconditioner == "lowrank":
+            return finalize_curvature(writer, SketchSet(writer, config, dev), config, dev, budget, progress)
+        if config.preconditioner == "ekfac":
+            # recomputed from row 0 in one pass over the factors: fit never trusts a stored Λ
+            return EkfacSet(writer, dev, resume=False).finalize(writer, config, budget, progress)
+        return NoStatistics().finalize(writer, config, budget, progress)

@@ -13,7 +13,7 @@ import torch
 
 from .capture import GradientCapture, LayerInfo, model_fingerprint, tracked_layers
 from .device import notice, to_device
-from .projection import ProjectionSpec, make_projections
+from .projection import LayerProjection, ProjectionSpec, make_projections
 from .store import LayerShape
 
 
@@ -31,6 +31,8 @@ class GradientSource:
     spec: ProjectionSpec
     device: torch.device
     fingerprint: str
+    # the index's whitened projections; None = the seeded random ones of `spec`
+    projections: dict[str, LayerProjection] | None = None
 
     @classmethod
     def open(cls, task, spec: ProjectionSpec, device: torch.device, layers: Sequence[LayerInfo] | None = None):
@@ -43,7 +45,7 @@ class GradientSource:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"task.model() must return a torch.nn.Module, got {type(model).__name__}")
         model = model.to(device).eval()
-        found = tracked_layers(model, getattr(task, "tracked_modules", None), spec.f)
+        found = tracked_layers(model, getattr(task, "tracked_modules", None), spec.f, spec.min_side)
         if layers is not None:
             by_name = {l.name: l for l in found}
             for want in layers:
@@ -70,7 +72,8 @@ class GradientSource:
         return chosen
 
     def capture(self) -> GradientCapture:
-        return GradientCapture(self.model, self.layers, make_projections(self.layers, self.spec, self.device))
+        projections = self.projections or make_projections(self.layers, self.spec, self.device)
+        return GradientCapture(self.model, self.layers, projections)
 
     def projected_gradients(self, capture: GradientCapture, examples: list, ids: Sequence[str],
                             objective: str = "loss") -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -1,10 +1,11 @@
 """query: score every indexed training example for each query, streaming the index once per
 query batch with RAM bounded whatever N is.
 
-    s(q, i) = Σ_l <H_l(q), L_l(i) R_l(i)^T>,   H_l(q) = (V Σ² V^T + λ I)^-1 g_l(q)
+    s(q, i) = Σ_l <H_l(q), L_l(i) R_l(i)^T>,   H_l(q) = the layer's preconditioner applied to g_l(q)
 
-Each query is preconditioned once (Woodbury, cost D·r); each training example then costs one
-GEMM per block and layer. A loader thread decodes the next blocks into a ring of reusable
+Each query is preconditioned once (EK-FAC in the whitened space, the paper's Woodbury low-rank
+curvature at cost D·r, or none: fit.py); each training example then costs one GEMM per block
+and layer. A loader thread decodes the next blocks into a ring of reusable
 buffers (pinned, with host->device copies on a side stream, on CUDA) while the scorer works on
 the current one; exact streaming top-k keeps the best and worst k per query.
 """
@@ -24,13 +25,14 @@ import torch
 
 from .capture import LayerInfo
 from .config import QueryConfig
-from .curvature import LayerCurvature, precondition
+from .config import factor_key_of_index
 from .device import notice, resolve_device
-from .fit import CURVATURE_META, load_curvature
+from .fit import CURVATURE_META, load_preconditioner
 from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
 from .progress import Progress
 from .projection import ProjectionSpec
 from .store import BlockBuffers, BlockDecoder, IndexReader, Snapshot
+from .whitening import load_projections
 
 
 class ModelMismatchError(ValueError):
@@ -258,7 +260,7 @@ def query(task, index, out: str | os.PathLike | None = None, scores: str | os.Pa
     device = resolve_device(config.device)
     with IndexReader(index) as reader, reader.snapshot() as snap:
         settings = reader.settings
-        source = _open_source(task, settings, device, Path(index))
+        source = _open_source(task, settings, snap, device, Path(index))
         queries = task.query_examples()
         if len(queries) == 0:
             raise ValueError("the task has no query examples (query_examples() is empty)")
@@ -267,7 +269,7 @@ def query(task, index, out: str | os.PathLike | None = None, scores: str | os.Pa
         if config.top_k > snap.rows:
             raise ValueError(f"--top-k {config.top_k} is larger than the index's {snap.rows} rows")
         layers = source.select(config.layers)
-        curv = {i: load_curvature(snap, i, device) for i in layers}
+        curv = {i: load_preconditioner(snap, i, device) for i in layers}
         covered = (snap.state_meta(CURVATURE_META) or {}).get("rows")
         if covered != snap.rows:
             notice(f"the curvature covers {covered} of the index's {snap.rows} rows (an append in progress, or run `fit`)")
@@ -297,9 +299,9 @@ def query(task, index, out: str | os.PathLike | None = None, scores: str | os.Pa
                            None if scores is None else str(scores), stats)
 
 
-def _open_source(task, settings: dict, device: torch.device, index: Path) -> GradientSource:
-    factors = settings["factors"]
-    spec = ProjectionSpec(f=factors["f"], kind=factors["projection"], seed=factors["seed"])
+def _open_source(task, settings: dict, snap: Snapshot, device: torch.device, index: Path) -> GradientSource:
+    factors = factor_key_of_index(settings["factors"])
+    spec = ProjectionSpec(f=factors["f"], kind=factors["projection"], seed=factors["seed"], min_side=factors["min_side"])
     layers = [LayerInfo.from_dict(d) for d in settings["layers"]]
     try:
         source = GradientSource.open(task, spec, device, layers=layers)
@@ -310,11 +312,14 @@ def _open_source(task, settings: dict, device: torch.device, index: Path) -> Gra
             f"the task's model differs from the one index {index} was built with "
             f"(fingerprint {source.fingerprint[:12]} vs {settings['fingerprint'][:12]}): different weights"
         )
+    if factors["projection_kind"] == "whitened":
+        # queries are projected exactly like the stored rows: with the index's whitened projections
+        source.projections = load_projections(snap.array, source.layers, device)
     return source
 
 
 def _preconditioned_queries(source: GradientSource, queries, q_ids, q0: int, q1: int, layers: list[int],
-                            curv: dict[int, LayerCurvature], batch_size: int) -> list[torch.Tensor]:
+                            curv: dict, batch_size: int) -> list[torch.Tensor]:
     H = {i: [] for i in layers}
     with source.capture() as capture:
         for b0 in range(q0, q1, batch_size):
@@ -324,8 +329,7 @@ def _preconditioned_queries(source: GradientSource, queries, q_ids, q0: int, q1:
             if not bool(finite.all()):
                 raise NonFiniteGradientError(f"query {describe_nonfinite(q_ids[b0:b1], list(range(b0, b1)), finite)}")
             for i in layers:
-                G = grads[i]
-                H[i].append(precondition(G.reshape(G.shape[0], -1), curv[i]).reshape(G.shape))
+                H[i].append(curv[i].apply(grads[i]))
     return [torch.cat(H[i]) for i in layers]
 
 

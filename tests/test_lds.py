@@ -187,8 +187,9 @@ def test_lorif_at_full_rank_equals_logra_dense(tmp_path):
     # c = max over layers of min(d_out, d_in) (enc: min(8, 6) = 6; head: min(3, 8) = 3; zero columns
     # pad the smaller layer); r >= rank(A) = min(D, N): the curvature is exact too.
     f, c = 1, 6
+    # the paper's mode (random projections + low-rank curvature) at full rank is LoGRA exactly
     ls.build(task, tmp_path / "idx", f=f, rank=c, sketch_rank=64, dtype="fp32", damping=damping, device="cpu",
-             progress=False)
+             projection_kind="random", progress=False)
     ls.query(task, tmp_path / "idx", None, tmp_path / "s.npy", top_k=3, device="cpu", progress=False)
     lorif = np.load(tmp_path / "s.npy")
 
@@ -200,7 +201,7 @@ def test_lorif_at_full_rank_equals_logra_dense(tmp_path):
 
     # and the factor rank matters on this task: c = 1 is visibly not the same
     ls.build(task, tmp_path / "c1", f=f, rank=1, sketch_rank=64, dtype="fp32", damping=damping, device="cpu",
-             progress=False)
+             projection_kind="random", progress=False)
     ls.query(task, tmp_path / "c1", None, tmp_path / "c1.npy", top_k=3, device="cpu", progress=False)
     assert np.abs(np.load(tmp_path / "c1.npy") - logra).max() > 1e-2 * np.abs(logra).max()
 

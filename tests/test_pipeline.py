@@ -25,7 +25,10 @@ import mlp_task  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers_index import assert_same_factors_and_ids  # noqa: E402
 
-EXACT = dict(f=1, rank=1, dtype="fp32", sketch_rank=64, damping=0.5, device="cpu")
+# the LoRIF paper's mode (random projections, low-rank curvature), whose f=1 limit is exact
+# influence with the empirical Fisher; whitened projections have their own oracles (test_whitening)
+PAPER = dict(projection_kind="random")
+EXACT = dict(f=1, rank=1, dtype="fp32", sketch_rank=64, damping=0.5, device="cpu", **PAPER)
 
 
 def per_example_grads(model, examples):
@@ -104,7 +107,8 @@ def test_block_size_does_not_change_scores(exact_index, tmp_path):
 
 def test_build_then_append_equals_one_build(tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    opts = dict(f=1, rank=1, dtype="bf16", sketch_rank=16, damping=0.5, device="cpu", block_size=8, progress=False)
+    opts = dict(f=1, rank=1, dtype="bf16", sketch_rank=16, damping=0.5, device="cpu", block_size=8, progress=False,
+                **PAPER)
     ls.build(mlp_task.full(), whole, **opts)
     ls.build(mlp_task.first(), parts, **opts)
     ls.append(mlp_task.second(), parts, f=1, rank=1, dtype="bf16", device="cpu", block_size=8, progress=False)
@@ -245,8 +249,10 @@ def test_sigkill_during_build_then_resume_equals_uninterrupted(tmp_path):
     with IndexReader(killed) as a, IndexReader(clean) as b, a.snapshot() as sa, b.snapshot() as sb:
         for name in ("0", "2"):
             ga, gb = sa.state_meta("curvature")["generation"], sb.state_meta("curvature")["generation"]
-            np.testing.assert_allclose(sa.array(f"curvature/{ga}/{name}/sigma2"),
-                                       sb.array(f"curvature/{gb}/{name}/sigma2"), rtol=1e-4)
+            # the default EK-FAC eigenvalues (Λ), or the sketched σ² of a lowrank index
+            field = "ekfac" if sa.array(f"curvature/{ga}/{name}/ekfac") is not None else "sigma2"
+            np.testing.assert_allclose(sa.array(f"curvature/{ga}/{name}/{field}"),
+                                       sb.array(f"curvature/{gb}/{name}/{field}"), rtol=1e-4)
     # different settings on an existing index are refused, naming them
     bad = cli("build", "--task", f"{TASKS}:full", "--index", killed, "--f", 2, "--device", "cpu", check=False)
     assert bad.returncode == 1 and "f: index 1 vs 2" in bad.stderr
@@ -276,7 +282,7 @@ def test_fit_recomputes_curvature_without_touching_factors(exact_index, tmp_path
 def test_default_sketch_width_is_stored_as_a_number(tmp_path):
     # k = 4r by default, written into the index as a number: a later default never reinterprets it
     path = tmp_path / "idx"
-    ls.build(mlp_task.first(), path, f=1, rank=1, device="cpu", sketch_rank=6, progress=False)
+    ls.build(mlp_task.first(), path, f=1, rank=1, device="cpu", sketch_rank=6, progress=False, **PAPER)
     with IndexReader(path) as r:
         assert r.settings["curvature"]["oversample"] == 18
         with r.snapshot() as s:
@@ -284,7 +290,7 @@ def test_default_sketch_width_is_stored_as_a_number(tmp_path):
             assert widths == {l.name: min(24, l.D) for l in r.layout.layers}  # clamped to D
     # an index built with another width keeps it when appended to
     old = tmp_path / "old"
-    ls.build(mlp_task.first(), old, f=1, rank=1, device="cpu", sketch_rank=6, oversample=2, progress=False)
+    ls.build(mlp_task.first(), old, f=1, rank=1, device="cpu", sketch_rank=6, oversample=2, progress=False, **PAPER)
     ls.append(mlp_task.second(), old, f=1, rank=1, device="cpu", progress=False)
     with IndexReader(old) as r, r.snapshot() as s:
         assert r.settings["curvature"]["oversample"] == 2
@@ -295,7 +301,8 @@ def test_default_sketch_width_is_stored_as_a_number(tmp_path):
 def test_a_disk_too_small_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     import shutil as _shutil
 
-    from lorif_stream.config import CurvatureConfig
+    from lorif_stream.capture import LayerInfo
+    from lorif_stream.config import BuildConfig, CurvatureConfig
     from lorif_stream.store import IndexLayout, LayerShape
 
     build_module = sys.modules["lorif_stream.build"]  # the package attribute is the build() function
@@ -306,9 +313,19 @@ def test_a_disk_too_small_is_refused_before_anything_is_written(tmp_path, monkey
     assert not (tmp_path / "idx" / "data.mdb").exists()
     # the estimate counts the stored sketches (D x k) and eigenvectors (D x r), twice for copy-on-write
     layout = IndexLayout((LayerShape("a", 64, 32), LayerShape("b", 8, 4)), c=1, dtype="bf16", block_size=16)
+    layers = [LayerInfo("a", "linear", 128, 256, 32, 64), LayerInfo("b", "linear", 4, 8, 4, 8)]
+
+    def estimate(**options):
+        return build_module._estimate_disk(layout, layers, 1000, BuildConfig(**options))
+
     small, wide = CurvatureConfig(sketch_rank=4, oversample=0), CurvatureConfig(sketch_rank=16)
-    grow = build_module._estimate_disk(layout, 1000, wide) - build_module._estimate_disk(layout, 1000, small)
+    grow = estimate(projection_kind="random", curvature=wide) - estimate(projection_kind="random", curvature=small)
     assert grow == 2 * 4 * (2048 * (64 + 16 - 4 - 4) + 32 * (32 + 16 - 4 - 4))
+    # whitened + EK-FAC: projections, eigenbases, the moment checkpoint and D-sized sums; no sketch
+    whitened = estimate() - estimate(projection_kind="random", curvature=CurvatureConfig(preconditioner="none"))
+    per_layer = [4 * (128 * 32 + 256 * 64 + 32 ** 2 + 64 ** 2) + 8 * (128 ** 2 + 256 ** 2) + 12 * 2048,
+                 4 * (4 * 4 + 8 * 8 + 4 ** 2 + 8 ** 2) + 8 * (4 ** 2 + 8 ** 2) + 12 * 32]
+    assert whitened == 2 * sum(per_layer)
 
 
 def test_bad_curvature_settings_and_tiny_budget_are_refused(tmp_path):
@@ -316,9 +333,11 @@ def test_bad_curvature_settings_and_tiny_budget_are_refused(tmp_path):
         ls.build(mlp_task.full(), tmp_path / "a", sketch_rank=0, device="cpu", progress=False)
     with pytest.raises(ValueError, match="damping=-1"):
         ls.build(mlp_task.full(), tmp_path / "b", damping=-1.0, device="cpu", progress=False)
+    with pytest.raises(MemoryError, match=r"too small to whiten layer '0'"):
+        ls.build(mlp_task.full(), tmp_path / "w", f=1, memory_budget=800, device="cpu", progress=False)
     with pytest.raises(MemoryError, match=r"too small for even one layer: layer '0'"):
         ls.build(mlp_task.full(), tmp_path / "c", f=1, sketch_rank=16, memory_budget=1000, device="cpu",
-                 progress=False)
+                 progress=False, **PAPER)
     # the factors were committed before the curvature step failed: fit with a real budget finishes the job
     with IndexReader(tmp_path / "c") as r:
         assert r.rows == mlp_task.N_TRAIN

@@ -1,0 +1,320 @@
+"""Kronecker-whitened projections: whiten each side of a layer with its K-FAC factor, then project.
+
+The paper's curvature is the empirical Fisher of per-example (token-summed) gradients; on
+multi-token models that is its weak point, and rank-c truncation of the raw gradient throws away
+what the curvature would have weighted most. K-FAC approximates a layer's curvature by
+``A_out ⊗ A_in`` with the token-level second moments
+
+    A_in = mean_t x_t x_tᵀ (I x I),      A_out = mean_t δ_t δ_tᵀ (O x O)
+
+(``δ_t`` the gradient of the summed loss at the layer's output, tokens with ``δ_t = 0`` -- padding,
+masked positions -- not counted). Whitening both sides, ``W = (A + λI)^-1/2`` with
+``λ = ρ·mean(eig A)``, and projecting afterwards, ``P' = W P``, makes the plain dot product of two
+projected gradients a Johnson-Lindenstrauss estimate of K-FAC influence
+``g_qᵀ (A_out+λI)⁻¹ ⊗ (A_in+λI)⁻¹ g_i``; the rank-c factorisation then truncates in the metric
+the score uses. For ``f = 1`` (no random projection) it is K-FAC influence exactly.
+
+The pre-pass streams an evenly spaced sample of the training set through the model, with layer
+groups sized to the memory budget (one pass over the sample per group), checkpoints its fp64
+accumulators in the index so a killed pre-pass resumes, eigendecomposes on the device and stores
+per layer ``P_in'``, ``P_out'`` (used unchanged by build, append and query, so stored rows stay
+comparable) plus the eigenbases of the *projected* moments, which the EK-FAC preconditioner
+(``ekfac.py``) uses.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .capture import LayerHooks, LayerInfo
+from .device import notice, to_device
+from .progress import Progress
+from .projection import LayerProjection, make_projections
+
+WHITENING_META = "whitening"
+_CHECKPOINT_SECONDS = 300.0
+
+
+def array_name(layer: str, field: str) -> str:
+    return f"whitening/{layer}/{field}"
+
+
+def _partial_name(layer: str, side: str) -> str:
+    return f"whitening-partial/{layer}/A_{side}"
+
+
+def sample_indices(n: int, m: int) -> np.ndarray:
+    """min(n, m) training positions spread evenly over [0, n): a sorted corpus is sampled whole."""
+    if n < 1:
+        raise ValueError(f"cannot sample whitening examples from {n} training examples")
+    m = min(n, m)
+    return np.unique(np.linspace(0, n - 1, m).round().astype(np.int64))
+
+
+def moment_bytes(layer: LayerInfo) -> int:
+    """fp64 accumulators of one layer: I x I and O x O."""
+    return 8 * (layer.in_features ** 2 + layer.out_features ** 2)
+
+
+# ------------------------------------------------------------------------------------ capture
+
+
+class MomentCapture(LayerHooks):
+    """Hooks that sum the token-level second moments of each tracked layer's inputs and output grads.
+
+    A position counts as a token when its output gradient is non-zero: padding and masked positions
+    have ``δ = 0`` and must not dilute the input moment either.
+    """
+
+    def __init__(self, model, layers: Sequence[LayerInfo], device: torch.device):
+        super().__init__(model, layers)
+        self.A_in = {l.name: torch.zeros(l.in_features, l.in_features, dtype=torch.float64, device=device)
+                     for l in self.layers}
+        self.A_out = {l.name: torch.zeros(l.out_features, l.out_features, dtype=torch.float64, device=device)
+                      for l in self.layers}
+        self.tokens = {l.name: 0 for l in self.layers}
+
+    def _keep_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def accumulate(self, losses: torch.Tensor) -> None:
+        """Add the moments of the forward pass(es) since the last call (gradient of ``losses.sum()``)."""
+        try:
+            pairs = self._output_gradients(losses, retain_graph=False)
+            self._add(pairs)
+        finally:
+            self.reset()
+
+    @torch.no_grad()
+    def _add(self, pairs: dict[str, list[tuple]]) -> None:
+        for layer in self.layers:
+            for x, delta in pairs[layer.name]:
+                if delta is None:
+                    continue
+                d = delta.reshape(-1, layer.out_features).to(torch.float32)
+                token = d.abs().amax(dim=1) > 0
+                d = d[token]
+                xs = x.reshape(-1, layer.in_features)[token].to(torch.float32)
+                # one fp32 GEMM per batch, summed in fp64: N tokens of positive terms
+                self.A_in[layer.name] += (xs.T @ xs).to(self.A_in[layer.name].device, torch.float64)
+                self.A_out[layer.name] += (d.T @ d).to(self.A_out[layer.name].device, torch.float64)
+                self.tokens[layer.name] += int(token.sum())
+
+
+# ------------------------------------------------------------------------------------ the math
+
+
+@dataclass(frozen=True)
+class SideWhitening:
+    """One side's ``W = (A + λI)^-1/2`` from the token moment ``A`` (mean over tokens)."""
+
+    eigenvalues: torch.Tensor  # (dim,) fp64, ascending, clamped at 0
+    eigenvectors: torch.Tensor  # (dim, dim) fp64
+    damping: float
+
+    def __post_init__(self):
+        if not self.damping > 0:
+            raise ValueError(f"whitening damping must be > 0, got {self.damping}")
+
+    def matrix(self) -> torch.Tensor:
+        Q = self.eigenvectors
+        return (Q * (self.eigenvalues + self.damping).rsqrt()) @ Q.T
+
+    def summary(self) -> dict:
+        e = self.eigenvalues
+        total = float(e.sum())
+        # participation ratio: how many directions carry the moment (1 = one direction, dim = flat)
+        effective = total ** 2 / float((e * e).sum()) if total > 0 else 0.0
+        return {"dim": int(e.numel()), "damping": self.damping, "eig_max": float(e[-1]), "eig_mean": float(e.mean()),
+                "eig_min": float(e[0]), "effective_rank": effective}
+
+
+@torch.no_grad()
+def side_whitening(moment: torch.Tensor, rho: float) -> SideWhitening:
+    """Eigendecompose a (mean) token moment and choose λ = ρ·mean(eig) (floored so W stays finite)."""
+    if moment.dim() != 2 or moment.shape[0] != moment.shape[1]:
+        raise ValueError(f"a token moment must be square, got {tuple(moment.shape)}")
+    if not bool(torch.isfinite(moment).all()):
+        raise ValueError("the token moment has non-finite entries (NaN/inf activations or gradients)")
+    M = moment.to(torch.float64)
+    e, Q = torch.linalg.eigh((M + M.T) / 2)
+    e = e.clamp_min(0)
+    lam = rho * float(e.mean())
+    # a layer that never saw a token (or all-zero inputs): any λ > 0 gives zero scores there anyway
+    return SideWhitening(e, Q, lam if lam > 0 else 1e-12)
+
+
+@dataclass(frozen=True)
+class LayerWhitening:
+    """What the index stores per layer: the whitened projections and the projected moments' eigenbases."""
+
+    P_in: torch.Tensor  # (I, d_in) fp32 = W_in P_in
+    P_out: torch.Tensor  # (O, d_out) fp32 = W_out P_out
+    q_in: torch.Tensor  # (d_in, d_in) fp32, eigenvectors of P_in'ᵀ A_in P_in' (EK-FAC basis)
+    q_out: torch.Tensor  # (d_out, d_out) fp32
+    summary: dict
+
+    def projection(self, device) -> LayerProjection:
+        return LayerProjection(self.P_in, self.P_out).to(device)
+
+
+@torch.no_grad()
+def whiten_layer(A_in: torch.Tensor, A_out: torch.Tensor, tokens: int, base: LayerProjection,
+                 rho: float) -> LayerWhitening:
+    """Whitened projections of one layer from its summed moments over ``tokens`` tokens."""
+    scale = 1.0 / max(tokens, 1)
+    sides = {}
+    for side, A, P in (("in", A_in, base.P_in), ("out", A_out, base.P_out)):
+        A = A * scale
+        w = side_whitening(A, rho)
+        Pw = w.matrix() @ P.to(A.device, torch.float64)
+        # the EK-FAC eigenbasis lives in the projected space: eigenvectors of Pᵀ W A W P
+        S = Pw.T @ A @ Pw
+        _, q = torch.linalg.eigh((S + S.T) / 2)
+        sides[side] = (Pw.to(torch.float32).cpu(), q.to(torch.float32).cpu(), w.summary())
+    return LayerWhitening(sides["in"][0], sides["out"][0], sides["in"][1], sides["out"][1],
+                          {"tokens": int(tokens), "in": sides["in"][2], "out": sides["out"][2]})
+
+
+# ------------------------------------------------------------------------------------ pre-pass
+
+
+def _groups(layers: Sequence[LayerInfo], budget: int) -> list[list[LayerInfo]]:
+    """Layers in order, grouped so each group's fp64 accumulators fit half the budget."""
+    groups: list[list[LayerInfo]] = []
+    used = 0
+    for layer in layers:
+        need = moment_bytes(layer)
+        if need > budget // 2:
+            raise MemoryError(f"memory budget {budget / 1e6:.0f} MB is too small to whiten layer {layer.name!r} "
+                              f"({layer.in_features}x{layer.out_features}: {need / 1e6:.0f} MB of moments); "
+                              f"raise --memory-budget or use --projection-kind random")
+        if groups and used + need <= budget // 2:
+            groups[-1].append(layer)
+            used += need
+        else:
+            groups.append([layer])
+            used = need
+    return groups
+
+
+def ensure_whitening(writer, source, task, config, progress: bool = True) -> dict[str, LayerProjection]:
+    """The index's whitened projections, computing (or resuming) the pre-pass first if needed.
+
+    `config` is the BuildConfig (whiten_examples, whiten_damping, batch_size, memory budget);
+    `source` the GradientSource whose random projections get whitened.
+    """
+    rho, batch_size, budget = config.whiten_damping, config.batch_size, config.budget()
+    meta = writer.get_state_meta(WHITENING_META) or {}
+    layers = source.layers
+    done = set(meta.get("layers", {}))
+    todo = [l for l in layers if l.name not in done]
+    if todo:
+        n = len(task.train_examples())
+        indices = sample_indices(n, config.whiten_examples)
+        meta = {"examples": int(len(indices)), "rho": rho, "layers": meta.get("layers", {}),
+                "partial": meta.get("partial")}
+        groups = _groups(todo, budget)
+        if progress:
+            passes = f"{len(groups)} passes (layer groups within the memory budget)" if len(groups) > 1 else "one pass"
+            print(f"[lorif-stream] whitening: token moments of {len(todo)} layers over {len(indices):,} training "
+                  f"examples, {passes}", flush=True, file=sys.stderr)
+        base = make_projections(layers, source.spec, "cpu")
+        for group in groups:
+            _whiten_group(writer, source, task, group, indices, meta, base, rho, batch_size, progress)
+    return load_projections(writer.get_array, layers, source.device)
+
+
+def _whiten_group(writer, source, task, group: list[LayerInfo], indices: np.ndarray, meta: dict,
+                  base: dict[str, LayerProjection], rho: float, batch_size: int, progress: bool) -> None:
+    capture = MomentCapture(source.model, group, source.device)
+    start = _resume_partial(writer, capture, group, meta)
+    examples = task.train_examples()
+    last_checkpoint = time.perf_counter()
+    with capture, Progress("whiten", total=len(indices) - start, unit="ex", enabled=progress) as bar:
+        for b0 in range(start, len(indices), batch_size):
+            b1 = min(len(indices), b0 + batch_size)
+            batch = to_device(task.collate([examples[int(i)] for i in indices[b0:b1]]), source.device)
+            with torch.enable_grad():
+                losses = task.loss(source.model, batch)
+                if not bool(torch.isfinite(losses.detach()).all()):
+                    bad = [int(indices[b0 + j]) for j in torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()]
+                    notice(f"whitening: skipped {len(bad)} sample example(s) with a non-finite loss (rows {bad[:5]})")
+                    capture.reset()
+                    continue
+                capture.accumulate(losses)
+            bar.update(b1 - b0)
+            if time.perf_counter() - last_checkpoint > _CHECKPOINT_SECONDS and b1 < len(indices):
+                _save_partial(writer, capture, group, meta, b1)
+                last_checkpoint = time.perf_counter()
+    arrays, drop = {}, []
+    for layer in group:
+        w = whiten_layer(capture.A_in[layer.name], capture.A_out[layer.name], capture.tokens[layer.name],
+                         base[layer.name], rho)
+        arrays.update({array_name(layer.name, "P_in"): w.P_in.numpy(), array_name(layer.name, "P_out"): w.P_out.numpy(),
+                       array_name(layer.name, "q_in"): w.q_in.numpy(), array_name(layer.name, "q_out"): w.q_out.numpy()})
+        meta["layers"][layer.name] = w.summary
+        drop += [_partial_name(layer.name, "in"), _partial_name(layer.name, "out")]
+    meta["partial"] = None
+    # projections, summary and the removal of the checkpoint land in one transaction
+    writer.put_state(arrays, {WHITENING_META: meta}, drop=drop)
+
+
+def _save_partial(writer, capture: MomentCapture, group: list[LayerInfo], meta: dict, done: int) -> None:
+    arrays = {}
+    for layer in group:
+        arrays[_partial_name(layer.name, "in")] = capture.A_in[layer.name].cpu().numpy()
+        arrays[_partial_name(layer.name, "out")] = capture.A_out[layer.name].cpu().numpy()
+    meta["partial"] = {"layers": [l.name for l in group], "examples_done": done,
+                       "tokens": {l.name: capture.tokens[l.name] for l in group}}
+    writer.put_state(arrays, {WHITENING_META: meta})
+
+
+def _resume_partial(writer, capture: MomentCapture, group: list[LayerInfo], meta: dict) -> int:
+    """Load a checkpoint of exactly this group (same sample); else start the group from scratch."""
+    partial = meta.get("partial")
+    if not partial or partial.get("layers") != [l.name for l in group]:
+        return 0
+    for layer in group:
+        for side, acc in (("in", capture.A_in), ("out", capture.A_out)):
+            arr = writer.get_array(_partial_name(layer.name, side))
+            if arr is None:
+                return 0
+            acc[layer.name].copy_(torch.from_numpy(arr))
+        capture.tokens[layer.name] = int(partial["tokens"][layer.name])
+    notice(f"whitening: resuming at sample example {partial['examples_done']:,}")
+    return int(partial["examples_done"])
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load_projections(get_array, layers: Sequence[LayerInfo], device) -> dict[str, LayerProjection]:
+    """The stored whitened projections (``get_array`` is a writer's or a snapshot's array getter)."""
+    out = {}
+    for layer in layers:
+        P_in, P_out = get_array(array_name(layer.name, "P_in")), get_array(array_name(layer.name, "P_out"))
+        if P_in is None or P_out is None:
+            raise ValueError(f"the index has no whitened projection for layer {layer.name!r} "
+                             f"(its whitening pre-pass did not finish: rerun the build to resume it)")
+        if P_in.shape != (layer.in_features, layer.d_in) or P_out.shape != (layer.out_features, layer.d_out):
+            raise ValueError(f"the stored whitened projection of layer {layer.name!r} has shapes {P_in.shape}, "
+                             f"{P_out.shape}; the layer needs ({layer.in_features}, {layer.d_in}), "
+                             f"({layer.out_features}, {layer.d_out})")
+        out[layer.name] = LayerProjection(torch.from_numpy(np.array(P_in, np.float32)),
+                                          torch.from_numpy(np.array(P_out, np.float32))).to(device)
+    return out
+
+
+def load_eigenbases(get_array, layer: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_out, q_in): the EK-FAC eigenbases of one layer's projected moments."""
+    q_in, q_out = get_array(array_name(layer, "q_in")), get_array(array_name(layer, "q_out"))
+    if q_in is None or q_out is None:
+        raise ValueError(f"the index has no whitening eigenbasis for layer {layer!r}")
+    return (torch.from_numpy(np.array(q_out, np.float32)).to(device),
+            torch.from_numpy(np.array(q_in, np.float32)).to(device))
