@@ -3,17 +3,19 @@ from .codec import BlockDecoder, BlockEncoder
 from .format import (
     FORMAT_VERSION,
     CorruptBlockError,
+    IndexCorruptError,
     IndexError_ as IndexFormatError,
     IndexWriteError,
     NotAnIndexError,
     UnsupportedVersionError,
+    WriterBusyError,
     WriteRefusedError,
 )
 from .layout import IndexLayout, LayerShape
 from .lmdb_store import BlockBuffers, IndexReader, IndexWriter, PendingBlock, Snapshot, VerifyReport
 
 __all__ = [
-    "BlockBuffers", "BlockDecoder", "BlockEncoder", "CorruptBlockError", "FORMAT_VERSION", "IndexFormatError",
-    "IndexLayout", "IndexReader", "IndexWriteError", "IndexWriter", "LayerShape", "NotAnIndexError", "PendingBlock", "Snapshot",
-    "UnsupportedVersionError", "VerifyReport", "WriteRefusedError",
+    "BlockBuffers", "BlockDecoder", "BlockEncoder", "CorruptBlockError", "FORMAT_VERSION", "IndexCorruptError",
+    "IndexFormatError", "IndexLayout", "IndexReader", "IndexWriteError", "IndexWriter", "LayerShape", "NotAnIndexError",
+    "PendingBlock", "Snapshot", "UnsupportedVersionError", "VerifyReport", "WriterBusyError", "WriteRefusedError",
 ]

@@ -20,8 +20,22 @@ META_FORMAT_VERSION = b"format_version"
 META_LAYOUT = b"layout"
 META_SETTINGS = b"settings"
 META_ROWS = b"rows"
+# LMDB transaction id of the last write, written by every write transaction: a reader whose
+# snapshot id differs is reading an older state that LMDB picked from a damaged header page.
+META_COMMIT = b"commit"
+META_STATE_PREFIX = b"state:"
 
 DATA_FILE = "data.mdb"
+LMDB_LOCK_FILE = "lock.mdb"
+# flock'ed by the one writer for its whole life, holding its pid (readers never take it; a reader
+# that cannot register with LMDB takes it shared, see lmdb_store._open_env)
+WRITER_LOCK_FILE = "writer.lock"
+
+# Checksum framing of JSON records written since format 2: magic, crc32 (u32 LE) of the JSON
+# bytes, the JSON bytes. JSON never starts with "L", so unframed records of older indexes still read.
+JSON_MAGIC = b"LRFJ"
+# First byte of a checksummed row -> id value; 0xFF never starts UTF-8, so plain (older) ids still read.
+ID_VALUE_MAGIC = b"\xff"
 
 
 class IndexError_(Exception):
@@ -46,3 +60,11 @@ class IndexWriteError(IndexError_, OSError):
 
 class WriteRefusedError(IndexError_, ValueError):
     """A write that would break an index invariant; nothing of it was committed."""
+
+
+class IndexCorruptError(CorruptBlockError):
+    """LMDB's own structures are damaged (truncated file, bad pages, inconsistent header pages)."""
+
+
+class WriterBusyError(IndexError_):
+    """Another process holds the index's writer lock: one writer at a time."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import struct
 
+from .format import CorruptBlockError
+
 _FACTOR_KEY = struct.Struct(">HQ")
 _ROW_KEY = struct.Struct(">Q")
 FACTOR_KEY_SIZE = _FACTOR_KEY.size
@@ -18,7 +20,10 @@ def factor_key(layer: int, first_row: int) -> bytes:
 
 
 def parse_factor_key(key) -> tuple[int, int]:
-    return _FACTOR_KEY.unpack(bytes(key))
+    key = bytes(key)
+    if len(key) != FACTOR_KEY_SIZE:
+        raise CorruptBlockError(f"factors: key {key[:16].hex()} is not a (layer, row) block key")
+    return _FACTOR_KEY.unpack(key)
 
 
 def layer_range(layer: int) -> tuple[bytes, bytes]:

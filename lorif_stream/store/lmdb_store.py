@@ -4,12 +4,16 @@ One writer, many readers. Every write is one transaction that also moves the com
 count, so a crash (even SIGKILL) leaves the index exactly at its last committed block. Readers
 open the environment read-only but *registered* (lock=True): an unregistered reader would be
 invisible to the writer, which could then recycle the pages under it during an append.
+
+Writers are exclusive across processes (writer_lock.py): LMDB serializes transactions, not
+writers. Every record is checksummed (integrity.py) and every read of one is checked; damage
+is raised naming the record, never returned.
 """
 from __future__ import annotations
 
-import json
 import os
 import struct
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -22,7 +26,6 @@ import numpy as np
 
 from . import keys
 from .codec import BlockDecoder, BlockEncoder, NonFiniteError, parse_header
-from .pages import release_pages
 from .format import (
     DATA_FILE,
     DB_FACTORS,
@@ -30,18 +33,34 @@ from .format import (
     DB_META,
     DB_SKETCH,
     FORMAT_VERSION,
+    LMDB_LOCK_FILE,
+    META_COMMIT,
     META_FORMAT_VERSION,
     META_LAYOUT,
     META_ROWS,
     META_SETTINGS,
+    META_STATE_PREFIX,
     SUPPORTED_VERSIONS,
     CorruptBlockError,
+    IndexCorruptError,
     IndexWriteError,
     NotAnIndexError,
     UnsupportedVersionError,
     WriteRefusedError,
 )
+from .integrity import (
+    check_lmdb_header,
+    crc32,
+    frame_json,
+    pack_checked_u64,
+    pack_id_value,
+    unframe_json,
+    unpack_checked_u64,
+    unpack_id_value,
+)
 from .layout import IndexLayout
+from .pages import release_pages
+from .writer_lock import WriterLock, shared_read_lock
 
 DURABILITY = {
     # fsync at every commit: a committed block survives power loss.
@@ -62,48 +81,165 @@ def _check_index_dir(path: Path) -> None:
         raise NotAnIndexError(f"{path} is not a lorif-stream index (no {DATA_FILE} inside)")
 
 
+# LMDB errors that say something about the environment (limits, locks, the disk), not damage
+_ENVIRONMENT_ERRORS = (lmdb.MapFullError, lmdb.MapResizedError, lmdb.ReadersFullError, lmdb.DiskError,
+                       lmdb.LockError, lmdb.ReadonlyError, lmdb.TlsFullError, lmdb.DbsFullError, lmdb.MemoryError)
+# ... and those that can only mean damaged pages
+_DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError,
+                  lmdb.IncompatibleError, lmdb.CursorFullError, lmdb.BadValsizeError, lmdb.ProblemError)
+
+
+def lmdb_failure(path, e: lmdb.Error) -> Exception:
+    """One line for an LMDB error: damage (or an I/O error while reading) names the index and says what to run."""
+    if isinstance(e, _ENVIRONMENT_ERRORS):
+        return IndexWriteError(f"index {path}: LMDB failed ({str(e).strip()})")
+    return IndexCorruptError(f"index {path} is corrupt: LMDB says {str(e).strip()}; "
+                             f"run `lorif-stream verify --index {path}`")
+
+
+@contextmanager
+def _lmdb_errors(path):
+    try:
+        yield
+    except lmdb.Error as e:
+        raise lmdb_failure(path, e) from None
+
+
+def _can_register(path: Path) -> bool:
+    """Whether this process may take LMDB's reader lock (it writes its reader slot into lock.mdb)."""
+    lock = path / LMDB_LOCK_FILE
+    return os.access(lock, os.R_OK | os.W_OK) if lock.exists() else os.access(path, os.W_OK)
+
+
+_UNREGISTERED_NOTICES: set[str] = set()
+
+
 def _open_env(path: Path, readonly: bool, map_size: int, durability: str = "sync") -> lmdb.Environment:
+    env, _ = _open_env_locked(path, readonly, map_size, durability)
+    return env
+
+
+def _open_env_locked(path: Path, readonly: bool, map_size: int,
+                     durability: str = "sync") -> tuple[lmdb.Environment, int | None]:
+    """Open the environment; for a reader that cannot write lock.mdb (another user's index) open it
+    without LMDB's lock and hold writer.lock shared instead (the descriptor is returned)."""
     if durability not in DURABILITY:
         raise ValueError(f"durability {durability!r} is not one of {sorted(DURABILITY)}")
+    if (path / DATA_FILE).exists():
+        # before mapping: LMDB reads pages past a truncated file's end and dies of SIGBUS
+        check_lmdb_header(path)
+    lock, shared_fd = True, None
+    if readonly and not _can_register(path):
+        # lock.mdb is how readers register, and an unregistered reader is invisible to a writer
+        # that could then reuse pages under it. This user cannot register, so instead it holds
+        # writer.lock shared: no writer of ours can start while it reads (and none is running now).
+        shared_fd = shared_read_lock(path)
+        lock = False
+        message = (f"index {path}: lock.mdb is not writable by you, so reads go without LMDB's reader lock; "
+                   + ("writer.lock is held shared meanwhile, so no writer can start until this read ends"
+                      if shared_fd is not None else
+                      "there is no writer.lock to hold either: do not write to this index while reading it"))
+        if message not in _UNREGISTERED_NOTICES:
+            _UNREGISTERED_NOTICES.add(message)
+            print(f"[lorif-stream] {message}", file=sys.stderr, flush=True)
     try:
-        return lmdb.open(
-            str(path), subdir=True, readonly=readonly, lock=True, max_dbs=_MAX_DBS,
+        env = lmdb.open(
+            str(path), subdir=True, readonly=readonly, lock=lock, max_dbs=_MAX_DBS,
             map_size=map_size, readahead=False, meminit=False, max_readers=256,
             **DURABILITY[durability],
         )
     except lmdb.Error as e:
+        if shared_fd is not None:
+            os.close(shared_fd)
         raise NotAnIndexError(f"{path} is not a readable lorif-stream index ({e})") from None
+    return env, shared_fd
 
 
-def _read_header_meta(env: lmdb.Environment, path: Path) -> tuple[IndexLayout, dict]:
+def _meta_record(key: bytes) -> str:
+    return f"metadata record {key.decode('utf-8', 'replace')!r}"
+
+
+def _read_header_meta(env: lmdb.Environment, path: Path,
+                      problems: list[str] | None = None) -> tuple[IndexLayout, dict, int]:
+    """Layout, settings and format version. With `problems` (verify), damaged settings are listed there, not raised."""
     try:
         meta = env.open_db(DB_META, create=False)
-    except lmdb.Error:
+    except lmdb.NotFoundError:
         raise NotAnIndexError(f"{path} is an LMDB environment but not a lorif-stream index (no meta db)") from None
-    with env.begin(db=meta) as txn:
+    except lmdb.Error as e:
+        raise lmdb_failure(path, e) from None
+    with _lmdb_errors(path), env.begin(db=meta) as txn:
         version = txn.get(META_FORMAT_VERSION)
         layout = txn.get(META_LAYOUT)
         settings = txn.get(META_SETTINGS)
     if version is None or layout is None:
         raise NotAnIndexError(f"{path} is not a lorif-stream index (no format version in its metadata)")
-    v = int(version)
+    try:
+        v = int(version)
+    except ValueError:
+        # kept as plain ascii (no frame) so that any older reader can still read and refuse it
+        raise CorruptBlockError(f"index {path}: {_meta_record(META_FORMAT_VERSION)} is not a number "
+                                f"({bytes(version)[:20]!r})") from None
     if v not in SUPPORTED_VERSIONS:
         raise UnsupportedVersionError(
             f"index {path} has format version {v}; this lorif-stream reads versions {list(SUPPORTED_VERSIONS)}"
         )
-    return IndexLayout.from_dict(json.loads(layout)), json.loads(settings or b"{}")
+    try:
+        layout = IndexLayout.from_dict(_layout_from(META_LAYOUT, layout))
+    except CorruptBlockError as e:
+        raise CorruptBlockError(f"index {path}: {e}") from None
+    try:
+        if settings is None:
+            raise CorruptBlockError(f"{_meta_record(META_SETTINGS)} is missing")
+        settings = unframe_json(settings, _meta_record(META_SETTINGS), META_SETTINGS)
+    except CorruptBlockError as e:
+        if problems is None:
+            raise CorruptBlockError(f"index {path}: {e}") from None
+        problems.append(str(e))
+        settings = {}
+    return layout, settings, v
+
+
+def _layout_from(key: bytes, raw) -> dict:
+    d = unframe_json(raw, _meta_record(key), key)
+    try:
+        IndexLayout.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptBlockError(f"{_meta_record(key)} does not describe a layout ({e})") from None
+    return d
+
+
+def _array_record(name: str) -> str:
+    return f"array {name!r}"
 
 
 def _put_array(txn, db, name: str, arr: np.ndarray) -> None:
     arr = np.ascontiguousarray(arr)
     raw = arr.view(np.uint8).reshape(-1)
     n_chunks = max(1, -(-raw.size // _ARRAY_CHUNK))
-    head = {"dtype": arr.dtype.str, "shape": list(arr.shape), "chunks": n_chunks}
+    chunks = [raw[i * _ARRAY_CHUNK : (i + 1) * _ARRAY_CHUNK] for i in range(n_chunks)]
+    head = {"dtype": arr.dtype.str, "shape": list(arr.shape), "chunks": n_chunks,
+            "crc32": [crc32(chunk) for chunk in chunks]}
     prefix = name.encode() + b"\x00"
     _delete_array(txn, db, name)
-    txn.put(prefix + b"head", json.dumps(head).encode(), db=db)
-    for i in range(n_chunks):
-        txn.put(prefix + struct.pack(">I", i), raw[i * _ARRAY_CHUNK : (i + 1) * _ARRAY_CHUNK].tobytes(), db=db)
+    txn.put(prefix + b"head", frame_json(head, key=prefix + b"head"), db=db)
+    for i, chunk in enumerate(chunks):
+        txn.put(prefix + struct.pack(">I", i), chunk.tobytes(), db=db)
+
+
+def _array_head(name: str, raw) -> dict:
+    prefix = name.encode() + b"\x00"
+    head = unframe_json(raw, f"{_array_record(name)} head", prefix + b"head")
+    try:
+        shape = [int(d) for d in head["shape"]]
+        dtype = np.dtype(head["dtype"])
+        chunks = int(head["chunks"])
+        crcs = head.get("crc32")
+        if any(d < 0 for d in shape) or chunks < 1 or (crcs is not None and len(crcs) != chunks):
+            raise ValueError("inconsistent shape/chunks/crc32")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptBlockError(f"{_array_record(name)} head is not an array head ({e})") from None
+    return {"shape": shape, "dtype": dtype, "chunks": chunks, "crc32": crcs}
 
 
 def _delete_array(txn, db, name: str) -> None:
@@ -111,29 +247,50 @@ def _delete_array(txn, db, name: str) -> None:
     head = txn.get(prefix + b"head", db=db)
     if head is None:
         return
-    for i in range(json.loads(bytes(head))["chunks"]):
+    for i in range(_array_head(name, head)["chunks"]):
         txn.delete(prefix + struct.pack(">I", i), db=db)
     txn.delete(prefix + b"head", db=db)
 
 
 def _get_array(txn, db, name: str) -> np.ndarray | None:
     prefix = name.encode() + b"\x00"
-    head = txn.get(prefix + b"head", db=db)
-    if head is None:
+    raw = txn.get(prefix + b"head", db=db)
+    if raw is None:
         return None
-    head = json.loads(bytes(head))
-    out = np.empty(int(np.prod(head["shape"])) * np.dtype(head["dtype"]).itemsize, np.uint8)
+    head = _array_head(name, raw)
+    out = np.empty(int(np.prod(head["shape"])) * head["dtype"].itemsize, np.uint8)
     pos = 0
     for i in range(head["chunks"]):
         chunk = txn.get(prefix + struct.pack(">I", i), db=db)
         if chunk is None:
-            raise CorruptBlockError(f"array {name!r}: chunk {i} is missing")
+            raise CorruptBlockError(f"{_array_record(name)} chunk {i} is missing")
         chunk = memoryview(chunk)
+        if head["crc32"] is not None and crc32(chunk) != head["crc32"][i]:
+            raise CorruptBlockError(f"{_array_record(name)} chunk {i}: checksum mismatch")
+        if pos + len(chunk) > out.size:
+            raise CorruptBlockError(f"{_array_record(name)}: chunks hold more than the {out.size} bytes its head says")
         out[pos : pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
         pos += len(chunk)
     if pos != out.size:
-        raise CorruptBlockError(f"array {name!r}: holds {pos} bytes, its header says {out.size}")
-    return out.view(np.dtype(head["dtype"])).reshape(head["shape"])
+        raise CorruptBlockError(f"{_array_record(name)}: holds {pos} bytes, its head says {out.size}")
+    return out.view(head["dtype"]).reshape(head["shape"])
+
+
+def _read_rows(txn, db) -> int:
+    raw = txn.get(META_ROWS, db=db)
+    if raw is None:
+        raise CorruptBlockError(f"{_meta_record(META_ROWS)} is missing")
+    return unpack_checked_u64(META_ROWS, raw, _meta_record(META_ROWS))
+
+
+def _state_key(name: str) -> bytes:
+    return META_STATE_PREFIX + name.encode()
+
+
+def _get_state_meta(txn, db, name: str):
+    key = _state_key(name)
+    raw = txn.get(key, db=db)
+    return None if raw is None else unframe_json(raw, _meta_record(key), key)
 
 
 # ------------------------------------------------------------------------------ writer
@@ -166,16 +323,24 @@ class PendingBlock:
 class IndexWriter:
     """The one writer of an index. `encode` may run in several threads; `commit` is serialized."""
 
-    def __init__(self, path: str | os.PathLike, env: lmdb.Environment, layout: IndexLayout, settings: dict):
+    def __init__(self, path: str | os.PathLike, env: lmdb.Environment, layout: IndexLayout, settings: dict,
+                 lock: WriterLock | None = None):
         self.path = Path(path)
         self.layout = layout
         self.settings = settings
         self._env = env
-        self._dbs = {name: env.open_db(name) for name in (DB_FACTORS, DB_META, DB_IDS, DB_SKETCH)}
+        self._lock = lock
+        self.format_version = FORMAT_VERSION  # of a new index; open() sets the stored one
+        with _lmdb_errors(self.path):
+            # create=False: every db exists since create(); opening one must not be a write transaction
+            self._dbs = {name: env.open_db(name, create=False) for name in (DB_FACTORS, DB_META, DB_IDS, DB_SKETCH)}
+            with env.begin(db=self._dbs[DB_META]) as txn:
+                try:
+                    self.rows = _read_rows(txn, self._dbs[DB_META])
+                except CorruptBlockError as e:
+                    raise CorruptBlockError(f"index {self.path}: {e}") from None
         self._local = threading.local()
         self._commit_lock = threading.Lock()
-        with env.begin(db=self._dbs[DB_META]) as txn:
-            self.rows = keys.unpack_row(txn.get(META_ROWS))
 
     # -- opening
     @classmethod
@@ -183,38 +348,63 @@ class IndexWriter:
                durability: str = "sync") -> "IndexWriter":
         """Create a new, empty index at `path` (a directory that must not already hold one)."""
         path = Path(path)
-        if (path / DATA_FILE).exists():
-            raise WriteRefusedError(f"{path} already holds an index; open it instead of creating one")
         path.mkdir(parents=True, exist_ok=True)
-        env = _open_env(path, readonly=False, map_size=map_size, durability=durability)
-        with env.begin(write=True) as txn:
-            meta = env.open_db(DB_META, txn=txn)
-            for name in (DB_FACTORS, DB_IDS, DB_SKETCH):
-                env.open_db(name, txn=txn)
-            txn.put(META_FORMAT_VERSION, str(FORMAT_VERSION).encode(), db=meta)
-            txn.put(META_LAYOUT, json.dumps(layout.to_dict()).encode(), db=meta)
-            txn.put(META_SETTINGS, json.dumps(settings, sort_keys=True).encode(), db=meta)
-            txn.put(META_ROWS, keys.pack_row(0), db=meta)
-        return cls(path, env, layout, settings)
+        # lock first, then look: two creators may both have seen no data.mdb a moment ago, and the
+        # one that lost must hear that the other is writing it, not that an index is in the way
+        lock = WriterLock.acquire(path)
+        try:
+            if (path / DATA_FILE).exists():
+                raise WriteRefusedError(f"{path} already holds an index; open it instead of creating one")
+            env = _open_env(path, readonly=False, map_size=map_size, durability=durability)
+            try:
+                with _lmdb_errors(path), env.begin(write=True) as txn:
+                    meta = env.open_db(DB_META, txn=txn)
+                    for name in (DB_FACTORS, DB_IDS, DB_SKETCH):
+                        env.open_db(name, txn=txn)
+                    # format_version stays plain ascii: any reader, however old, can read it and refuse
+                    txn.put(META_FORMAT_VERSION, str(FORMAT_VERSION).encode(), db=meta)
+                    txn.put(META_LAYOUT, frame_json(layout.to_dict(), META_LAYOUT), db=meta)
+                    txn.put(META_SETTINGS, frame_json(settings, META_SETTINGS, sort_keys=True), db=meta)
+                    txn.put(META_ROWS, pack_checked_u64(META_ROWS, 0), db=meta)
+                    txn.put(META_COMMIT, pack_checked_u64(META_COMMIT, txn.id()), db=meta)
+                return cls(path, env, layout, settings, lock)
+            except BaseException:
+                env.close()
+                raise
+        except BaseException:
+            lock.release()
+            raise
 
     @classmethod
     def open(cls, path, *, durability: str = "sync") -> "IndexWriter":
         """Open an existing index for writing (resume a build, append rows, store curvature)."""
         path = Path(path)
         _check_index_dir(path)
-        env = _open_env(path, readonly=False, map_size=DEFAULT_MAP_SIZE, durability=durability)
+        lock = WriterLock.acquire(path)  # before anything is read: a second writer reads stale rows
         try:
-            layout, settings = _read_header_meta(env, path)
-        except Exception:
-            env.close()
+            env = _open_env(path, readonly=False, map_size=DEFAULT_MAP_SIZE, durability=durability)
+            try:
+                layout, settings, version = _read_header_meta(env, path)
+                writer = cls(path, env, layout, settings, lock)
+                writer.format_version = version
+                return writer
+            except BaseException:
+                env.close()
+                raise
+        except BaseException:
+            lock.release()
             raise
-        return cls(path, env, layout, settings)
 
     def close(self) -> None:
         if self._env is not None:
-            self._env.sync(True)
-            self._env.close()
-            self._env = None
+            try:
+                self._env.sync(True)
+                self._env.close()
+            finally:
+                self._env = None
+                if self._lock is not None:
+                    self._lock.release()  # only once the environment is closed and synced
+                    self._lock = None
 
     def __enter__(self):
         return self
@@ -281,13 +471,14 @@ class IndexWriter:
             raise WriteRefusedError(f"example id of row {block.first_row + longest} is {len(encoded_ids[longest])} bytes "
                                     f"long; ids must be at most {self._env.max_key_size() - len(keys.ID_PREFIX)} bytes "
                                     f"(UTF-8): {block.ids[longest][:40]!r}...")
+        row_keys = [keys.row_to_id_key(row) for row in rows]
+        id_keys = [keys.ID_PREFIX + eid for eid in encoded_ids]
         with txn.cursor(db=idb) as cur:
-            cur.putmulti([(keys.row_to_id_key(row), eid) for row, eid in zip(rows, encoded_ids)], append=True)
-            _, added = cur.putmulti([(keys.ID_PREFIX + eid, keys.pack_row(row)) for row, eid in zip(rows, encoded_ids)],
-                                    overwrite=False)
+            cur.putmulti([(k, pack_id_value(k, eid)) for k, eid in zip(row_keys, encoded_ids)], append=True)
+            _, added = cur.putmulti([(k, pack_checked_u64(k, row)) for k, row in zip(id_keys, rows)], overwrite=False)
         if added != block.rows and not allow_duplicate_ids:
             raise self._duplicate_id_error(txn, idb, block)
-        txn.put(META_ROWS, keys.pack_row(block.first_row + block.rows), db=mdb)
+        txn.put(META_ROWS, pack_checked_u64(META_ROWS, block.first_row + block.rows), db=mdb)
 
     @staticmethod
     def _duplicate_id_error(txn, idb, block: PendingBlock) -> WriteRefusedError:
@@ -298,14 +489,15 @@ class IndexWriter:
                 return WriteRefusedError(f"example id {example_id!r} (row {row}) is already in the index at row "
                                          f"{first_seen[example_id]} (this block)")
             first_seen[example_id] = row
-            held = keys.unpack_row(txn.get(keys.id_to_row_key(example_id), db=idb))
+            key = keys.id_to_row_key(example_id)
+            held = unpack_checked_u64(key, txn.get(key, db=idb), f"ids: reverse entry of {example_id!r}")
             if held != row:
                 return WriteRefusedError(f"example id {example_id!r} (row {row}) is already in the index at row {held}")
         raise AssertionError("putmulti reported a duplicate id that is not there")
 
     # -- metadata and curvature state
     def update_settings(self, settings: dict) -> None:
-        blob = json.dumps(settings, sort_keys=True).encode()
+        blob = frame_json(settings, META_SETTINGS, sort_keys=True)
         self._write(lambda txn: txn.put(META_SETTINGS, blob, db=self._dbs[DB_META]))
         self.settings = settings
 
@@ -319,23 +511,34 @@ class IndexWriter:
             for name, arr in arrays.items():
                 _put_array(txn, self._dbs[DB_SKETCH], name, arr)
             for name, value in (meta or {}).items():
-                txn.put(b"state:" + name.encode(), json.dumps(value).encode(), db=self._dbs[DB_META])
+                txn.put(_state_key(name), frame_json(value, _state_key(name)), db=self._dbs[DB_META])
 
         with self._commit_lock:
             self._write(write)
 
     def get_state_meta(self, name: str):
-        with self._env.begin(db=self._dbs[DB_META]) as txn:
-            raw = txn.get(b"state:" + name.encode())
-        return None if raw is None else json.loads(raw)
+        with self._reading(), self._env.begin(db=self._dbs[DB_META]) as txn:
+            return _get_state_meta(txn, self._dbs[DB_META], name)
 
     def get_array(self, name: str) -> np.ndarray | None:
-        with self._env.begin() as txn:
+        with self._reading(), self._env.begin() as txn:
             return _get_array(txn, self._dbs[DB_SKETCH], name)
+
+    @contextmanager
+    def _reading(self):
+        try:
+            with _lmdb_errors(self.path):
+                yield
+        except CorruptBlockError as e:
+            if str(e).startswith("index "):
+                raise
+            raise CorruptBlockError(f"index {self.path}: {e}") from None
 
     def reader(self) -> "IndexReader":
         """A reader sharing this writer's environment (LMDB allows one env per process per file)."""
-        return IndexReader(self.path, _env=self._env, _layout=self.layout, _settings=self.settings)
+        reader = IndexReader(self.path, _env=self._env, _layout=self.layout, _settings=self.settings)
+        reader.format_version = self.format_version
+        return reader
 
     # -- transactions with map growth
     def _write(self, fn) -> None:
@@ -343,11 +546,15 @@ class IndexWriter:
             try:
                 with self._env.begin(write=True) as txn:
                     fn(txn)
+                    # the id LMDB gives this commit, checked by readers against the header page they got
+                    txn.put(META_COMMIT, pack_checked_u64(META_COMMIT, txn.id()), db=self._dbs[DB_META])
                 return
             except lmdb.MapFullError:
                 # the failed transaction is aborted; no transaction is open while the map grows
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
             except lmdb.Error as e:
+                if isinstance(e, _DAMAGE_ERRORS):
+                    raise lmdb_failure(self.path, e) from None
                 # disk full, file-size limit, I/O error: the transaction is aborted and every block
                 # committed before it stays readable, so the same command resumes once fixed
                 raise IndexWriteError(f"writing to index {self.path} failed ({e}): is the disk full? Blocks "
@@ -392,31 +599,123 @@ class VerifyReport:
 
 
 class Snapshot:
-    """One consistent view of the index (one LMDB read transaction, zero-copy buffers)."""
+    """One consistent view of the index (one LMDB read transaction, zero-copy buffers).
 
-    def __init__(self, reader: "IndexReader", txn):
+    Opening one checks that the row count, LMDB's header page and the blocks agree (a strict
+    snapshot raises; verify's lenient one lists the problems in `problems`)."""
+
+    def __init__(self, reader: "IndexReader", txn, strict: bool = True):
         self._reader = reader
         self._txn = txn
         self.layout = reader.layout
-        self.rows = keys.unpack_row(txn.get(META_ROWS, db=reader._dbs[DB_META]))
+        self.strict = strict
+        self.problems: list[str] = []
+        meta = reader._dbs[DB_META]
+        with self._guard():
+            try:
+                self.rows = _read_rows(txn, meta)
+            except CorruptBlockError as e:
+                self._problem(str(e))
+                try:
+                    self.rows = self._layer_end(0)  # verify still checks what the blocks hold
+                except CorruptBlockError:
+                    self.rows = 0
+            self._check_commit(txn, meta)
+            if strict:
+                self._check_layer_ends()
+
+    # -- opening checks
+    def _problem(self, message: str) -> None:
+        if self.strict:
+            raise CorruptBlockError(f"index {self._reader.path}: {message}")
+        self.problems.append(message)
+
+    @contextmanager
+    def _guard(self):
+        """LMDB errors and unnamed record errors of this snapshot's reads become one line naming the index."""
+        try:
+            yield
+        except lmdb.Error as e:
+            raise lmdb_failure(self._reader.path, e) from None
+        except CorruptBlockError as e:
+            if str(e).startswith(("index ", "layer ")):
+                raise
+            raise type(e)(f"index {self._reader.path}: {e}") from None
+
+    def _check_commit(self, txn, meta) -> None:
+        raw = txn.get(META_COMMIT, db=meta)
+        if raw is None:  # written by every write since format 2; older indexes have none
+            return
+        try:
+            stored = unpack_checked_u64(META_COMMIT, raw, _meta_record(META_COMMIT))
+        except CorruptBlockError as e:
+            self._problem(str(e))
+            return
+        got = txn.id()
+        # a compacting copy (mdb_copy -c) renumbers its one transaction 1: nothing to compare then
+        if got != stored and got != 1:
+            self._problem(f"LMDB read transaction {got} but the index's last commit was {stored}: a damaged LMDB "
+                          f"header page made it pick an older state (or a program other than lorif-stream wrote to it)")
+
+    def _block_rows(self, layer: int, first_row: int, value) -> int:
+        try:
+            return parse_header(value).rows
+        except CorruptBlockError as e:
+            raise CorruptBlockError(f"layer {self.layout.layers[layer].name!r} block at row {first_row}: {e}") from None
+
+    def _layer_end(self, layer: int) -> int:
+        """One past the last row of `layer`'s last block (0 when it has none)."""
+        cur = self._txn.cursor(db=self._reader._dbs[DB_FACTORS])
+        found = cur.set_range(keys.factor_key(layer + 1, 0)) if layer + 1 < 1 << 16 else False
+        if not (cur.prev() if found else cur.last()):
+            return 0
+        last_layer, first_row = keys.parse_factor_key(cur.key())
+        if last_layer != layer:
+            return 0
+        return first_row + self._block_rows(layer, first_row, cur.value())
+
+    def _check_layer_ends(self) -> None:
+        # a row count larger than the blocks (or smaller) would otherwise read as rows of nothing
+        for i, shape in enumerate(self.layout.layers):
+            end = self._layer_end(i)
+            if end < self.rows:
+                self._problem(f"the index claims {self.rows} rows but layer {shape.name!r} has blocks only for rows "
+                              f"0..{end - 1}: blocks for rows {end}..{self.rows - 1} are missing; run "
+                              f"`lorif-stream verify --index {self._reader.path}`")
+            elif end > self.rows:
+                self._problem(f"layer {shape.name!r} has blocks up to row {end - 1}, past the index's {self.rows} "
+                              f"rows; run `lorif-stream verify --index {self._reader.path}`")
 
     # -- raw encoded values (zero-copy memoryviews, valid while the snapshot is open)
-    def layer_values(self, layer: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, memoryview]]:
-        """(first_row, encoded block) of one layer's blocks overlapping rows [start, stop), in row order."""
+    def layer_values(self, layer: int, start: int = 0, stop: int | None = None,
+                     check: bool = True) -> Iterator[tuple[int, memoryview]]:
+        """(first_row, encoded block) of one layer's blocks overlapping rows [start, stop), in row order.
+        With `check`, a gap between blocks (or a missing last block) raises instead of skipping rows."""
         stop = self.rows if stop is None else min(stop, self.rows)
         if start >= stop:
             return
-        cur = self._txn.cursor(db=self._reader._dbs[DB_FACTORS])
-        if not self._seek_block(cur, layer, start):
-            return
-        for key, value in cur:
-            layer_idx, first_row = keys.parse_factor_key(key)
-            if layer_idx != layer or first_row >= stop:  # _seek_block never lands before `layer`
-                break
-            yield first_row, value
+        name = self.layout.layers[layer].name
+        expected = start
+        try:
+            cur = self._txn.cursor(db=self._reader._dbs[DB_FACTORS])
+            if self._seek_block(cur, layer, start):
+                for key, value in cur:
+                    layer_idx, first_row = keys.parse_factor_key(key)
+                    if layer_idx != layer or first_row >= stop:  # _seek_block never lands before `layer`
+                        break
+                    if check:
+                        if first_row > expected:
+                            raise CorruptBlockError(f"layer {name!r}: rows {expected}..{first_row - 1} have no block "
+                                                    f"(index {self._reader.path} is damaged: run verify)")
+                        expected = first_row + self._block_rows(layer, first_row, value)
+                    yield first_row, value
+        except lmdb.Error as e:
+            raise lmdb_failure(self._reader.path, e) from None
+        if check and expected < stop:
+            raise CorruptBlockError(f"layer {name!r}: rows {expected}..{stop - 1} have no block "
+                                    f"(index {self._reader.path} is damaged: run verify)")
 
-    @staticmethod
-    def _seek_block(cur, layer: int, row: int) -> bool:
+    def _seek_block(self, cur, layer: int, row: int) -> bool:
         """Position `cur` on the first block of `layer` that holds a row >= `row`."""
         found = cur.set_range(keys.factor_key(layer, row))
         if found and keys.parse_factor_key(cur.key()) == (layer, row):
@@ -424,13 +723,14 @@ class Snapshot:
         # `row` may fall inside the block just before: step back when that block is ours and holds it
         if cur.prev() if found else cur.last():
             prev_layer, prev_first = keys.parse_factor_key(cur.key())
-            if prev_layer == layer and prev_first + parse_header(cur.value()).rows > row:
+            if prev_layer == layer and prev_first + self._block_rows(layer, prev_first, cur.value()) > row:
                 return True
             return cur.next()
         return found and cur.first()
 
     def value_at(self, layer: int, first_row: int) -> memoryview:
-        value = self._txn.get(keys.factor_key(layer, first_row), db=self._reader._dbs[DB_FACTORS])
+        with self._guard():
+            value = self._txn.get(keys.factor_key(layer, first_row), db=self._reader._dbs[DB_FACTORS])
         if value is None:
             name = self.layout.layers[layer].name
             raise CorruptBlockError(f"layer {name!r}: no block starts at row {first_row} (index blocks misaligned)")
@@ -452,6 +752,9 @@ class Snapshot:
                 value = value0 if j == 0 else self.value_at(layer, first_row)
                 out.append(self.decode(layer, first_row, value, buffers, decoder))
             n = out[0][0].shape[0]
+            if any(L.shape[0] != n for L, _ in out):
+                raise CorruptBlockError(f"blocks at row {first_row} hold different row counts in different layers "
+                                        f"(index {self._reader.path} is damaged: run verify)")
             lo, hi = max(start, first_row), min(stop, first_row + n)
             yield lo, hi - lo, [(L[lo - first_row : hi - first_row], R[lo - first_row : hi - first_row]) for L, R in out]
 
@@ -480,114 +783,109 @@ class Snapshot:
 
     # -- ids
     def id_of(self, row: int) -> str:
-        raw = self._txn.get(keys.row_to_id_key(row), db=self._reader._dbs[DB_IDS])
-        if raw is None or row >= self.rows:
+        if not 0 <= row < self.rows:
             raise IndexError(f"row {row} is outside the index's {self.rows} rows")
-        return bytes(raw).decode("utf-8")
+        key = keys.row_to_id_key(row)
+        with self._guard():
+            raw = self._txn.get(key, db=self._reader._dbs[DB_IDS])
+            if raw is None:
+                raise CorruptBlockError(f"ids: row {row} has no id")
+            return unpack_id_value(key, raw, f"ids: id of row {row}")
 
     def ids(self, start: int, stop: int) -> list[str]:
-        cur = self._txn.cursor(db=self._reader._dbs[DB_IDS])
-        out = []
-        if cur.set_key(keys.row_to_id_key(start)):
-            for key, value in cur:
-                if key[:1] != keys.ROW_PREFIX or len(out) >= stop - start:
-                    break
-                out.append(bytes(value).decode("utf-8"))
+        stop = min(stop, self.rows)
+        out: list[str] = []
+        if start >= stop:
+            return out
+        with self._guard():
+            cur = self._txn.cursor(db=self._reader._dbs[DB_IDS])
+            if cur.set_key(keys.row_to_id_key(start)):
+                for key, value in cur:
+                    row = start + len(out)
+                    if row >= stop:
+                        break
+                    expected = keys.row_to_id_key(row)
+                    if bytes(key) != expected:
+                        break
+                    out.append(unpack_id_value(expected, value, f"ids: id of row {row}"))
+            if len(out) != stop - start:
+                raise CorruptBlockError(f"ids: row {start + len(out)} has no id")
         return out
 
     def row_of(self, example_id: str) -> int | None:
-        raw = self._txn.get(keys.id_to_row_key(example_id), db=self._reader._dbs[DB_IDS])
-        if raw is None:
-            return None
-        row = keys.unpack_row(raw)
+        key = keys.id_to_row_key(example_id)
+        with self._guard():
+            raw = self._txn.get(key, db=self._reader._dbs[DB_IDS])
+            if raw is None:
+                return None
+            row = unpack_checked_u64(key, raw, f"ids: reverse entry of {example_id!r}")
         return row if row < self.rows else None
 
     # -- state
     def array(self, name: str) -> np.ndarray | None:
-        return _get_array(self._txn, self._reader._dbs[DB_SKETCH], name)
+        with self._guard():
+            return _get_array(self._txn, self._reader._dbs[DB_SKETCH], name)
 
     def state_meta(self, name: str):
-        raw = self._txn.get(b"state:" + name.encode(), db=self._reader._dbs[DB_META])
-        return None if raw is None else json.loads(bytes(raw))
+        with self._guard():
+            return _get_state_meta(self._txn, self._reader._dbs[DB_META], name)
 
     # -- integrity
-    def verify(self, max_errors: int = 20, progress=None) -> VerifyReport:
-        report = VerifyReport(rows=self.rows)
-        buffers, decoder = BlockBuffers(self.layout), BlockDecoder()
-        boundaries: list[tuple[int, int]] = []
+    def verify(self, max_errors: int = 20, progress=None, on_error=None) -> VerifyReport:
+        """Check every record of the index (store/verify.py); in this process: see verify.run_isolated."""
+        from .verify import verify_snapshot
 
-        def err(msg):
-            if len(report.errors) < max_errors:
-                report.errors.append(msg)
-
-        for layer_idx, shape in enumerate(self.layout.layers):
-            expected = 0
-            for j, (first_row, value) in enumerate(self.layer_values(layer_idx, 0, self.rows)):
-                report.blocks += 1
-                try:
-                    n = self.decode(layer_idx, first_row, value, buffers, decoder)[0].shape[0]
-                except CorruptBlockError as e:
-                    err(str(e))
-                    # keep checking contiguity with the row count layer 0 had for this block
-                    n = boundaries[j][1] if j < len(boundaries) else 0
-                if first_row != expected:
-                    err(f"layer {shape.name!r}: rows {expected}..{first_row - 1} are missing" if first_row > expected
-                        else f"layer {shape.name!r}: block at row {first_row} overlaps rows before {expected}")
-                if layer_idx == 0:
-                    boundaries.append((first_row, n))
-                elif j >= len(boundaries) or boundaries[j][0] != first_row:
-                    err(f"layer {shape.name!r}: block at row {first_row} is not aligned with layer 0's blocks")
-                expected = first_row + n
-                if progress is not None:
-                    progress(n)
-            if expected != self.rows:
-                err(f"layer {shape.name!r}: blocks cover rows 0..{expected - 1}, the index says {self.rows} rows")
-        ids = self.ids(0, self.rows)
-        if len(ids) != self.rows:
-            err(f"ids: {len(ids)} row ids stored for {self.rows} rows")
-        for row, example_id in enumerate(ids):
-            back = self.row_of(example_id)
-            if back is None:
-                err(f"ids: id {example_id!r} of row {row} has no reverse entry")
-            elif back != row and self._reader.settings.get("allow_duplicate_ids") is not True:
-                err(f"ids: id {example_id!r} of row {row} maps back to row {back}")
-        return report
+        return verify_snapshot(self, max_errors=max_errors, progress=progress, on_error=on_error)
 
 
 class IndexReader:
-    """Read-only access to an index; take a `snapshot()` for a consistent view."""
+    """Read-only access to an index; take a `snapshot()` for a consistent view.
 
-    def __init__(self, path: str | os.PathLike, *, _env=None, _layout=None, _settings=None):
+    `strict=False` (verify) opens an index whose settings are damaged and lists that in `problems`."""
+
+    def __init__(self, path: str | os.PathLike, *, strict: bool = True, _env=None, _layout=None, _settings=None):
         self.path = Path(path)
+        self.strict = strict
+        self.problems: list[str] = []
         self._owns_env = _env is None
+        self._shared_lock = None
+        self.format_version: int = FORMAT_VERSION
         if _env is None:
             _check_index_dir(self.path)
-            _env = _open_env(self.path, readonly=True, map_size=DEFAULT_MAP_SIZE)
+            _env, self._shared_lock = _open_env_locked(self.path, readonly=True, map_size=DEFAULT_MAP_SIZE)
             try:
-                _layout, _settings = _read_header_meta(_env, self.path)
-            except Exception:
-                _env.close()
+                _layout, _settings, self.format_version = _read_header_meta(_env, self.path,
+                                                                            None if strict else self.problems)
+            except BaseException:
+                self._env = _env
+                self.close()
                 raise
         self._env = _env
         self.layout: IndexLayout = _layout
         self.settings: dict = _settings
-        self._dbs = {name: _env.open_db(name, create=False) for name in (DB_FACTORS, DB_META, DB_IDS, DB_SKETCH)}
+        try:
+            with _lmdb_errors(self.path):
+                self._dbs = {name: _env.open_db(name, create=False) for name in (DB_FACTORS, DB_META, DB_IDS, DB_SKETCH)}
+        except BaseException:
+            self.close()
+            raise
 
     @contextmanager
-    def snapshot(self) -> Iterator[Snapshot]:
+    def snapshot(self, strict: bool | None = None) -> Iterator[Snapshot]:
         txn = self._begin()
         try:
-            yield Snapshot(self, txn)
+            yield Snapshot(self, txn, self.strict if strict is None else strict)
         finally:
             txn.abort()
 
     def _begin(self):
-        try:
-            return self._env.begin(buffers=True)
-        except lmdb.MapResizedError:
-            # the writer grew the map since we opened: adopt the new size and retry once
-            self._env.set_mapsize(0)
-            return self._env.begin(buffers=True)
+        with _lmdb_errors(self.path):
+            try:
+                return self._env.begin(buffers=True)
+            except lmdb.MapResizedError:
+                # the writer grew the map since we opened: adopt the new size and retry once
+                self._env.set_mapsize(0)
+                return self._env.begin(buffers=True)
 
     @property
     def rows(self) -> int:
@@ -599,7 +897,7 @@ class IndexReader:
 
     def factor_bytes(self) -> int:
         """Bytes of stored factor values (headers included), from LMDB's own page statistics."""
-        with self._env.begin() as txn:
+        with _lmdb_errors(self.path), self._env.begin() as txn:
             st = txn.stat(self._dbs[DB_FACTORS])
         return (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
 
@@ -607,6 +905,9 @@ class IndexReader:
         if self._owns_env and self._env is not None:
             self._env.close()
         self._env = None
+        if self._shared_lock is not None:
+            os.close(self._shared_lock)
+            self._shared_lock = None
 
     def __enter__(self):
         return self
