@@ -1,17 +1,23 @@
-"""Build benchmark: engine overhead over a bare capture loop, examples/s, RSS as N grows,
-the share of the fused single-pass sketch, q=0 vs q=3 score agreement, and append cost.
+"""Build benchmark: build time against the true floor (a plain batched forward+backward of the same
+model over the same examples, no hooks), where the rest goes, RSS as N grows, append cost, and
+single-pass vs refined curvature scores for the paper's low-rank mode.
 
-Model: a random tiny GPT-2 (2 layers, width 128, vocab 512, eager attention) on random token
-sequences of 64 tokens, f=4, c=1, bf16, on the CPU (or --device cuda).
+Models (random weights, built from a config, no download), on random token sequences:
+  * tiny:       GPT-2 2 layers x 128 wide, vocab 512, 64 tokens, batch 32, every Linear/Conv1D tracked
+  * gpt2-small: GPT-2-small-shaped, 12 layers x 768, vocab 50,257, 256 tokens, batch 4, the blocks'
+                Conv1D layers tracked (an LM head over 50k outputs is not what users attribute through)
+Builds: the engine's default (whitened projections + EK-FAC, f=4, c=1, bf16) and the paper's mode
+(random projections + low-rank curvature, r=64), each timed side by side with the floor in one run.
 
-    python benchmarks/bench_build.py            # N = 10k and 100k
-    python benchmarks/bench_build.py --quick    # N = 2k and 10k
-Writes benchmarks/results/build.json.
+    python benchmarks/bench_build.py --quick     # tiny N = 2k / 10k, gpt2-small N = 32
+    python benchmarks/bench_build.py             # tiny N = 10k / 100k, gpt2-small N = 128
+Writes benchmarks/results/build[_quick].json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shutil
 import sys
 import tempfile
@@ -29,27 +35,32 @@ from lorif_stream.factorize import factorize  # noqa: E402
 from lorif_stream.gradients import GradientSource  # noqa: E402
 from lorif_stream.projection import ProjectionSpec  # noqa: E402
 
-SEQ, VOCAB = 64, 512
+MODELS = {
+    "tiny": dict(n_layer=2, n_embd=128, n_head=4, vocab=512, seq=64, batch=32, tracked=None),
+    "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, seq=256, batch=4, tracked=r"^transformer\.h\."),
+}
+PAPER = dict(projection_kind="random", min_side=1, sketch_rank=64)
 
 
 class TokensTask:
-    """Random token sequences through a random tiny GPT-2 (rows [start, start + n))."""
+    """Random token sequences through a random GPT-2 of one of MODELS' shapes (rows [start, start + n))."""
 
-    tracked_modules = None
-
-    def __init__(self, n: int, start: int = 0, n_queries: int = 16):
-        self.n, self.start, self.n_queries = n, start, n_queries
+    def __init__(self, shape: str, n: int, start: int = 0, n_queries: int = 16):
+        self.shape, self.n, self.start, self.n_queries = MODELS[shape], n, start, n_queries
+        self.tracked_modules = self.shape["tracked"]
 
     def model(self):
         from transformers import GPT2Config, GPT2LMHeadModel
 
+        s = self.shape
         torch.manual_seed(0)
-        cfg = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=VOCAB, n_positions=SEQ,
-                         attn_implementation="eager")
+        cfg = GPT2Config(n_layer=s["n_layer"], n_embd=s["n_embd"], n_head=s["n_head"], vocab_size=s["vocab"],
+                         n_positions=s["seq"], attn_implementation="eager")
         return GPT2LMHeadModel(cfg)
 
     def _tokens(self, i: int):
-        return torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(1000003 * i + 7))
+        return torch.randint(0, self.shape["vocab"], (self.shape["seq"],),
+                             generator=torch.Generator().manual_seed(1000003 * i + 7))
 
     def train_examples(self):
         return _Lazy(self.n, lambda j: self._tokens(self.start + j))
@@ -62,7 +73,8 @@ class TokensTask:
 
     def loss(self, model, batch):
         logits = model(input_ids=batch).logits[:, :-1]
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1), reduction="none")
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                               reduction="none")
         return ce.view(batch.shape[0], -1).sum(1)
 
     def example_id(self, example, index):
@@ -82,9 +94,27 @@ class _Lazy:
         return self.fn(i)
 
 
-def bare_loop(task: TokensTask, n: int, batch_size: int, device) -> float:
-    """The same forward/backward + capture + factorization, nothing stored: the floor for build."""
-    source = GradientSource.open(task, ProjectionSpec(f=4), device)
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_loop(task: TokensTask, n: int, batch_size: int, device) -> float:
+    """The floor: batched forward + backward of the summed loss, no hooks, nothing kept."""
+    model = task.model().to(device).eval()
+    examples = task.train_examples()
+    t = time.perf_counter()
+    for s in range(0, n, batch_size):
+        batch = task.collate([examples[i] for i in range(s, min(n, s + batch_size))]).to(device)
+        model.zero_grad(set_to_none=True)
+        task.loss(model, batch).sum().backward()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def capture_loop(task: TokensTask, n: int, batch_size: int, device) -> float:
+    """Forward/backward with the capture hooks and rank-1 factorization, nothing stored (random projections)."""
+    source = GradientSource.open(task, ProjectionSpec(f=4, min_side=32), device)
     examples = task.train_examples()
     t = time.perf_counter()
     with source.capture() as cap:
@@ -94,8 +124,7 @@ def bare_loop(task: TokensTask, n: int, batch_size: int, device) -> float:
             for G in grads:
                 L, R = factorize(G, 1)
                 L.to(torch.bfloat16), R.to(torch.bfloat16)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return time.perf_counter() - t
 
 
@@ -104,64 +133,127 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def build_row(result, floor_s: float, n: int) -> dict:
+    rows_s = result.seconds - result.whiten_seconds - result.finalize_seconds
+    return {"build_s": result.seconds, "ratio_to_floor": result.seconds / floor_s, "examples_per_s": n / result.seconds,
+            "whiten_s": result.whiten_seconds, "rows_s": rows_s, "stats_s": result.sketch_seconds,
+            "finalize_s": result.finalize_seconds, "whiten_share": result.whiten_seconds / result.seconds,
+            "ratio_without_whitening": (result.seconds - result.whiten_seconds) / floor_s}
+
+
+def time_model(shape: str, n: int, root: Path, device, common: dict) -> dict:
+    """Floor, capture loop, default build and paper build of one model at N = n, side by side."""
+    batch = MODELS[shape]["batch"]
+    opts = dict(common, batch_size=batch)
+    ls.build(TokensTask(shape, batch * 2), root / f"{shape}-warm", **opts)  # numba, allocator, model init
+    floor = plain_loop(TokensTask(shape, n), n, batch, device)
+    capture = capture_loop(TokensTask(shape, n), n, batch, device)
+    default = ls.build(TokensTask(shape, n), root / f"{shape}-default", **opts)
+    paper = ls.build(TokensTask(shape, n), root / f"{shape}-paper", **opts, **PAPER)
+    info = ls.info(root / f"{shape}-default")
+    out = {"N": n, "batch": batch, "floor_s": floor, "floor_examples_per_s": n / floor,
+           "capture_factorize_s": capture, "capture_ratio_to_floor": capture / floor,
+           "default": build_row(default, floor, n), "paper": build_row(paper, floor, n),
+           "default_bytes_per_example": info["bytes_per_example"],
+           "default_state_bytes": info["disk_bytes"] - info["factor_bytes"],
+           "paper_state_bytes": ls.info(root / f"{shape}-paper")["disk_bytes"]
+           - ls.info(root / f"{shape}-paper")["factor_bytes"]}
+    # what the pre-pass costs per sampled example, relative to a build's per-example cost: its
+    # share at any N is min(N, whiten_examples) x this / N
+    out["whiten_per_example_vs_build"] = (default.whiten_seconds / min(n, 1000)) / (out["default"]["rows_s"] / n)
+    for name in ("default", "paper"):
+        shutil.rmtree(root / f"{shape}-{name}", ignore_errors=True)
+    return out
+
+
+def tiny_scaling(small: int, large: int, root: Path, device, common: dict) -> dict:
+    """RSS as N grows, throughput at large N, q = 0 vs q = 3 (paper mode), appending 1%."""
+    opts = dict(common, batch_size=MODELS["tiny"]["batch"])
+    res = {}
+    with PeakRSS() as rss_small:
+        ls.build(TokensTask("tiny", small), root / "small", **opts)
+    with PeakRSS() as rss_large:
+        r_large = ls.build(TokensTask("tiny", large), root / "large", **opts)
+    res["rss"] = {"N_small": small, "peak_MB_small": rss_small.peak / 1e6,
+                  "growth_MB_small": (rss_small.peak - rss_small.base) / 1e6, "N_large": large,
+                  "peak_MB_large": rss_large.peak / 1e6, "growth_MB_large": (rss_large.peak - rss_large.base) / 1e6}
+    res["large"] = {"build_s": r_large.seconds, "examples_per_s": large / r_large.seconds,
+                    "whiten_share": r_large.whiten_seconds / r_large.seconds,
+                    "bytes_per_example": ls.info(root / "large")["bytes_per_example"]}
+    t = time.perf_counter()
+    ls.append(TokensTask("tiny", large // 100, start=large), root / "large", batch_size=opts["batch_size"],
+              device=common["device"], progress=False)
+    append_s = time.perf_counter() - t
+    res["append_1pct"] = {"append_s": append_s, "build_s": r_large.seconds, "ratio": append_s / r_large.seconds}
+    # the paper's single-pass sketch (fused into the build) against 3 refinement passes
+    q = TokensTask("tiny", small)
+    ls.build(q, root / "paper", **opts, **PAPER)
+    ls.query(q, root / "paper", None, root / "q0.npy", top_k=10, device=common["device"], progress=False)
+    t = time.perf_counter()
+    ls.fit(root / "paper", sketch_rank=PAPER["sketch_rank"], refine=3, device=common["device"], progress=False)
+    refine_s = time.perf_counter() - t
+    ls.query(q, root / "paper", None, root / "q3.npy", top_k=10, device=common["device"], progress=False)
+    s0, s3 = np.load(root / "q0.npy"), np.load(root / "q3.npy")
+    rhos = [spearman(s0[i], s3[i]) for i in range(s0.shape[0])]
+    res["paper_q0_vs_q3"] = {"spearman_mean": float(np.mean(rhos)), "spearman_min": float(np.min(rhos)),
+                             "refine3_s": refine_s}
+    return res
+
+
+def report(res: dict) -> None:
+    for shape in ("tiny", "gpt2-small"):
+        m = res.get(shape)
+        if not m:
+            continue
+        print(f"{shape} (N={m['N']:,}, batch {m['batch']}): plain forward+backward {m['floor_s']:.1f}s "
+              f"({m['floor_examples_per_s']:.0f} ex/s); capture+factorize loop {m['capture_ratio_to_floor']:.2f}x")
+        for name in ("default", "paper"):
+            b = m[name]
+            print(f"  {name:8s} build {b['build_s']:.1f}s = {b['ratio_to_floor']:.2f}x the floor "
+                  f"({b['ratio_without_whitening']:.2f}x without the pre-pass): whitening {b['whiten_s']:.1f}s, "
+                  f"rows {b['rows_s']:.1f}s (statistics {b['stats_s']:.1f}s), finalize {b['finalize_s']:.1f}s")
+        print(f"  default index: {m['default_bytes_per_example']:.0f} B/example, state {m['default_state_bytes'] / 1e6:.1f} MB "
+              f"(paper mode {m['paper_state_bytes'] / 1e6:.1f} MB); a pre-pass example costs "
+              f"{m['whiten_per_example_vs_build']:.2f}x a build example")
+    if "scaling" in res:
+        s = res["scaling"]
+        r = s["rss"]
+        print(f"tiny N={r['N_large']:,}: {s['large']['examples_per_s']:.0f} ex/s, pre-pass {s['large']['whiten_share'] * 100:.1f}% "
+              f"of the build; peak RSS {r['peak_MB_small']:.0f} MB at N={r['N_small']:,}, {r['peak_MB_large']:.0f} MB "
+              f"at N={r['N_large']:,}; append 1%: {s['append_1pct']['ratio'] * 100:.1f}% of the build; paper q=0 vs "
+              f"q=3 Spearman {s['paper_q0_vs_q3']['spearman_mean']:.4f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--models", default="tiny,gpt2-small", help="comma-separated: tiny, gpt2-small")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--sketch-rank", type=int, default=64)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "build.json"))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--no-scaling", action="store_true", help="skip the RSS / append / q0-vs-q3 part")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    small, large = (2_000, 10_000) if args.quick else (10_000, 100_000)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = {"tiny": (2_000, 10_000), "gpt2-small": 32} if args.quick else {"tiny": (10_000, 100_000), "gpt2-small": 128}
     device = torch.device(args.device)
-    opts = dict(f=4, rank=1, dtype="bf16", batch_size=args.batch_size, device=args.device,
-                sketch_rank=args.sketch_rank, progress=False)
+    common = dict(f=4, rank=1, dtype="bf16", device=args.device, progress=False)
     root = Path(tempfile.mkdtemp(prefix="lorif-bb-"))
-    res: dict = {"device": args.device, "N": [small, large]}
+    res: dict = {"command": "python benchmarks/bench_build.py " + " ".join(sys.argv[1:]), "device": args.device,
+                 "threads": torch.get_num_threads(), "machine": platform.platform()}
     try:
-        # warm-up (numba, model init), then overhead at N = small, measured side by side
-        ls.build(TokensTask(256), root / "warm", **opts)
-        t_bare = bare_loop(TokensTask(small), small, args.batch_size, device)
-        with PeakRSS() as rss_small:
-            r_small = ls.build(TokensTask(small), root / "small", **opts)
-        res["overhead"] = {"bare_loop_s": t_bare, "build_s": r_small.seconds, "ratio": r_small.seconds / t_bare,
-                           "sketch_s": r_small.sketch_seconds, "sketch_share": r_small.sketch_seconds / r_small.seconds,
-                           "examples_per_s": small / r_small.seconds}
-        with PeakRSS() as rss_large:
-            r_large = ls.build(TokensTask(large), root / "large", **opts)
-        res["rss"] = {"N_small": small, "peak_MB_small": rss_small.peak / 1e6, "growth_MB_small": (rss_small.peak - rss_small.base) / 1e6,
-                      "N_large": large, "peak_MB_large": rss_large.peak / 1e6, "growth_MB_large": (rss_large.peak - rss_large.base) / 1e6}
-        res["large"] = {"build_s": r_large.seconds, "examples_per_s": large / r_large.seconds,
-                        "bytes_per_example": ls.info(root / "large")["bytes_per_example"]}
-        # q = 0 (fused into the build) vs q = 3 refinement: do the scores agree?
-        q = TokensTask(small)
-        ls.query(q, root / "small", None, root / "q0.npy", top_k=10, device=args.device, progress=False)
-        t = time.perf_counter()
-        ls.fit(root / "small", sketch_rank=args.sketch_rank, refine=3, device=args.device, progress=False)
-        refine_s = time.perf_counter() - t
-        ls.query(q, root / "small", None, root / "q3.npy", top_k=10, device=args.device, progress=False)
-        s0, s3 = np.load(root / "q0.npy"), np.load(root / "q3.npy")
-        rhos = [spearman(s0[i], s3[i]) for i in range(s0.shape[0])]
-        res["q0_vs_q3"] = {"spearman_mean": float(np.mean(rhos)), "spearman_min": float(np.min(rhos)),
-                           "refine3_s": refine_s}
-        # append 1% to the large index vs its full build
-        t = time.perf_counter()
-        ls.append(TokensTask(large // 100, start=large), root / "large", f=4, rank=1, dtype="bf16",
-                  batch_size=args.batch_size, device=args.device, progress=False)
-        append_s = time.perf_counter() - t
-        res["append_1pct"] = {"append_s": append_s, "build_s": r_large.seconds, "ratio": append_s / r_large.seconds}
+        for shape in args.models.split(","):
+            n = sizes[shape][0] if shape == "tiny" else sizes[shape]
+            res[shape] = time_model(shape, n, root, device, common)
+        if "tiny" in args.models and not args.no_scaling:
+            res["scaling"] = tiny_scaling(*sizes["tiny"], root, device, common)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
-    o, r = res["overhead"], res["rss"]
-    print(f"overhead: build {o['build_s']:.1f}s / bare loop {o['bare_loop_s']:.1f}s = {o['ratio']:.3f} "
-          f"({o['examples_per_s']:.0f} ex/s at N={small:,}); fused sketch {o['sketch_share'] * 100:.1f}% of build")
-    print(f"N={large:,}: {res['large']['examples_per_s']:.0f} ex/s, {res['large']['bytes_per_example']:.0f} B/example")
-    print(f"peak RSS: {r['peak_MB_small']:.0f} MB at N={small:,}, {r['peak_MB_large']:.0f} MB at N={large:,} "
-          f"(growth {r['growth_MB_small']:.0f} / {r['growth_MB_large']:.0f} MB)")
-    print(f"q=0 vs q=3 scores: Spearman mean {res['q0_vs_q3']['spearman_mean']:.4f}, min {res['q0_vs_q3']['spearman_min']:.4f}")
-    print(f"append 1%: {res['append_1pct']['append_s']:.1f}s = {res['append_1pct']['ratio'] * 100:.1f}% of the full build")
+    out = Path(args.out or Path(__file__).parent / "results" / f"build{'_quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    report(res)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,31 @@ class DigitsTask:
         return model.eval()
 
 
+class CancerTask(DigitsTask):
+    """scikit-learn's breast-cancer table (30 features, 2 classes), MLP 30 -> 32 -> 2: a model whose
+    layers are already small (the case where d = dim // f used to wreck attribution)."""
+
+    def __init__(self, n_train: int = 400, n_query: int = 40, steps: int = 300, lr: float = 0.01,
+                 weight_decay: float = 1e-3, split_seed: int = 0):
+        from sklearn.datasets import load_breast_cancer
+
+        X, y = load_breast_cancer(return_X_y=True)
+        X = (X - X.mean(0)) / X.std(0)
+        order = np.random.default_rng(split_seed).permutation(len(y))
+        X = torch.tensor(X, dtype=torch.float32)
+        y = torch.tensor(y, dtype=torch.long)
+        self.train = [(X[i], y[i]) for i in order[:n_train]]
+        self.queries = [(X[i], y[i]) for i in order[n_train:n_train + n_query]]
+        self.steps, self.lr, self.weight_decay = steps, lr, weight_decay
+        self.retrain_key = f"cancer/n{n_train}/q{n_query}/s{split_seed}/adam{steps}/lr{lr}/wd{weight_decay}"
+        self._model = self.retrain(np.arange(n_train), seed=0)
+
+    @staticmethod
+    def make_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(30, 32), nn.Tanh(), nn.Linear(32, 2))
+
+
 # ------------------------------------------------------------------------------------ fortunes
 
 
@@ -311,28 +336,75 @@ class Row:
     query_s: float
     note: str = ""
     per_query: tuple = ()  # per-query Spearman (NaN where undefined): paired comparisons between rows
+    min_side: int = 1
 
     def label(self) -> str:
         parts = [f"f={self.f}"] + ([f"c={self.c}"] if self.c else []) + ([f"r={self.r}"] if self.r else [])
+        parts += [f"m={self.min_side}"] if self.min_side != 1 else []
         return f"{self.method} " + " ".join(parts)
 
 
-def run_lorif(task, name: str, util: lds.Utilities, f: int, c: int, r: int, workdir: Path, batch_size: int) -> Row:
-    index = workdir / f"{name}-lorif-f{f}-c{c}-r{r}"
-    scores = workdir / f"{name}-lorif-f{f}-c{c}-r{r}.npy"
+# LoRIF modes: the paper's (random projections + top-r low-rank curvature, d = dim // f) and the
+# engine's whitened projections with the EK-FAC preconditioner (its default) or a plain dot product
+MODES = {
+    "LoRIF": dict(projection_kind="random", preconditioner="lowrank"),
+    "LoRIF-W": dict(projection_kind="whitened", preconditioner="ekfac"),
+    "LoRIF-W dot": dict(projection_kind="whitened", preconditioner="none"),
+}
+LORIF_METHODS = tuple(MODES)
+
+
+@dataclass(frozen=True)
+class LorifConfig:
+    mode: str
+    f: int
+    c: int
+    r: int | None = None  # sketch rank (lowrank only)
+    min_side: int = 1  # 1 = the paper's max(1, dim // f); the engine's default is 32
+
+    def options(self) -> dict:
+        return dict(MODES[self.mode], f=self.f, rank=self.c, min_side=self.min_side,
+                    **({"sketch_rank": self.r} if self.r else {}))
+
+
+def run_lorif(task, name: str, util: lds.Utilities, cfg: LorifConfig, workdir: Path, batch_size: int) -> Row:
+    tag = f"{name}-{cfg.mode.replace(' ', '')}-f{cfg.f}-c{cfg.c}-r{cfg.r}-m{cfg.min_side}"
+    index, scores = workdir / tag, workdir / f"{tag}.npy"
     t0 = time.perf_counter()
-    ls.build(task, index, f=f, rank=c, sketch_rank=r, dtype="bf16", device="cpu", batch_size=batch_size,
-             progress=False)
+    ls.build(task, index, dtype="bf16", device="cpu", batch_size=batch_size, progress=False, **cfg.options())
     t1 = time.perf_counter()
     ls.query(task, index, None, scores, top_k=1, device="cpu", batch_size=batch_size, progress=False)
     t2 = time.perf_counter()
     info = ls.info(index)
     res = util.score(np.load(scores))
+    state_bytes = info["disk_bytes"] - info["factor_bytes"]
     shutil.rmtree(index, ignore_errors=True)
     scores.unlink()
     lam = ", ".join(f"{l['damping']:.3g}" for l in info["layers"])
-    return Row(name, "LoRIF", f, c, r, res.mean, res.ci_low, res.ci_high, float(info["bytes_per_example"]),
-               t1 - t0, t2 - t1, f"λ per layer {lam}", tuple(res.per_query.tolist()))
+    return Row(name, cfg.mode, cfg.f, cfg.c, cfg.r, res.mean, res.ci_low, res.ci_high,
+               float(info["bytes_per_example"]), t1 - t0, t2 - t1, f"λ per layer {lam}; index state and free pages "
+               f"{state_bytes / 1e6:.1f} MB", tuple(res.per_query.tolist()), min_side=cfg.min_side)
+
+
+def run_kronfluence(task, name: str, util: lds.Utilities, workdir: Path, batch_size: int) -> list[Row]:
+    """Kronfluence's K-FAC and EK-FAC (full dimension, no index: it recomputes every training
+    gradient per query batch) with its default damping (1e-8) and its 0.1·mean-eigenvalue heuristic."""
+    try:
+        import peer_kronfluence as peer
+    except ImportError as e:
+        print(f"[bench_quality] skipping Kronfluence ({e}): pip install -e '.[bench]'", flush=True)
+        return []
+    rows = []
+    for strategy in ("kfac", "ekfac"):
+        for damping, label in (("default", "default 1e-8"), (None, "heuristic 0.1·mean eig")):
+            scores, stats = peer.kronfluence_scores(task, strategy, damping, batch_size=batch_size, workdir=workdir)
+            res = util.score(scores)
+            method = "Kronfluence " + {"kfac": "K-FAC", "ekfac": "EK-FAC"}[strategy] + ("" if damping else " heur")
+            rows.append(Row(name, method, 1, None, None,
+                            res.mean, res.ci_low, res.ci_high, 0.0, stats["fit_s"], stats["score_s"],
+                            f"damping {label}; stores nothing (recomputes training gradients per query batch)",
+                            tuple(res.per_query.tolist())))
+    return rows
 
 
 def run_dense(task, name: str, util: lds.Utilities, f: int, batch_size: int, methods: tuple[str, ...]) -> list[Row]:
@@ -421,8 +493,10 @@ def plot(datasets: dict[str, list[Row]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.8), squeeze=False)
-    styles = {"LoRIF": ("tab:blue", "o"), "LoGRA": ("tab:orange", "s"), "graddot": ("tab:gray", "^"),
-              "exact": ("black", "*")}
+    styles = {"LoRIF": ("tab:blue", "o"), "LoRIF-W": ("tab:green", "D"), "LoRIF-W dot": ("tab:olive", "v"),
+              "LoGRA": ("tab:orange", "s"), "graddot": ("tab:gray", "^"), "exact": ("black", "*")}
+    peers = {"Kronfluence EK-FAC heur": "tab:red", "Kronfluence K-FAC heur": "tab:purple",
+             "Kronfluence EK-FAC": "salmon", "Kronfluence K-FAC": "plum"}
     for ax, (name, rows) in zip(axes[0], datasets.items()):
         for method, (color, marker) in styles.items():
             pts = [r for r in rows if r.method == method]
@@ -435,14 +509,19 @@ def plot(datasets: dict[str, list[Row]], path: Path) -> None:
             front = pareto(pts)
             ax.plot([r.bytes_per_example for r in front], [r.lds for r in front], "-", marker=marker, color=color,
                     lw=2, label=f"{method} front")
-            if method == "LoRIF":
+            if method in LORIF_METHODS:
                 for r in front:
-                    ax.annotate(f"f{r.f} c{r.c} r{r.r}", (r.bytes_per_example, r.lds), fontsize=7,
-                                textcoords="offset points", xytext=(4, -10))
+                    ax.annotate(f"f{r.f} c{r.c}" + (f" r{r.r}" if r.r else f" m{r.min_side}"),
+                                (r.bytes_per_example, r.lds), fontsize=7, textcoords="offset points", xytext=(4, -10))
             elif method in ("LoGRA", "graddot"):
                 for r in pts:
                     ax.annotate(f"f{r.f}", (r.bytes_per_example, r.lds), fontsize=7, textcoords="offset points",
                                 xytext=(4, 4), color=color)
+        for method, color in peers.items():  # no index: a level line, not a point on the bytes axis
+            for r in rows:
+                if r.method == method:
+                    ax.axhline(r.lds, color=color, ls="--", lw=1.2, label=f"{method} (no index)")
+                    ax.axhspan(r.ci_low, r.ci_high, color=color, alpha=0.08)
         ax.set_xscale("log")
         ax.set_xlabel("index bytes per example (log)")
         ax.set_ylabel("LDS (95% bootstrap CI over queries)")
@@ -456,32 +535,49 @@ def plot(datasets: dict[str, list[Row]], path: Path) -> None:
 
 
 def table(rows: list[Row]) -> str:
-    head = f"{'dataset':<9} {'config':<26} {'LDS ± CI':>17} {'bytes/ex':>10} {'build s':>8} {'query s':>8}"
+    head = f"{'dataset':<9} {'config':<34} {'LDS ± CI':>17} {'bytes/ex':>10} {'build s':>8} {'query s':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         ci = (r.ci_high - r.ci_low) / 2
-        lines.append(f"{r.dataset:<9} {r.label():<26} {r.lds:>8.3f} ± {ci:<6.3f} {r.bytes_per_example:>10.0f} "
+        lines.append(f"{r.dataset:<9} {r.label():<34} {r.lds:>8.3f} ± {ci:<6.3f} {r.bytes_per_example:>10.0f} "
                      f"{r.build_s:>8.2f} {r.query_s:>8.2f}")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ plans
 
-# LoRIF grids per data set and mode. digits has one-token inputs: c = 1 is already exact there.
+# LoRIF grids per data set. digits and cancer have one-token inputs: c = 1 is already exact there.
+# The paper's mode keeps its d = dim // f (min_side 1); the whitened modes are run at the engine's
+# default min_side (32) and, to separate the two changes, at 1 too.
+def _paper(fs, cs, rs):
+    return [LorifConfig("LoRIF", f, c, r) for f in fs for c in cs for r in rs]
+
+
+def _whitened(fs, cs, min_sides=(32, 1), modes=("LoRIF-W",)):
+    return [LorifConfig(m, f, c, None, ms) for m in modes for f in fs for c in cs for ms in min_sides]
+
+
 PLANS = {
     ("digits", True): dict(task=dict(n_train=1000, n_query=40, steps=200), subsets=32, seeds=2,
-                           lorif=[(f, 1, r) for f in (1, 2, 4) for r in (32, 256)], dense_f=(1, 2, 4)),
+                           lorif=_paper((1, 2, 4), (1,), (32, 256)) + _whitened((1, 2, 4), (1,)), dense_f=(1, 2, 4)),
     ("digits", False): dict(task=dict(n_train=1000, n_query=50, steps=300), subsets=96, seeds=3,
-                            lorif=[(f, 1, r) for f in (1, 2, 4, 8) for r in (16, 64, 256, 1024)],
+                            lorif=_paper((1, 2, 4, 8), (1,), (16, 64, 256, 1024)) + _whitened((1, 2, 4, 8), (1,))
+                            + _whitened((1, 4), (1,), (32,), ("LoRIF-W dot",)),
                             dense_f=(1, 2, 4, 8)),
+    ("cancer", True): dict(task=dict(n_train=400, n_query=40), subsets=32, seeds=2,
+                           lorif=_paper((1, 4), (1,), (256,)) + _whitened((1, 4), (1,)), dense_f=(1, 4)),
+    ("cancer", False): dict(task=dict(n_train=400, n_query=40), subsets=96, seeds=3,
+                            lorif=_paper((1, 4), (1,), (256,)) + _whitened((1, 4), (1,)), dense_f=(1, 4)),
     # (8, 8, 1024) is a diagnostic: at f = 8 every layer has min(d_out, d_in) <= 8 and r >= rank(A),
     # so it is LoGRA f=8 up to the damping rule (eigen-mean over the kept eigenvalues vs trace/D)
     ("fortunes", True): dict(task=dict(n_train=300, n_query=30), subsets=32, seeds=2,
-                             lorif=[(f, c, r) for f in (4, 8) for c in (1, 4) for r in (256, 1024)] + [(8, 8, 1024)],
+                             lorif=_paper((4, 8), (1, 4), (1024,)) + _whitened((4, 8), (1, 4), (32, 1)),
                              dense_f=(1, 4, 8)),
     ("fortunes", False): dict(task=dict(n_train=400, n_query=40), subsets=48, seeds=3,
-                              lorif=[(f, c, r) for f in (2, 4, 8) for c in (1, 4, 16) for r in (128, 1024)]
-                              + [(8, 8, 1024)], dense_f=(1, 2, 4, 8)),
+                              lorif=_paper((2, 4, 8), (1, 4, 16), (128, 1024)) + [LorifConfig("LoRIF", 8, 8, 1024)]
+                              + _whitened((2, 4, 8), (1, 2, 4, 16), (32, 1))
+                              + _whitened((4, 8), (1, 4), (32,), ("LoRIF-W dot",)),
+                              dense_f=(1, 2, 4, 8)),
 }
 
 # λ scales (x trace(A)/D) tried on the exact influence: how much of the spread between methods
@@ -489,9 +585,14 @@ PLANS = {
 DAMPING_SWEEP = (0.01, 0.1, 1.0, 10.0)
 
 
+DATASETS = ("digits", "cancer", "fortunes")
+
+
 def make_task(name: str, settings: dict):
     if name == "digits":
         return DigitsTask(**settings)
+    if name == "cancer":
+        return CancerTask(**settings)
     if not FORTUNES_DIR.is_dir() or not read_fortunes():
         print(f"[bench_quality] skipping fortunes: no fortunes under {FORTUNES_DIR} "
               "(apt-get install -y fortunes-min)", flush=True)
@@ -499,7 +600,8 @@ def make_task(name: str, settings: dict):
     return FortunesTask(**settings)
 
 
-def run_dataset(name: str, plan: dict, cache_root: Path, workdir: Path, batch_size: int) -> tuple[list[Row], dict]:
+def run_dataset(name: str, plan: dict, cache_root: Path, workdir: Path, batch_size: int,
+                kronfluence: bool = True) -> tuple[list[Row], dict]:
     t0 = time.perf_counter()
     task = make_task(name, plan["task"])
     if task is None:
@@ -518,9 +620,12 @@ def run_dataset(name: str, plan: dict, cache_root: Path, workdir: Path, batch_si
         methods = ("exact", "graddot") if f == 1 else ("LoGRA", "graddot")
         rows += run_dense(task, name, util, f, batch_size, methods)
         print(table(rows[-len(methods):]).split("\n", 2)[2], flush=True)
-    for f, c, r in plan["lorif"]:
-        rows.append(run_lorif(task, name, util, f, c, r, workdir, batch_size))
+    for cfg in plan["lorif"]:
+        rows.append(run_lorif(task, name, util, cfg, workdir, batch_size))
         print(table(rows[-1:]).split("\n", 2)[2], flush=True)
+    if kronfluence:
+        rows += run_kronfluence(task, name, util, workdir, batch_size)
+        print(table([r for r in rows if r.method.startswith("Kronfluence")]).split("\n", 2)[2], flush=True)
     meta = {"task": task.retrain_key, "n_train": len(task.train_examples()), "n_queries": len(task.query_examples()),
             "lds": asdict(config), "model_train_s": t_model, "utilities_s_this_run": t_util,
             "seed_agreement": util.seed_agreement(),
@@ -536,7 +641,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer subsets, seeds and configs (~5 min)")
-    p.add_argument("--datasets", default="digits,fortunes", help="comma-separated: digits, fortunes")
+    p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated: {', '.join(DATASETS)}")
+    p.add_argument("--no-kronfluence", action="store_true", help="skip the Kronfluence peer rows")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "lorif-stream" / "lds"),
                    help="LDS utility cache root (resumable; reused across runs)")
     p.add_argument("--threads", type=int, default=1,
@@ -551,8 +657,8 @@ def main(argv=None) -> int:
     png = Path(args.plot or RESULTS / f"quality_front{suffix}.png")
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     for n in names:
-        if n not in ("digits", "fortunes"):
-            p.error(f"unknown dataset {n!r} (digits, fortunes)")
+        if n not in DATASETS:
+            p.error(f"unknown dataset {n!r} ({', '.join(DATASETS)})")
     t0 = time.perf_counter()
     all_rows: dict[str, list[Row]] = {}
     report = {"command": " ".join(["python benchmarks/bench_quality.py"] + (argv if argv is not None else sys.argv[1:])),
@@ -561,12 +667,13 @@ def main(argv=None) -> int:
               "datasets": {}}
     with tempfile.TemporaryDirectory(prefix="lorif-quality-") as tmp:
         for name in names:
-            rows, meta = run_dataset(name, PLANS[(name, args.quick)], Path(args.cache), Path(tmp), args.batch_size)
+            rows, meta = run_dataset(name, PLANS[(name, args.quick)], Path(args.cache), Path(tmp), args.batch_size,
+                                     kronfluence=not args.no_kronfluence)
             if not rows:
                 report["datasets"][name] = meta
                 continue
             all_rows[name] = rows
-            lorif = [r for r in rows if r.method == "LoRIF"]
+            lorif = [r for r in rows if r.method in LORIF_METHODS]
             logra = [r for r in rows if r.method == "LoGRA"]
             report["datasets"][name] = {**meta, "rows": [asdict(r) for r in rows],
                                         "lorif_front": [r.label() for r in pareto(lorif)],

@@ -57,7 +57,9 @@ class BuildResult:
     new_rows: int
     seconds: float
     bytes_written: int
-    sketch_seconds: float = 0.0
+    sketch_seconds: float = 0.0  # feeding the curvature statistics (sketches or EK-FAC sums) during the build
+    whiten_seconds: float = 0.0  # the whitening pre-pass (0 when it was already done)
+    finalize_seconds: float = 0.0  # catching up and finalizing the curvature after the last row
 
 
 # ------------------------------------------------------------------------------------ public
@@ -294,12 +296,14 @@ def _to_host(tensors: list[torch.Tensor], device: torch.device):
 def _run(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool,
          whiten_only: bool = False) -> BuildResult:
     try:
+        t0 = time.perf_counter()
         if config.projection_kind == "whitened":
-            t0 = time.perf_counter()
             source.projections = ensure_whitening(writer, source, task, config, progress)
-            if whiten_only:
-                return BuildResult(str(writer.path), writer.rows, 0, time.perf_counter() - t0, 0)
-        return _extend(writer, source, task, config, progress)
+        whiten_s = time.perf_counter() - t0
+        if whiten_only:
+            return BuildResult(str(writer.path), writer.rows, 0, whiten_s, 0, whiten_seconds=whiten_s)
+        result = _extend(writer, source, task, config, progress)
+        return replace(result, seconds=result.seconds + whiten_s, whiten_seconds=whiten_s)
     except BaseException:
         _withdraw_empty_append(writer)
         raise
@@ -394,10 +398,11 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
             notice(f"{len(nonfinite)} example(s) had non-finite gradients and were stored as zeros "
                    f"(rows {s['nonfinite_rows'][:10]}{'...' if len(s['nonfinite_rows']) > 10 else ''})")
     committer.check()
+    t_final = time.perf_counter()
     sketches.save(writer)
     sketches.finalize(writer, config.curvature, config.budget(), progress=progress)
     return BuildResult(str(writer.path), writer.rows, writer.rows - start_row, time.perf_counter() - t0,
-                       committer.bytes_written, sketches.seconds)
+                       committer.bytes_written, sketches.seconds, finalize_seconds=time.perf_counter() - t_final)
 
 
 def _add(pending: list, grads: list[torch.Tensor], ids: list[str], c: int, storage: torch.dtype) -> None:

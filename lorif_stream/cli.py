@@ -131,22 +131,34 @@ def build(index, quiet, **kwargs):
 @cli.command()
 @task_options
 @click.option("--index", required=True, type=click.Path(file_okay=False), help="existing index directory")
-@config_options(cfg.BuildConfig, exclude=("curvature", "f", "rank", "projection", "seed", "dtype", "block_size",
-                                          "zstd_level"))
+@config_options(cfg.BuildConfig, exclude=("curvature", "block_size", "zstd_level") + cfg.FACTOR_FIELDS)
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def append(index, quiet, **kwargs):
-    """Add the task's training examples as new rows (the index's own settings are used)."""
+    """Add the task's training examples as new rows (the index's own projections and settings are used)."""
     from .build import append as run
-    from .store import IndexReader
 
     task = _make_task(kwargs)
     _budget(kwargs)
-    with IndexReader(index) as reader:
-        factors = reader.settings["factors"]
-    config = cfg.BuildConfig(**kwargs, f=factors["f"], rank=factors["rank"], projection=factors["projection"],
-                             seed=factors["seed"], dtype=factors["dtype"])
-    result = run(task, index, config, progress=not quiet)
+    result = run(task, index, progress=not quiet, **kwargs)
     click.echo(f"appended {result.new_rows:,} rows ({result.rows:,} in all) to {result.index} in {result.seconds:.1f}s")
+
+
+@cli.command()
+@task_options
+@click.option("--index", required=True, type=click.Path(file_okay=False), help="index directory (created, or resumed)")
+@config_options(cfg.BuildConfig, exclude=("curvature",))
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def whiten(index, quiet, **kwargs):
+    """Run only the whitening pre-pass of a build (K-FAC token moments -> whitened projections).
+
+    `build` with the same options then continues from it; `build` alone runs it first anyway."""
+    from .build import whiten as run
+
+    task = _make_task(kwargs)
+    _budget(kwargs)
+    result = run(task, index, cfg.BuildConfig(**kwargs), progress=not quiet)
+    click.echo(f"whitened the projections of {result.index} in {result.seconds:.1f}s: "
+               f"run `lorif-stream build` with the same options to index the rows")
 
 
 @cli.command()
@@ -200,19 +212,32 @@ def info(index, as_json):
     click.echo(f"index     {report['index']}")
     click.echo(f"rows      {report['rows']:,}   segments {len(report['segments'] or [])}   "
                f"non-finite rows {report['nonfinite_rows']}")
-    click.echo(f"factors   f={f.get('f')} c={report['c']} {report['dtype']} projection={f.get('projection')} "
-               f"block={report['block_size']}")
+    p = report["projection"]
+    click.echo(f"format    version {report['format_version']}")
+    click.echo(f"factors   f={p['f']} min-side={p['min_side']} c={report['c']} {report['dtype']} "
+               f"block={report['block_size']} rows")
+    if p["kind"] == "whitened":
+        click.echo(f"projection whitened ({p['matrices']}): K-FAC moments of {p['whiten_examples']} examples, "
+                   f"ρ={p['whiten_damping']}, {p['whitened_layers']}/{len(report['layers'])} layers done")
+    else:
+        click.echo(f"projection random ({p['matrices']}): unwhitened, the LoRIF paper's projections")
     bpe = report["bytes_per_example"]
     other = max(report["disk_bytes"] - report["factor_bytes"], 0)
     click.echo(f"size      {report['disk_bytes'] / 1e6:,.1f} MB on disk: factors {report['factor_bytes'] / 1e6:,.1f} MB"
                + (f" ({bpe:,.0f} B/example, {bpe / report['raw_bytes_per_example']:.2f}× raw {report['dtype']})" if bpe else "")
                + f", curvature state and free pages {other / 1e6:,.1f} MB")
-    click.echo(f"curvature covers {report['curvature'].get('rows')} rows")
-    click.echo(f"{'layer':40s} {'D':>10s} {'r':>6s} {'λ':>10s} {'energy':>7s}")
+    click.echo(f"preconditioner {report['preconditioner']}, covering {report['curvature'].get('rows')} rows")
+    click.echo(f"{'layer':36s} {'d_out x d_in':>13s} {'r':>6s} {'λ':>9s} {'energy':>7s}  whitening spectrum "
+               f"(in | out: eig max/mean, effective rank)")
     for l in report["layers"]:
         lam = f"{l['damping']:.3g}" if l["damping"] is not None else "-"
         en = f"{l['captured_energy']:.3f}" if l["captured_energy"] is not None else "-"
-        click.echo(f"{l['name'][:40]:40s} {l['D']:>10,} {str(l['rank'] or '-'):>6s} {lam:>10s} {en:>7s}")
+        w = l["whitening"]
+        spectrum = " | ".join((f"{w[s]['eig_max']:.2g}/{w[s]['eig_mean']:.2g}, {w[s]['effective_rank']:.1f} of {w[s]['dim']}"
+                               if w[s].get("whitened", True) else f"not whitened ({w[s]['dim']} wide)")
+                              for s in ("in", "out")) if w else "-"
+        click.echo(f"{l['name'][:36]:36s} {l['d_out']:>6,} x {l['d_in']:<6,} {str(l['rank'] or '-'):>6s} {lam:>9s} "
+                   f"{en:>7s}  {spectrum}")
 
 
 @cli.command()

@@ -1,7 +1,9 @@
 """info / verify: what an index holds, and whether every block of it still decodes."""
 from __future__ import annotations
 
-from .fit import CURVATURE_META
+from .config import factor_key_of_index
+from .fit import CURVATURE_META, stored_preconditioner
+from .whitening import WHITENING_META
 from .progress import Progress
 from .store import IndexReader, VerifyReport
 
@@ -11,6 +13,8 @@ def info(index) -> dict:
     with IndexReader(index) as reader, reader.snapshot() as snap:
         layout, settings = reader.layout, reader.settings
         curvature = snap.state_meta(CURVATURE_META) or {}
+        whitening = snap.state_meta(WHITENING_META) or {}
+        factors = factor_key_of_index(settings.get("factors") or {})
         disk = reader.disk_bytes()
         factor_bytes = reader.factor_bytes()
         layers = []
@@ -19,6 +23,7 @@ def info(index) -> dict:
             layers.append({
                 "name": layer.name, "d_out": layer.d_out, "d_in": layer.d_in, "D": layer.D,
                 "rank": c.get("rank"), "damping": c.get("damping"), "captured_energy": c.get("captured_energy"),
+                "whitening": whitening.get("layers", {}).get(layer.name),
             })
         raw = layout.values_per_example() * {"bf16": 2, "fp16": 2, "fp32": 4}[layout.dtype]
         return {
@@ -28,7 +33,13 @@ def info(index) -> dict:
             "c": layout.c,
             "dtype": layout.dtype,
             "block_size": layout.block_size,
+            "format_version": reader.format_version,
             "factors": settings.get("factors"),
+            "projection": {"kind": factors.get("projection_kind"), "f": factors.get("f"),
+                           "min_side": factors.get("min_side"), "matrices": factors.get("projection"),
+                           "whiten_examples": whitening.get("examples"), "whiten_damping": whitening.get("rho"),
+                           "whitened_layers": len(whitening.get("layers", {}))},
+            "preconditioner": stored_preconditioner(curvature) if curvature else None,
             "segments": settings.get("segments"),
             "nonfinite_rows": len(settings.get("nonfinite_rows", [])),
             "curvature": {k: v for k, v in curvature.items() if k != "layers"},

@@ -38,6 +38,9 @@ from .projection import LayerProjection, make_projections
 
 WHITENING_META = "whitening"
 _CHECKPOINT_SECONDS = 300.0
+# A side wider than this (an LM head over a 50k vocabulary) keeps its plain random projection: its
+# dim² fp64 moment (20 GB at 50k) and dim³ eigendecomposition would cost more than the whole build.
+MAX_WHITENED_SIDE = 8192
 
 
 def array_name(layer: str, field: str) -> str:
@@ -56,9 +59,15 @@ def sample_indices(n: int, m: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, m).round().astype(np.int64))
 
 
+def whitened_sides(layer: LayerInfo) -> tuple[bool, bool]:
+    """(in, out): which sides of a layer get whitened (not those wider than MAX_WHITENED_SIDE)."""
+    return layer.in_features <= MAX_WHITENED_SIDE, layer.out_features <= MAX_WHITENED_SIDE
+
+
 def moment_bytes(layer: LayerInfo) -> int:
-    """fp64 accumulators of one layer: I x I and O x O."""
-    return 8 * (layer.in_features ** 2 + layer.out_features ** 2)
+    """fp64 accumulators of one layer: I x I and O x O (sides that are whitened)."""
+    w_in, w_out = whitened_sides(layer)
+    return 8 * (w_in * layer.in_features ** 2 + w_out * layer.out_features ** 2)
 
 
 # ------------------------------------------------------------------------------------ capture
@@ -73,10 +82,12 @@ class MomentCapture(LayerHooks):
 
     def __init__(self, model, layers: Sequence[LayerInfo], device: torch.device):
         super().__init__(model, layers)
-        self.A_in = {l.name: torch.zeros(l.in_features, l.in_features, dtype=torch.float64, device=device)
-                     for l in self.layers}
-        self.A_out = {l.name: torch.zeros(l.out_features, l.out_features, dtype=torch.float64, device=device)
-                      for l in self.layers}
+
+        def zeros(dim: int, whitened: bool):
+            return torch.zeros(dim, dim, dtype=torch.float64, device=device) if whitened else None
+
+        self.A_in = {l.name: zeros(l.in_features, whitened_sides(l)[0]) for l in self.layers}
+        self.A_out = {l.name: zeros(l.out_features, whitened_sides(l)[1]) for l in self.layers}
         self.tokens = {l.name: 0 for l in self.layers}
 
     def _keep_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +112,9 @@ class MomentCapture(LayerHooks):
                 d = d[token]
                 xs = x.reshape(-1, layer.in_features)[token].to(torch.float32)
                 # one fp32 GEMM per batch, summed in fp64: N tokens of positive terms
-                self.A_in[layer.name] += (xs.T @ xs).to(self.A_in[layer.name].device, torch.float64)
-                self.A_out[layer.name] += (d.T @ d).to(self.A_out[layer.name].device, torch.float64)
+                for A, v in ((self.A_in[layer.name], xs), (self.A_out[layer.name], d)):
+                    if A is not None:
+                        A += (v.T @ v).to(A.device, torch.float64)
                 self.tokens[layer.name] += int(token.sum())
 
 
@@ -130,7 +142,7 @@ class SideWhitening:
         total = float(e.sum())
         # participation ratio: how many directions carry the moment (1 = one direction, dim = flat)
         effective = total ** 2 / float((e * e).sum()) if total > 0 else 0.0
-        return {"dim": int(e.numel()), "damping": self.damping, "eig_max": float(e[-1]), "eig_mean": float(e.mean()),
+        return {"dim": int(e.numel()), "whitened": True, "damping": self.damping, "eig_max": float(e[-1]), "eig_mean": float(e.mean()),
                 "eig_min": float(e[0]), "effective_rank": effective}
 
 
@@ -164,12 +176,17 @@ class LayerWhitening:
 
 
 @torch.no_grad()
-def whiten_layer(A_in: torch.Tensor, A_out: torch.Tensor, tokens: int, base: LayerProjection,
+def whiten_layer(A_in: torch.Tensor | None, A_out: torch.Tensor | None, tokens: int, base: LayerProjection,
                  rho: float) -> LayerWhitening:
-    """Whitened projections of one layer from its summed moments over ``tokens`` tokens."""
+    """Whitened projections of one layer from its summed moments over ``tokens`` tokens
+    (a side whose moment is None keeps its random projection)."""
     scale = 1.0 / max(tokens, 1)
     sides = {}
     for side, A, P in (("in", A_in, base.P_in), ("out", A_out, base.P_out)):
+        if A is None:
+            d = P.shape[1]
+            sides[side] = (P.to(torch.float32).cpu(), torch.eye(d), {"dim": int(P.shape[0]), "whitened": False})
+            continue
         A = A * scale
         w = side_whitening(A, rho)
         Pw = w.matrix() @ P.to(A.device, torch.float64)
@@ -214,6 +231,10 @@ def ensure_whitening(writer, source, task, config, progress: bool = True) -> dic
     layers = source.layers
     done = set(meta.get("layers", {}))
     todo = [l for l in layers if l.name not in done]
+    wide = [l.name for l in todo if not all(whitened_sides(l))]
+    if wide:
+        notice(f"whitening: {len(wide)} layer(s) have a side wider than {MAX_WHITENED_SIDE:,} ({', '.join(wide[:3])}"
+               f"{'...' if len(wide) > 3 else ''}); that side keeps its plain random projection")
     if todo:
         n = len(task.train_examples())
         indices = sample_indices(n, config.whiten_examples)
@@ -268,8 +289,9 @@ def _whiten_group(writer, source, task, group: list[LayerInfo], indices: np.ndar
 def _save_partial(writer, capture: MomentCapture, group: list[LayerInfo], meta: dict, done: int) -> None:
     arrays = {}
     for layer in group:
-        arrays[_partial_name(layer.name, "in")] = capture.A_in[layer.name].cpu().numpy()
-        arrays[_partial_name(layer.name, "out")] = capture.A_out[layer.name].cpu().numpy()
+        for side, acc in (("in", capture.A_in), ("out", capture.A_out)):
+            if acc[layer.name] is not None:
+                arrays[_partial_name(layer.name, side)] = acc[layer.name].cpu().numpy()
     meta["partial"] = {"layers": [l.name for l in group], "examples_done": done,
                        "tokens": {l.name: capture.tokens[l.name] for l in group}}
     writer.put_state(arrays, {WHITENING_META: meta})
@@ -282,6 +304,8 @@ def _resume_partial(writer, capture: MomentCapture, group: list[LayerInfo], meta
         return 0
     for layer in group:
         for side, acc in (("in", capture.A_in), ("out", capture.A_out)):
+            if acc[layer.name] is None:
+                continue
             arr = writer.get_array(_partial_name(layer.name, side))
             if arr is None:
                 return 0

@@ -20,7 +20,8 @@ import mlp_task  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers_index import assert_same_factors_and_ids  # noqa: E402
 
-OPTS = dict(f=1, rank=1, dtype="bf16", sketch_rank=16, damping=0.5, device="cpu", block_size=4, batch_size=2,
+# EK-FAC: the one preconditioner whose statistic (Λ) is additive over rows like the factors
+OPTS = dict(f=1, rank=1, dtype="bf16", preconditioner="ekfac", damping=0.5, device="cpu", block_size=4, batch_size=2,
             progress=False)
 APPEND = dict(f=1, rank=1, dtype="bf16", device="cpu", batch_size=2, progress=False)
 

@@ -225,7 +225,8 @@ def test_a_full_disk_stops_the_build_with_one_line_and_loses_nothing(tmp_path):
 
 def test_sigkill_during_build_then_resume_equals_uninterrupted(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    args = ["--f", 1, "--sketch-rank", 16, "--device", "cpu", "--block-size", 4, "--batch-size", 2, "--quiet"]
+    # EK-FAC: its Λ statistic is fed during the build and must resume exactly too
+    args = ["--f", 1, "--preconditioner", "ekfac", "--device", "cpu", "--block-size", 4, "--batch-size", 2, "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "lorif_stream.cli", "build", "--task", f"{TASKS}:slow",
                              "--index", killed, *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE)
     deadline = time.time() + 60
@@ -249,10 +250,8 @@ def test_sigkill_during_build_then_resume_equals_uninterrupted(tmp_path):
     with IndexReader(killed) as a, IndexReader(clean) as b, a.snapshot() as sa, b.snapshot() as sb:
         for name in ("0", "2"):
             ga, gb = sa.state_meta("curvature")["generation"], sb.state_meta("curvature")["generation"]
-            # the default EK-FAC eigenvalues (Λ), or the sketched σ² of a lowrank index
-            field = "ekfac" if sa.array(f"curvature/{ga}/{name}/ekfac") is not None else "sigma2"
-            np.testing.assert_allclose(sa.array(f"curvature/{ga}/{name}/{field}"),
-                                       sb.array(f"curvature/{gb}/{name}/{field}"), rtol=1e-4)
+            np.testing.assert_allclose(sa.array(f"curvature/{ga}/{name}/ekfac"),
+                                       sb.array(f"curvature/{gb}/{name}/ekfac"), rtol=1e-4)
     # different settings on an existing index are refused, naming them
     bad = cli("build", "--task", f"{TASKS}:full", "--index", killed, "--f", 2, "--device", "cpu", check=False)
     assert bad.returncode == 1 and "f: index 1 vs 2" in bad.stderr
@@ -321,11 +320,13 @@ def test_a_disk_too_small_is_refused_before_anything_is_written(tmp_path, monkey
     small, wide = CurvatureConfig(sketch_rank=4, oversample=0), CurvatureConfig(sketch_rank=16)
     grow = estimate(projection_kind="random", curvature=wide) - estimate(projection_kind="random", curvature=small)
     assert grow == 2 * 4 * (2048 * (64 + 16 - 4 - 4) + 32 * (32 + 16 - 4 - 4))
-    # whitened + EK-FAC: projections, eigenbases, the moment checkpoint and D-sized sums; no sketch
+    # whitened (the default, dot product): projections, eigenbases and the moment checkpoint; no sketch
     whitened = estimate() - estimate(projection_kind="random", curvature=CurvatureConfig(preconditioner="none"))
-    per_layer = [4 * (128 * 32 + 256 * 64 + 32 ** 2 + 64 ** 2) + 8 * (128 ** 2 + 256 ** 2) + 12 * 2048,
-                 4 * (4 * 4 + 8 * 8 + 4 ** 2 + 8 ** 2) + 8 * (4 ** 2 + 8 ** 2) + 12 * 32]
+    per_layer = [4 * (128 * 32 + 256 * 64 + 32 ** 2 + 64 ** 2) + 8 * (128 ** 2 + 256 ** 2),
+                 4 * (4 * 4 + 8 * 8 + 4 ** 2 + 8 ** 2) + 8 * (4 ** 2 + 8 ** 2)]
     assert whitened == 2 * sum(per_layer)
+    # EK-FAC adds its D-sized sums (fp64) and one fp32 generation per layer
+    assert estimate(curvature=CurvatureConfig(preconditioner="ekfac")) - estimate() == 2 * 12 * (2048 + 32)
 
 
 def test_bad_curvature_settings_and_tiny_budget_are_refused(tmp_path):
