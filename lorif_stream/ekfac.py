@@ -22,20 +22,29 @@ import torch
 Tensor = torch.Tensor
 
 
+# Rows expanded to dense rotated gradients at once when c > 1 (bounds the n x d_out x d_in scratch).
+_SCRATCH_ELEMS = 1 << 24
+
+
 @torch.no_grad()
 def rotated_squares(L: Tensor, R: Tensor, q_out: Tensor, q_in: Tensor) -> Tensor:
-    """``Σ_i (q_outᵀ L_i R_iᵀ q_in)²`` (elementwise) of one block, in fp64, never forming a G_i.
+    """``Σ_i (q_outᵀ L_i R_iᵀ q_in)²`` (elementwise) of one block, in fp64.
 
-    With ``a = q_outᵀ L_i`` and ``b = q_inᵀ R_i`` (rank c), ``(Σ_c a_c b_cᵀ)² = Σ_{c,c'}
-    (a_c ∘ a_c')(b_c ∘ b_c')ᵀ``: c² GEMMs of (d_out x n)(n x d_in).
+    With ``a = q_outᵀ L_i`` and ``b = q_inᵀ R_i``: for c = 1 the sum is one GEMM ``(a²)ᵀ (b²)`` and
+    no G_i is formed; for c > 1 the rotated G_i = a bᵀ are formed in chunks (c·D per row, cheaper
+    than the c² GEMMs of the expanded square).
     """
     a = torch.einsum("ji,njc->nic", q_out, L.to(q_out.dtype))
     b = torch.einsum("ji,njc->nic", q_in, R.to(q_in.dtype))
-    c = a.shape[2]
-    out = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
-    for u in range(c):
-        for v in range(c):
-            out += ((a[:, :, u] * a[:, :, v]).T @ (b[:, :, u] * b[:, :, v])).to(torch.float64)
+    n, d_out, c = a.shape
+    d_in = b.shape[1]
+    if c == 1:
+        return ((a[:, :, 0] ** 2).T @ (b[:, :, 0] ** 2)).to(torch.float64)
+    out = torch.zeros(d_out, d_in, dtype=torch.float64, device=a.device)
+    step = max(1, _SCRATCH_ELEMS // (d_out * d_in))
+    for s in range(0, n, step):
+        G = torch.bmm(a[s:s + step], b[s:s + step].transpose(1, 2))
+        out += (G * G).sum(0).to(torch.float64)
     return out
 
 

@@ -223,9 +223,10 @@ def test_small_sides_are_not_shrunk():
 # ------------------------------------------------------------------------------------ EK-FAC
 
 
-def test_ekfac_preconditioner_equals_the_dense_eigenvalue_corrected_inverse():
+@pytest.mark.parametrize("c", [1, 3])
+def test_ekfac_preconditioner_equals_the_dense_eigenvalue_corrected_inverse(c):
     g = torch.Generator().manual_seed(0)
-    d_out, d_in, n, c = 4, 5, 30, 2
+    d_out, d_in, n = 4, 5, 30
     q_out = torch.linalg.qr(torch.randn(d_out, d_out, generator=g, dtype=torch.float64))[0]
     q_in = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64))[0]
     L, R = torch.randn(n, d_out, c, generator=g, dtype=torch.float64), torch.randn(n, d_in, c, generator=g, dtype=torch.float64)
