@@ -1,21 +1,27 @@
-"""Streaming sketches of a layer's curvature and its randomized eigendecomposition.
+"""Streaming sketches of a layer's curvature and its eigendecomposition.
 
 A layer's curvature is ``A = sum_i g_i g_i^T`` over training examples, where each
-``g_i = vec(L_i R_i^T)`` arrives as rank-c factors. ``A`` is D x D and never formed: the build
-keeps the single-pass sketch ``Y = A @ Omega`` (D x k, Omega Gaussian, regenerated from a seed and
-never stored) plus ``trace(A)``. Both are sums over examples, so blocks, shards and appends simply
-add. ``nystrom_eig`` turns the sketch into top-r eigenpairs (Tropp, Yurtsever, Udell, Cevher 2017,
-"Fixed-rank approximation of a positive-semidefinite matrix from streaming data");
-``refine`` improves them with passes of subspace iteration + Rayleigh-Ritz over the stored blocks.
+``g_i = vec(L_i R_i^T)`` arrives as rank-c factors. The build keeps the single-pass sketch
+``Y = A @ Omega`` plus ``trace(A)``; both are sums over examples, so blocks, shards and appends
+simply add. Omega is one of two test matrices, chosen per sketch when it is created and recorded
+in its state:
 
-Precision: the D x k arrays are fp32 (memory); every k x k matrix, every trace and every Gram
-product is formed in fp64, chunked over rows so no D x k fp64 copy is ever resident.
+* Gaussian (k < D): D x k, regenerated from a seed and never stored. ``nystrom_eig`` turns the
+  sketch into top-r eigenpairs (Tropp, Yurtsever, Udell, Cevher 2017, "Fixed-rank approximation
+  of a positive-semidefinite matrix from streaming data"); ``refine`` improves them with passes of
+  subspace iteration + Rayleigh-Ritz over the stored blocks.
+* identity (k >= D): a sketch as wide as the layer costs as much as A itself, so Y is the dense
+  Gram A, accumulated in fp64, and ``dense_eig`` takes its exact eigendecomposition.
+
+Precision: the Gaussian D x k arrays are fp32 (memory); every k x k matrix, every trace and every
+Gram product is formed in fp64, chunked over rows so no D x k fp64 copy is ever resident. The
+dense Gram is fp64 throughout (it takes the memory of a fp32 Y plus its cached Omega at k = D).
 """
 from __future__ import annotations
 
 import math
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Tuple
 
@@ -25,15 +31,20 @@ import torch
 Tensor = torch.Tensor
 Blocks = Iterable[Tuple[Tensor, Tensor]]
 
-# Part of the definition of Omega: changing the generator changes every stored sketch, so the
-# state records this tag and refuses to load a sketch made with another one.
-OMEGA_GENERATOR = "box-muller-fp64-mt19937-v1"
+# Part of the definition of Omega: changing a generator changes every stored sketch, so the state
+# records the tag of the one it was made with and refuses to load a sketch made with an unknown one.
+GAUSSIAN_GENERATOR = "box-muller-fp64-mt19937-v1"
+IDENTITY_GENERATOR = "identity-v1"
+GENERATORS = (GAUSSIAN_GENERATOR, IDENTITY_GENERATOR)
 STATE_VERSION = 1
 
 # Rows per chunk when generating Omega or reducing D x k arrays to k x k fp64 products.
 _ROW_CHUNK = 4096
 # Scratch budget (elements) for one sketch_update chunk: 16M floats = 64 MiB.
 _SCRATCH_ELEMS = 1 << 24
+# Largest dense Gram whose eigh runs on one CPU thread (see _serial_lapack); above it the O(D^3)
+# work is large enough for threads to pay off even on a busy machine.
+_SERIAL_EIGH_MAX = 512
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,6 +183,41 @@ def sketch_update(Y: Tensor, L: Tensor, R: Tensor, omega: Tensor, chunk_rows: in
 
 
 @torch.no_grad()
+def gram_update(A: Tensor, L: Tensor, R: Tensor, chunk_rows: int | None = None) -> float:
+    """Add ``sum_i g_i g_i^T`` into the dense fp64 Gram ``A`` (D, D) in place; return ``sum_i ||g_i||^2``.
+
+    L (n, d_out, c), R (n, d_in, c) in any float dtype (moved to A's device). Each chunk of at most
+    ``chunk_rows`` examples (default: a 64 MiB fp64 scratch) is expanded once into G (m, D) and
+    added as G^T G. fp64 GEMMs because A is summed over every row of the corpus and its eigh is
+    meant to be exact: fp32 rounding of the running sum would reach the preconditioned scores
+    amplified by the condition number of A + lam I.
+    """
+    if L.dim() != 3 or R.dim() != 3:
+        raise ValueError(f"factor blocks must be (n, d_out, c) and (n, d_in, c), got L{tuple(L.shape)}, R{tuple(R.shape)}")
+    n, d_out, c = L.shape
+    if R.shape[0] != n or R.shape[2] != c:
+        raise ValueError(f"L{tuple(L.shape)} and R{tuple(R.shape)} disagree on rows or rank c")
+    D = d_out * R.shape[1]
+    if A.dim() != 2 or tuple(A.shape) != (D, D):
+        raise ValueError(f"factor shapes give D = d_out*d_in = {d_out}*{R.shape[1]} = {D}, but A has shape {tuple(A.shape)}")
+    if A.dtype != torch.float64:
+        raise ValueError(f"the dense Gram must be fp64, got {A.dtype}")
+    if chunk_rows is None:
+        chunk_rows = max(1, (_SCRATCH_ELEMS // 2) // D)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got chunk_rows={chunk_rows}")
+    L = L.to(device=A.device, dtype=torch.float64)
+    R = R.to(device=A.device, dtype=torch.float64)
+    trace = 0.0
+    for s in range(0, n, chunk_rows):
+        Lc, Rc = L[s:s + chunk_rows], R[s:s + chunk_rows]
+        trace += _block_trace(Lc, Rc)
+        G = torch.bmm(Lc, Rc.transpose(1, 2)).view(Lc.shape[0], D)
+        A.addmm_(G.t(), G)
+    return trace
+
+
+@torch.no_grad()
 def apply_curvature(Q: Tensor, blocks: Blocks) -> Tensor:
     """Z = A Q for A = sum over the streamed (L, R) blocks of g g^T; never forms A or a N x D array."""
     Q = Q.to(torch.float32).contiguous()
@@ -189,10 +235,13 @@ def apply_curvature(Q: Tensor, blocks: Blocks) -> Tensor:
 class LayerSketch:
     """Additive single-pass sketch of one layer: Y = A Omega, trace(A) and the rows it covers.
 
-    Omega is determined by (D, k, seed) and regenerated, never persisted. ``k`` is clamped to D:
-    a D-wide Gaussian sketch already determines A exactly. While updating, Omega is cached on
-    Y's device (resident memory 2*D*k*4 bytes) unless ``cache_omega=False`` (D*k*4 bytes, but
-    Omega is regenerated on the CPU for every update - slow on GPU).
+    Omega is determined by (generator, D, k, seed) and never persisted. ``generator`` is chosen
+    at creation unless given: the identity when k >= D (Y is then the dense fp64 Gram A itself,
+    D x D, exact and cheaper to update than a D-wide Gaussian sketch), else the seeded Gaussian
+    (Y fp32, D x k). ``k`` is clamped to D. A Gaussian Omega is cached on Y's device while updating
+    (resident memory 2*D*k*4 bytes) unless ``cache_omega=False`` (D*k*4 bytes, but Omega is
+    regenerated on the CPU for every update - slow on GPU); the identity is never materialized
+    for updates (resident memory D*D*8 bytes).
     """
 
     D: int
@@ -203,6 +252,7 @@ class LayerSketch:
     rows: int = 0
     device: str | torch.device | None = None
     cache_omega: bool = True
+    generator: str | None = None
     _omega: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -215,22 +265,37 @@ class LayerSketch:
         if int(self.rows) < 0:
             raise ValueError(f"LayerSketch rows must be >= 0, got rows={self.rows}")
         self.D, self.seed, self.rows = int(self.D), int(self.seed), int(self.rows)
+        if self.generator is None:
+            self.generator = IDENTITY_GENERATOR if int(self.k) >= self.D else GAUSSIAN_GENERATOR
+        if self.generator not in GENERATORS:
+            raise ValueError(f"unknown test-matrix generator={self.generator!r}, expected one of {GENERATORS}")
+        if self.generator == IDENTITY_GENERATOR and int(self.k) < self.D:
+            raise ValueError(f"the identity test matrix needs k >= D, got k={self.k}, D={self.D}")
         self.k = min(int(self.k), self.D)
         self.trace = float(self.trace)
         if not math.isfinite(self.trace) or self.trace < 0:
             raise ValueError(f"LayerSketch trace must be finite and >= 0, got trace={self.trace}")
+        dtype = torch.float64 if self.dense else torch.float32
         if self.Y is None:
             dev = torch.device("cpu") if self.device is None else torch.device(self.device)
-            self.Y = torch.zeros(self.D, self.k, dtype=torch.float32, device=dev)
+            self.Y = torch.zeros(self.D, self.k, dtype=dtype, device=dev)
         else:
             if tuple(self.Y.shape) != (self.D, self.k):
                 raise ValueError(f"LayerSketch Y has shape {tuple(self.Y.shape)}, expected (D, k) = ({self.D}, {self.k})")
             dev = self.Y.device if self.device is None else torch.device(self.device)
-            self.Y = self.Y.to(device=dev, dtype=torch.float32).contiguous()
+            self.Y = self.Y.to(device=dev, dtype=dtype).contiguous()
         self.device = self.Y.device
+
+    @property
+    def dense(self) -> bool:
+        """True when Omega is the identity, so Y is the Gram A itself."""
+        return self.generator == IDENTITY_GENERATOR
 
     # Omega ------------------------------------------------------------------------------------
     def omega(self) -> Tensor:
+        """The test matrix, (D, k) in Y's dtype and device (the identity is made afresh, never cached)."""
+        if self.dense:
+            return torch.eye(self.D, dtype=self.Y.dtype, device=self.Y.device)
         if self._omega is not None and self._omega.device == self.Y.device:
             return self._omega
         om = gaussian_test_matrix(self.D, self.k, self.seed, self.Y.device)
@@ -245,19 +310,31 @@ class LayerSketch:
     @property
     def nbytes(self) -> int:
         """Resident bytes of the sketch itself (Y), not counting a cached Omega."""
-        return self.D * self.k * 4
+        return self.Y.numel() * self.Y.element_size()
 
     # Accumulation -----------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, L: Tensor, R: Tensor, chunk_rows: int | None = None) -> "LayerSketch":
-        self.trace += sketch_update(self.Y, L, R, self.omega(), chunk_rows=chunk_rows)
+        if self.dense:
+            self.trace += gram_update(self.Y, L, R, chunk_rows=chunk_rows)
+        else:
+            self.trace += sketch_update(self.Y, L, R, self.omega(), chunk_rows=chunk_rows)
         self.rows += int(L.shape[0])
         return self
+
+    def _test_matrix(self) -> tuple:
+        # What Omega depends on: the identity ignores the seed (and k = D).
+        if self.dense:
+            return (self.generator, self.D)
+        return (self.generator, self.D, self.k, self.seed)
 
     def _check_compatible(self, other: "LayerSketch") -> None:
         if not isinstance(other, LayerSketch):
             raise TypeError(f"can only merge a LayerSketch, got {type(other).__name__}")
-        if (self.D, self.k, self.seed) != (other.D, other.k, other.seed):
+        if self.generator != other.generator:
+            raise ValueError("cannot merge sketches with different test matrices: "
+                             f"generator={self.generator!r} vs {other.generator!r}")
+        if self._test_matrix() != other._test_matrix():
             raise ValueError("cannot merge sketches with different test matrices: "
                              f"(D, k, seed) = {(self.D, self.k, self.seed)} vs {(other.D, other.k, other.seed)}")
 
@@ -272,10 +349,11 @@ class LayerSketch:
 
     # Persistence ------------------------------------------------------------------------------
     def to_state(self) -> dict:
-        """{'Y': np.ndarray (D, k) float32} plus JSON-able scalars; Omega is not included."""
+        """{'Y': np.ndarray (D, k), float32 or float64 for the dense Gram} plus JSON-able scalars;
+        Omega is not included."""
         return {
             "version": STATE_VERSION,
-            "omega_generator": OMEGA_GENERATOR,
+            "omega_generator": self.generator,
             "D": self.D, "k": self.k, "seed": self.seed,
             "trace": float(self.trace), "rows": int(self.rows),
             "Y": self.Y.detach().to("cpu").numpy().copy(),
@@ -285,12 +363,17 @@ class LayerSketch:
     def from_state(cls, state: dict, device=None) -> "LayerSketch":
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported LayerSketch state version={state.get('version')!r}, expected {STATE_VERSION}")
-        if state.get("omega_generator") != OMEGA_GENERATOR:
-            raise ValueError(f"sketch was made with omega_generator={state.get('omega_generator')!r}, "
-                             f"this build generates {OMEGA_GENERATOR!r}: refit from the stored factors")
-        Y = torch.from_numpy(np.ascontiguousarray(state["Y"], dtype=np.float32))
+        generator = state.get("omega_generator")
+        if generator not in GENERATORS:
+            raise ValueError(f"sketch was made with omega_generator={generator!r}, "
+                             f"this build knows {GENERATORS}: refit from the stored factors")
+        # No cast here: the constructor picks the generator's dtype, and a fp64 Gram read through
+        # fp32 would lose what its fp64 accumulation bought.
+        Y = torch.from_numpy(np.ascontiguousarray(state["Y"]))
+        if not Y.is_floating_point():
+            raise ValueError(f"sketch Y must be a float array, got {Y.dtype}")
         return cls(D=int(state["D"]), k=int(state["k"]), seed=int(state["seed"]), Y=Y,
-                   trace=float(state["trace"]), rows=int(state["rows"]), device=device)
+                   trace=float(state["trace"]), rows=int(state["rows"]), device=device, generator=generator)
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +460,39 @@ def orthonormalize(X: Tensor, fill_seed: int = 0) -> Tensor:
     signs = torch.sign(torch.diagonal(Rm))
     signs[signs == 0] = 1.0
     return Qm * signs
+
+
+# --------------------------------------------------------------------------------------------
+# Dense eigendecomposition
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def dense_eig(A: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
+    """Top-``rank`` eigenpairs of the dense Gram ``A`` (D, D) by fp64 ``eigh``.
+
+    Returns sigma2 (rank,) fp32 descending, >= 0, and V (D, rank) fp32 with orthonormal columns.
+    A is symmetrized first (the GEMMs that summed it need not round both triangles alike) and
+    its rounding-level negative eigenvalues are clamped to 0. Directions outside range(A)
+    (rank-deficient or all-zero A) get sigma2 at rounding level (~1e-16 sigma2_1, harmless to
+    Woodbury) and eigh's orthonormal completion: never a NaN.
+    """
+    if A.dim() != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"dense_eig needs a square (D, D) matrix, got {tuple(A.shape)}")
+    D = A.shape[0]
+    rank = int(rank)
+    if rank < 1 or rank > D:
+        raise ValueError(f"rank must be in [1, D={D}], got rank={rank}")
+    S = A.to(torch.float64)
+    S = S + S.t()
+    S.mul_(0.5)
+    if not bool(torch.isfinite(S).all()):
+        raise ValueError("dense Gram A contains non-finite values")
+    with _serial_lapack(S.device) if D <= _SERIAL_EIGH_MAX else nullcontext():
+        ev, U = torch.linalg.eigh(S)
+    del S
+    sigma2 = ev[-rank:].flip(0).clamp_min(0).to(torch.float32)
+    V = U[:, -rank:].flip(1).to(torch.float32).contiguous()
+    return sigma2, V
 
 
 # --------------------------------------------------------------------------------------------

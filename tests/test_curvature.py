@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import lorif_stream.curvature as curvature_module
 from lorif_stream.curvature import (
     DAMPING_FLOOR,
     DampingPolicy,
@@ -13,7 +14,7 @@ from lorif_stream.curvature import (
     fit_layer_curvature,
     precondition,
 )
-from lorif_stream.sketch import LayerSketch
+from lorif_stream.sketch import GAUSSIAN_GENERATOR, LayerSketch, gaussian_test_matrix
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -190,6 +191,28 @@ def test_woodbury_property(D, r, lam, spread, seed):
     assert rel(precondition(g.double(), curv64), oracle(A, lam, g)) < 1e-10
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_precondition_stays_accurate_when_sigma2_dwarfs_lam(device, monkeypatch):
+    # Queries inside the top directions, sigma2 / lam up to 1e6: h = g/lam minus a V-term that
+    # cancels all but 1e-6 of it, so fp32 arithmetic (sigma2 / (lam + sigma2) alone rounds by
+    # 6e-8) would be ~6e-2 off. V (scaled Hadamard columns) and g are exact in fp32 and V is
+    # exactly orthonormal, so only the arithmetic is tested. Chunks of 7 rows exercise V's casts.
+    monkeypatch.setattr(curvature_module, "_V_CHUNK", 7)
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < 16:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)])
+    V = H[:, :6] / 4
+    s2 = torch.tensor([1e3, 3e2, 1e2, 1.0, 1e-2, 0.0], dtype=torch.float64)
+    lam = 1e-3
+    A = V @ torch.diag(s2) @ V.t()
+    coef = torch.tensor([[1.0, 2.0, -3.0], [5.0, 0.0, 1.0], [-2.0, 7.0, 4.0], [0.0, 0.0, 9.0]], dtype=torch.float64)
+    g = (coef @ V[:, :3].t()).float()
+    curv = LayerCurvature(s2.float(), V.float(), lam, float(s2.sum())).to(device)
+    h = precondition(g.to(device), curv)
+    assert h.dtype == torch.float32 and h.device.type == device
+    assert rel(h, oracle(A, lam, g)) < 1e-6
+
+
 def test_precondition_checks_the_query_width():
     curv = LayerCurvature(torch.ones(2), torch.eye(4, 2), 0.1, 2.0)
     with pytest.raises(ValueError, match="D=4"):
@@ -250,6 +273,78 @@ def test_fit_rejects_bad_settings():
         fit_layer_curvature(sketch, rank=4, refine_passes=1)
     with pytest.raises(ValueError, match="refine_passes=-1"):
         fit_layer_curvature(sketch, rank=4, refine_passes=-1)
+
+
+# ---------------------------------------------------------------------------- dense sketches (k >= D)
+
+
+def _raise_if_streamed():
+    raise AssertionError("a dense sketch is exact: refinement must not stream the blocks")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", [DampingPolicy(), DampingPolicy("trace", 0.01), DampingPolicy("explicit", 1.0)])
+def test_fit_on_a_dense_sketch_is_the_exact_damped_inverse(device, policy):
+    L, R = random_factors(90, 6, 7, 2, seed=11)               # N = 90 > D = 42: A full rank
+    sketch = LayerSketch(D=42, k=4 * 64, seed=0, device=device)
+    for Lb, Rb in blocks_of(L, R, 16):
+        sketch.update(Lb.to(device), Rb.to(device))
+    assert sketch.dense
+    G = dense_grads(L, R)
+    A = G.t() @ G
+    curv = fit_layer_curvature(sketch, rank=64, policy=policy)
+    assert curv.rank == 42 and curv.V.device.type == device
+    assert torch.allclose(curv.sigma2.double().cpu(), eigvalsh(A).flip(0), rtol=1e-6)
+    assert curv.captured_energy == pytest.approx(1.0, rel=1e-6)
+    g = torch.randn(5, 42, generator=torch.Generator().manual_seed(2))
+    # What is left is the fp32 rounding of the stored V, which the damped inverse amplifies by
+    # up to sigma2_1 / lam along the top directions (measured: ~0.07 eps32 sigma2_1 / lam here).
+    tol = max(1e-6, 0.5 * torch.finfo(torch.float32).eps * float(curv.sigma2[0]) / curv.damping)
+    assert rel(precondition(g.to(device), curv), oracle(A, curv.damping, g)) < tol
+    # Refinement passes would only reproduce the exact decomposition: they are skipped.
+    refined = fit_layer_curvature(sketch, rank=64, policy=policy, refine_passes=3, block_source=_raise_if_streamed,
+                                  finalize="nystrom")
+    assert torch.equal(refined.V, curv.V) and torch.equal(refined.sigma2, curv.sigma2)
+
+
+def test_fit_on_a_rank_deficient_dense_sketch_is_finite_and_exact():
+    L, R = random_factors(5, 8, 6, 1, seed=3)                 # N = 5 < D = 48
+    sketch = LayerSketch(D=48, k=48, seed=0).update(L, R)
+    curv = fit_layer_curvature(sketch, rank=64, policy=DampingPolicy("trace", 0.1))
+    assert curv.rank == 5                                     # clamped to N
+    G = dense_grads(L, R)
+    assert torch.allclose(curv.sigma2.double(), eigvalsh(G @ G.t()).flip(0), rtol=1e-6)
+    g = torch.randn(3, 48, generator=torch.Generator().manual_seed(1))
+    h = precondition(g, curv)
+    assert torch.isfinite(h).all()
+    assert rel(h, oracle(G.t() @ G, curv.damping, g)) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fit_on_an_all_zero_dense_sketch_is_finite(device):
+    sketch = LayerSketch(D=20, k=20, seed=0, device=device).update(torch.zeros(6, 5, 1, device=device),
+                                                                    torch.zeros(6, 4, 1, device=device))
+    with pytest.warns(RuntimeWarning, match="floor"):
+        curv = fit_layer_curvature(sketch, rank=4)
+    assert curv.rank == 4 and torch.all(curv.sigma2 == 0) and torch.isfinite(curv.V).all()
+    assert torch.isfinite(precondition(torch.randn(2, 20, device=device), curv)).all()
+
+
+def test_an_old_gaussian_sketch_as_wide_as_the_layer_finalizes_through_nystrom():
+    # The state an index written before the identity test matrix holds for a layer with k >= D.
+    L, R = random_factors(40, 5, 4, 2, seed=4)
+    G = dense_grads(L, R)
+    A = G.t() @ G
+    om = gaussian_test_matrix(20, 20, seed=6)
+    state = {"version": 1, "omega_generator": GAUSSIAN_GENERATOR, "D": 20, "k": 20, "seed": 6,
+             "trace": float(torch.trace(A)), "rows": 40, "Y": (A @ om.double()).float().numpy()}
+    sketch = LayerSketch.from_state(json.loads(json.dumps({k: v for k, v in state.items() if k != "Y"})) | {"Y": state["Y"]})
+    assert not sketch.dense
+    curv = fit_layer_curvature(sketch, rank=20, policy=DampingPolicy("trace", 0.1))
+    # Nystrom's accuracy (fp32 Y and shift), not the dense path's 1e-6.
+    assert torch.allclose(curv.sigma2.double(), eigvalsh(A).flip(0), rtol=1e-3, atol=1e-5 * float(eigvalsh(A)[-1]))
+    g = torch.randn(3, 20, generator=torch.Generator().manual_seed(0))
+    assert rel(precondition(g, curv), oracle(A, curv.damping, g)) < 1e-3
 
 
 @pytest.mark.parametrize("finalize", ["rr", "nystrom"])

@@ -8,9 +8,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from lorif_stream.sketch import (
+    GAUSSIAN_GENERATOR,
+    IDENTITY_GENERATOR,
     LayerSketch,
     apply_curvature,
+    dense_eig,
     gaussian_test_matrix,
+    gram_update,
     nystrom_eig,
     rayleigh_ritz,
     refine,
@@ -152,6 +156,7 @@ def test_layer_sketch_refuses_to_merge_different_test_matrices():
 
 def test_layer_sketch_validates_and_clamps_k_to_D():
     assert LayerSketch(D=5, k=40, seed=0).k == 5
+    assert LayerSketch(D=5, k=40, seed=0, generator=GAUSSIAN_GENERATOR).k == 5
     with pytest.raises(ValueError, match="D=0"):
         LayerSketch(D=0, k=4, seed=0)
     with pytest.raises(ValueError, match="k=0"):
@@ -173,11 +178,165 @@ def test_sketch_of_a_union_is_the_sum_of_sketches(n, cut, c, seed):
     assert parts.trace == pytest.approx(whole.trace, rel=1e-12, abs=1e-300)
 
 
+# ---------------------------------------------------------------------------- dense (identity test matrix)
+
+
+def explicit_gram(L, R):
+    G = dense_grads(L, R)
+    return G.t() @ G
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("c,block,chunk_rows", [(1, 64, None), (3, 5, 2), (2, 7, 1)])
+def test_dense_sketch_is_the_explicit_gram(device, c, block, chunk_rows):
+    L, R = random_factors(37, 6, 9, c, seed=10 + c, decay=0.5)
+    s = LayerSketch(D=54, k=54, seed=3, device=device)
+    assert s.dense and s.generator == IDENTITY_GENERATOR
+    for Lb, Rb in blocks_of(L, R, block):
+        s.update(Lb.to(device), Rb.to(device), chunk_rows=chunk_rows)
+    A = explicit_gram(L, R)
+    assert s.Y.dtype == torch.float64 and s.Y.shape == (54, 54) and s.Y.device.type == device
+    # fp64 accumulation: equal to the fp64 oracle to rounding, not to fp32's ~1e-7.
+    assert rel(s.Y, A) < 1e-13
+    assert s.trace == pytest.approx(float(torch.trace(A)), rel=1e-12)
+    assert s.rows == 37
+    # No test matrix is generated for the update, and Y is all the sketch holds.
+    assert s._omega is None
+    assert s.nbytes == 54 * 54 * 8
+    assert torch.equal(s.omega().cpu(), torch.eye(54, dtype=torch.float64))
+
+
+def test_a_sketch_narrower_than_the_layer_stays_gaussian():
+    s = LayerSketch(D=54, k=53, seed=3)
+    assert not s.dense and s.generator == GAUSSIAN_GENERATOR
+    assert s.Y.dtype == torch.float32 and s.nbytes == 54 * 53 * 4
+
+
+def test_gram_update_rejects_inconsistent_inputs():
+    L, R = random_factors(4, 3, 5, 1)
+    with pytest.raises(ValueError, match="D = d_out\\*d_in = 3\\*5 = 15"):
+        gram_update(torch.zeros(16, 16, dtype=torch.float64), L, R)
+    with pytest.raises(ValueError, match="fp64"):
+        gram_update(torch.zeros(15, 15), L, R)
+    with pytest.raises(ValueError, match="chunk_rows=0"):
+        gram_update(torch.zeros(15, 15, dtype=torch.float64), L, R, chunk_rows=0)
+    with pytest.raises(ValueError, match="disagree"):
+        gram_update(torch.zeros(15, 15, dtype=torch.float64), L, R[:3])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_eig_equals_eigh_of_the_explicit_matrix(device):
+    L, R = random_factors(80, 8, 6, 2, seed=6, decay=1.0)    # D = 48 < N: full rank, decaying spectrum
+    s = _sketch(L, R, 48, device=device)
+    A = explicit_gram(L, R)
+    ev, U = eigh(A)
+    ev, U = ev.flip(0), U.flip(1)
+    for r in (1, 10, 48):
+        sigma2, V = dense_eig(s.Y, r)
+        assert sigma2.shape == (r,) and V.shape == (48, r) and sigma2.dtype == V.dtype == torch.float32
+        assert sigma2.device.type == device
+        assert float(((sigma2.double().cpu() - ev[:r]) / ev[:r]).abs().max()) < 1e-6
+        assert torch.allclose(V.t() @ V, torch.eye(r, device=device), atol=1e-6)
+        # Same eigenvectors up to sign: gaps >= 1e-5 * ev[0] on this seed (checked below) bound
+        # fp64 eigh's vector error near 1e-11, so what is left is V's fp32 rounding.
+        signs = torch.sign((V.double().cpu() * U[:, :r]).sum(0))
+        assert float((V.double().cpu() * signs - U[:, :r]).abs().max()) < 1e-6
+    assert float((ev[:-1] - ev[1:]).min() / ev[0]) > 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_eig_of_a_rank_deficient_or_zero_gram_is_finite(device):
+    L, R = random_factors(3, 6, 5, 1, seed=2)                 # N = 3 < D = 30
+    s = _sketch(L, R, 30, device=device)
+    sigma2, V = dense_eig(s.Y, 30)
+    ev = eigvalsh(dense_grads(L, R) @ dense_grads(L, R).t()).flip(0)
+    assert torch.isfinite(sigma2).all() and torch.isfinite(V).all() and bool((sigma2 >= 0).all())
+    assert torch.allclose(sigma2[:3].double().cpu(), ev, rtol=1e-6)
+    assert float(sigma2[3:].max()) <= 1e-12 * float(ev[0])
+    assert torch.allclose(V.t() @ V, torch.eye(30, device=device), atol=1e-6)
+    zero = LayerSketch(D=30, k=30, seed=0, device=device).update(torch.zeros(4, 6, 1), torch.zeros(4, 5, 1))
+    sigma2, V = dense_eig(zero.Y, 8)
+    assert torch.all(sigma2 == 0) and torch.isfinite(V).all()
+    assert torch.allclose(V.t() @ V, torch.eye(8, device=device), atol=1e-6)
+
+
+def test_dense_eig_rejects_bad_input():
+    with pytest.raises(ValueError, match="rank=31"):
+        dense_eig(torch.zeros(30, 30, dtype=torch.float64), 31)
+    with pytest.raises(ValueError, match=r"\(30, 4\)"):
+        dense_eig(torch.zeros(30, 4), 2)
+    bad = torch.zeros(5, 5, dtype=torch.float64)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        dense_eig(bad, 2)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 30), cut=st.integers(0, 30), c=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_dense_sketch_of_a_union_is_the_sum_of_sketches(n, cut, c, seed):
+    cut = min(cut, n)
+    L, R = random_factors(n, 4, 3, c, seed=seed % 1000)
+    whole = LayerSketch(D=12, k=12, seed=seed).update(L, R)
+    # The identity does not depend on the seed, so sketches with other seeds still merge.
+    parts = LayerSketch(D=12, k=40, seed=1).update(L[:cut], R[:cut]).merge(
+        LayerSketch(D=12, k=12, seed=2).update(L[cut:], R[cut:]))
+    assert parts.dense and parts.rows == whole.rows == n
+    assert rel(parts.Y, whole.Y) < 1e-14
+    assert rel(whole.Y, explicit_gram(L, R)) < 1e-13
+    assert parts.trace == pytest.approx(whole.trace, rel=1e-12, abs=1e-300)
+
+
+def test_sketches_with_different_test_matrices_refuse_to_merge():
+    dense, gauss = LayerSketch(D=12, k=12, seed=1), LayerSketch(D=12, k=12, seed=1, generator=GAUSSIAN_GENERATOR)
+    assert dense.dense and not gauss.dense
+    with pytest.raises(ValueError, match="generator='identity-v1' vs 'box-muller"):
+        dense.merge(gauss)
+    with pytest.raises(ValueError, match="generator='box-muller-fp64-mt19937-v1' vs 'identity-v1'"):
+        gauss.merge(dense)
+    with pytest.raises(ValueError, match=r"\(D, k, seed\) = \(12, 12, 1\) vs \(13, 13, 1\)"):
+        dense.merge(LayerSketch(D=13, k=13, seed=1))
+    with pytest.raises(ValueError, match="k=5, D=12"):
+        LayerSketch(D=12, k=5, seed=0, generator=IDENTITY_GENERATOR)
+    with pytest.raises(ValueError, match="generator='magic'"):
+        LayerSketch(D=12, k=12, seed=0, generator="magic")
+
+
+def test_dense_sketch_state_round_trips_in_fp64():
+    L, R = random_factors(25, 4, 5, 2, seed=8)
+    s = LayerSketch(D=20, k=80, seed=9).update(L, R)
+    state = s.to_state()
+    assert state["omega_generator"] == IDENTITY_GENERATOR and (state["D"], state["k"]) == (20, 20)
+    assert isinstance(state["Y"], np.ndarray) and state["Y"].dtype == np.float64 and state["Y"].shape == (20, 20)
+    scalars = json.loads(json.dumps({k: v for k, v in state.items() if k != "Y"}))
+    back = LayerSketch.from_state(scalars | {"Y": state["Y"]})
+    assert back.dense and back.Y.dtype == torch.float64
+    assert torch.equal(back.Y, s.Y) and (back.trace, back.rows, back.seed) == (s.trace, 25, 9)
+    # Further rows keep accumulating exactly.
+    L2, R2 = random_factors(7, 4, 5, 2, seed=80)
+    back.update(L2, R2)
+    assert rel(back.Y, explicit_gram(torch.cat([L, L2]), torch.cat([R, R2]))) < 1e-13
+
+
+def test_an_old_gaussian_state_as_wide_as_the_layer_still_loads_and_updates():
+    # What an index written before the identity test matrix holds for a layer with k >= D:
+    # a fp32 Y = A Omega with the D x D Gaussian Omega, tagged with the Gaussian generator.
+    L, R = random_factors(30, 5, 4, 1, seed=12)
+    A = explicit_gram(L[:20], R[:20])
+    om = gaussian_test_matrix(20, 20, seed=4)
+    state = {"version": 1, "omega_generator": "box-muller-fp64-mt19937-v1", "D": 20, "k": 20, "seed": 4,
+             "trace": float(torch.trace(A)), "rows": 20, "Y": (A @ om.double()).float().numpy()}
+    s = LayerSketch.from_state(state)
+    assert not s.dense and s.generator == GAUSSIAN_GENERATOR and s.Y.dtype == torch.float32
+    s.update(L[20:], R[20:])
+    assert rel(s.Y, explicit_gram(L, R) @ om.double()) < 1e-5
+    assert s.to_state()["omega_generator"] == GAUSSIAN_GENERATOR
+
+
 # ---------------------------------------------------------------------------- Nystrom
 
 
-def _sketch(L, R, k, seed=5, device="cpu"):
-    s = LayerSketch(D=L.shape[1] * R.shape[1], k=k, seed=seed, device=device)
+def _sketch(L, R, k, seed=5, device="cpu", generator=None):
+    s = LayerSketch(D=L.shape[1] * R.shape[1], k=k, seed=seed, device=device, generator=generator)
     return s.update(L.to(device), R.to(device))
 
 
@@ -221,9 +380,10 @@ def test_nystrom_rank_deficient_sketch_n_below_d_and_k():
 
 
 def test_nystrom_with_a_square_test_matrix_is_exact():
+    # A D-wide Gaussian sketch, as indexes made before the identity test matrix still hold.
     L, R = random_factors(40, 5, 4, 2, seed=4, decay=1.0)  # D = 20, k clamped to 20: full rank
-    s = _sketch(L, R, 64)
-    assert s.k == 20
+    s = _sketch(L, R, 64, generator=GAUSSIAN_GENERATOR)
+    assert s.k == 20 and not s.dense
     sigma2, _ = nystrom_eig(s.Y, s.omega(), 20)
     G = dense_grads(L, R)
     ev = eigvalsh(G.t() @ G).flip(0)
