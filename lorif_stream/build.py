@@ -169,7 +169,9 @@ def state_bytes(layers, config: BuildConfig) -> int:
             total += 4 * (l.in_features * l.d_in + l.out_features * l.d_out + l.d_in ** 2 + l.d_out ** 2)
             total += moment_bytes(l)
         if curvature.preconditioner == "lowrank":
-            total += 4 * l.D * (min(curvature.sketch_width, l.D) + min(curvature.sketch_rank, l.D))
+            # a sketch as wide as the layer is the exact fp64 Gram (sketch.py), else D x k fp32
+            sketch = 8 * l.D * l.D if curvature.sketch_width >= l.D else 4 * l.D * curvature.sketch_width
+            total += sketch + 4 * l.D * min(curvature.sketch_rank, l.D)
         elif curvature.preconditioner == "ekfac":
             total += 12 * l.D  # fp64 running sums + one fp32 generation
     return total

@@ -276,7 +276,10 @@ def finalize_curvature(writer: IndexWriter, sketches: SketchSet, config: Curvatu
     generation = int(old.get("generation", 0)) + 1
     new_layers: dict[str, dict] = {}
     for i, layer in enumerate(layout.layers):
-        need = sketch_memory_bytes(layer.D, config.sketch_width) + layer.D * config.sketch_width * 4
+        # finalizing needs room beyond the sketch: a dense sketch's eigh holds ~3 more D x D fp64
+        # (symmetrized copy, eigenvectors, workspace), a Nyström one a D x k product
+        need = sketch_memory_bytes(layer.D, config.sketch_width) + (
+            24 * layer.D * layer.D if config.sketch_width >= layer.D else layer.D * config.sketch_width * 4)
         if need > budget:
             raise BudgetTooSmallError(
                 f"memory budget {budget / 1e6:.0f} MB is too small for even one layer: layer {layer.name!r} "

@@ -319,7 +319,8 @@ def test_a_disk_too_small_is_refused_before_anything_is_written(tmp_path, monkey
 
     small, wide = CurvatureConfig(sketch_rank=4, oversample=0), CurvatureConfig(sketch_rank=16)
     grow = estimate(projection_kind="random", curvature=wide) - estimate(projection_kind="random", curvature=small)
-    assert grow == 2 * 4 * (2048 * (64 + 16 - 4 - 4) + 32 * (32 + 16 - 4 - 4))
+    # layer b (D = 32) is narrower than the wide sketch (k = 64): that one is the exact fp64 Gram
+    assert grow == 2 * 4 * 2048 * (64 + 16 - 4 - 4) + 2 * (8 * 32 * 32 + 4 * 32 * 16 - 4 * 32 * (4 + 4))
     # whitened (the default, dot product): projections, eigenbases and the moment checkpoint; no sketch
     whitened = estimate() - estimate(projection_kind="random", curvature=CurvatureConfig(preconditioner="none"))
     per_layer = [4 * (128 * 32 + 256 * 64 + 32 ** 2 + 64 ** 2) + 8 * (128 ** 2 + 256 ** 2),
