@@ -10,8 +10,8 @@ in its state:
   sketch into top-r eigenpairs (Tropp, Yurtsever, Udell, Cevher 2017, "Fixed-rank approximation
   of a positive-semidefinite matrix from streaming data"); ``refine`` improves them with passes of
   subspace iteration + Rayleigh-Ritz over the stored blocks.
-* identity (k >= D): a sketch as wide as the layer costs as much as A itself, so Y is the dense
-  Gram A, accumulated in fp64, and ``dense_eig`` takes its exact eigendecomposition.
+* identity (k >= D, D <= DENSE_MAX_D): a sketch as wide as the layer costs as much as A itself, so
+  Y is the dense Gram A, accumulated in fp64, and ``dense_eig`` takes its exact eigendecomposition.
 
 Precision: the Gaussian D x k arrays are fp32 (memory); every k x k matrix, every trace and every
 Gram product is formed in fp64, chunked over rows so no D x k fp64 copy is ever resident. The
@@ -36,6 +36,10 @@ Blocks = Iterable[Tuple[Tensor, Tensor]]
 GAUSSIAN_GENERATOR = "box-muller-fp64-mt19937-v1"
 IDENTITY_GENERATOR = "identity-v1"
 GENERATORS = (GAUSSIAN_GENERATOR, IDENTITY_GENERATOR)
+# The dense path is exact but its eigh is O(D³) in fp64: 35 s at D = 4096 on a 2-core CPU against
+# ~1 s at 2048 (a D-wide Gaussian sketch of a wider layer is finalized in fp32, ~8x faster). Wider
+# layers keep the Gaussian sketch even at k >= D.
+DENSE_MAX_D = 2048
 STATE_VERSION = 1
 
 # Rows per chunk when generating Omega or reducing D x k arrays to k x k fp64 products.
@@ -236,7 +240,7 @@ class LayerSketch:
     """Additive single-pass sketch of one layer: Y = A Omega, trace(A) and the rows it covers.
 
     Omega is determined by (generator, D, k, seed) and never persisted. ``generator`` is chosen
-    at creation unless given: the identity when k >= D (Y is then the dense fp64 Gram A itself,
+    at creation unless given: the identity when k >= D and D <= DENSE_MAX_D (Y is then the dense fp64 Gram A itself,
     D x D, exact and cheaper to update than a D-wide Gaussian sketch), else the seeded Gaussian
     (Y fp32, D x k). ``k`` is clamped to D. A Gaussian Omega is cached on Y's device while updating
     (resident memory 2*D*k*4 bytes) unless ``cache_omega=False`` (D*k*4 bytes, but Omega is
@@ -266,7 +270,8 @@ class LayerSketch:
             raise ValueError(f"LayerSketch rows must be >= 0, got rows={self.rows}")
         self.D, self.seed, self.rows = int(self.D), int(self.seed), int(self.rows)
         if self.generator is None:
-            self.generator = IDENTITY_GENERATOR if int(self.k) >= self.D else GAUSSIAN_GENERATOR
+            dense = int(self.k) >= self.D and self.D <= DENSE_MAX_D
+            self.generator = IDENTITY_GENERATOR if dense else GAUSSIAN_GENERATOR
         if self.generator not in GENERATORS:
             raise ValueError(f"unknown test-matrix generator={self.generator!r}, expected one of {GENERATORS}")
         if self.generator == IDENTITY_GENERATOR and int(self.k) < self.D:

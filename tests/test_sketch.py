@@ -517,3 +517,11 @@ def test_small_lapack_runs_serially_and_restores_the_thread_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_layers_wider_than_the_dense_limit_keep_a_gaussian_sketch_at_full_width():
+    from lorif_stream.sketch import DENSE_MAX_D, GAUSSIAN_GENERATOR
+
+    assert LayerSketch(D=DENSE_MAX_D, k=DENSE_MAX_D, seed=0).dense
+    wide = LayerSketch(D=DENSE_MAX_D + 1, k=4 * DENSE_MAX_D, seed=0)
+    assert not wide.dense and wide.generator == GAUSSIAN_GENERATOR and wide.k == DENSE_MAX_D + 1
