@@ -281,6 +281,28 @@ def test_a_renamed_record_key_is_caught_by_its_checksum(tmp_path):
     assert "metadata record 'state:curvaturX': checksum mismatch" in errors
     assert "ids: reverse entry of 'ex-Z': checksum mismatch" in errors
     assert "ids: id 'ex-5' of row 5 has no reverse entry" in errors
+    # a state record or array whose key was damaged is not "absent": the manifest lists it
+    assert "metadata record 'state:curvature' is missing, yet the index's manifest lists it (a damaged key)" in errors
+    with IndexReader(path) as r, r.snapshot() as s:
+        with pytest.raises(CorruptBlockError, match=r"'state:curvature' is missing, yet the index's manifest lists it"):
+            s.state_meta("curvature")
+        assert s.state_meta("never-stored") is None
+
+
+def test_an_array_whose_head_key_was_damaged_is_missing_but_listed(tmp_path):
+    path = tmp_path / "i"
+    state_index(path)
+    head = V_NAME.encode() + b"\x00head"
+    with raw_edit(path) as (env, txn):
+        sketch = env.open_db(b"sketch", txn=txn)
+        txn.put(head.replace(b"/V", b"/W"), txn.get(head, db=sketch), db=sketch)
+        txn.delete(head, db=sketch)
+    errors = ls.verify(path, progress=False).errors
+    assert f"array '{V_NAME}' is missing, yet the index's manifest lists it (a damaged key)" in errors
+    assert "array 'curvature/3/attn/W' head: checksum mismatch" in errors
+    assert f"array '{V_NAME}': chunks without a head (a damaged key?)" in errors
+    with IndexReader(path) as r, r.snapshot() as s, pytest.raises(CorruptBlockError, match="manifest lists it"):
+        s.array(V_NAME)
 
 
 # ------------------------------------------------------------------------------ older indexes
@@ -297,6 +319,7 @@ def make_legacy(path: Path) -> None:
             elif key in (b"rows",):
                 txn.put(key, value[:8], db=meta)
         txn.delete(b"commit", db=meta)
+        txn.delete(b"manifest", db=meta)
         txn.put(b"format_version", b"1", db=meta)
         for key, value in list(txn.cursor(db=ids)):
             txn.put(key, value[5:] if key[:1] == b"r" else value[:8], db=ids)
@@ -323,11 +346,14 @@ def test_an_older_index_without_checksums_still_reads_and_verifies(tmp_path):
             for (La, Ra), (Lb, Rb) in zip(fa, fb):
                 np.testing.assert_array_equal(La, Lb)
     assert ls.verify(old, progress=False).ok
-    # ... and a writer of today adds checksummed rows to it
+    # ... and a writer of today adds checksummed records to it; its manifest starts from the keys there
     with IndexWriter.open(old) as w:
         w.append(32, random_factors(np.random.default_rng(0), w.layout, 3), ["x", "y", "z"])
+        w.put_state({"sketch/mlp/Y": np.ones((3, 2), np.float32)}, {"sketch": {"k": 2}})
     with IndexReader(old) as r, r.snapshot() as s:
         assert s.rows == 35 and s.ids(30, 35) == ["ex-30", "ex-31", "x", "y", "z"] and s.verify().ok
+        assert s.manifest() == {"arrays": sorted([V_NAME, Y_NAME, "sketch/mlp/Y"]), "state": ["curvature", "sketch"]}
+        assert s.state_meta("curvature") == {"generation": 3, "layers": {"attn": {"damping": 0.25}}}
 
 
 def test_damaged_json_of_an_older_index_is_one_line_naming_the_record(tmp_path):
@@ -465,19 +491,26 @@ def test_damaged_lmdb_header_pages_do_not_silently_roll_back(tmp_path, mlp_index
                for e in ls.verify(path, progress=False).errors)
 
 
-def test_a_damaged_lmdb_page_is_one_line_not_an_lmdb_traceback(tmp_path):
+def test_a_damaged_lmdb_page_is_one_line_not_an_lmdb_traceback(tmp_path, monkeypatch):
     path = tmp_path / "i"
     write_index(path, small_layout(), [16, 16])
     data = bytearray((path / "data.mdb").read_bytes())
     for m in re.finditer(b"iex-5", bytes(data)):  # every leaf page holding reverse ids: flags made invalid
         data[m.start() // 4096 * 4096 + 10] = 0x40
     (path / "data.mdb").write_bytes(bytes(data))
+    # opening walks LMDB's page trees (with pread, not the map) and names the page
+    page = rf"LMDB page \d+ \(ids db\): not a branch or leaf page \(header says page \d+, flags 0x40\)"
+    with pytest.raises(IndexCorruptError, match=rf"index {re.escape(str(path))} is corrupt: {page}; run `lorif-stream "
+                                                rf"verify --index"):
+        IndexReader(path)
+    verify = run_cli("verify", "--index", path)
+    assert verify.returncode == 1 and re.search(f"corrupt: {page}", verify.stderr), verify.stderr
+    # a tree too large to walk on opening: LMDB's own error, as one line
+    monkeypatch.setattr(lmdb_store, "PAGE_WALK_LIMIT", 0)
     with pytest.raises(IndexCorruptError, match=rf"index {re.escape(str(path))} is corrupt: LMDB says .*MDB_CORRUPTED.*"
                                                 r"run `lorif-stream verify --index"):
         with IndexReader(path) as r, r.snapshot() as s:
             s.row_of("ex-5")
-    verify = run_cli("verify", "--index", path)
-    assert verify.returncode == 1 and "is corrupt: LMDB says" in verify.stderr
 
 
 def test_an_lmdb_error_reaching_the_cli_is_one_line(monkeypatch, capsys):

@@ -24,6 +24,9 @@ META_ROWS = b"rows"
 # snapshot id differs is reading an older state that LMDB picked from a damaged header page.
 META_COMMIT = b"commit"
 META_STATE_PREFIX = b"state:"
+# JSON {"arrays": [...], "state": [...]}: the names put_state has stored, so that a record whose key
+# was damaged reads as missing-but-listed (corrupt), not as absent (which a caller may take as "none")
+META_MANIFEST = b"manifest"
 
 DATA_FILE = "data.mdb"
 LMDB_LOCK_FILE = "lock.mdb"

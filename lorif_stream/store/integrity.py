@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .format import DATA_FILE, ID_VALUE_MAGIC, JSON_MAGIC, CorruptBlockError, IndexCorruptError
 
@@ -100,6 +103,9 @@ _MDB_MAGIC = 0xBEEFC0DE
 _PAGE_HEADER = 16
 _META = struct.Struct("<IIQQ48s48sQQ")
 _MAX_PSIZE = 1 << 16
+# MDB_db: md_pad u32, md_flags u16, md_depth u16, md_branch_pages, md_leaf_pages, md_overflow_pages,
+# md_entries, md_root (u64 each)
+_DB = struct.Struct("<IHHQQQQQ")
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class LmdbHeader:
     last_pg: tuple[int, int]
     txnid: tuple[int, int]
     file_size: int
+    main_root: tuple[int, int] = (0, 0)  # root page of the main db (the table of named dbs), per meta page
 
     @property
     def current(self) -> int:
@@ -128,7 +135,7 @@ def read_lmdb_header(path: Path) -> LmdbHeader | None:
         head = fh.read(_PAGE_HEADER + _META.size)
         if len(head) < _PAGE_HEADER + _META.size:
             return None
-        magic, version, _, _, db0, _, last0, txn0 = _META.unpack_from(head, _PAGE_HEADER)
+        magic, version, _, _, db0, main0, last0, txn0 = _META.unpack_from(head, _PAGE_HEADER)
         psize = struct.unpack_from("<I", db0, 0)[0]
         if magic != _MDB_MAGIC or not 512 <= psize <= _MAX_PSIZE or psize & (psize - 1):
             return None
@@ -137,10 +144,11 @@ def read_lmdb_header(path: Path) -> LmdbHeader | None:
     if len(page1) < _PAGE_HEADER + _META.size:
         raise IndexCorruptError(f"index {path} is truncated: {DATA_FILE} has {size} bytes, "
                                 f"LMDB needs at least {2 * psize}")
-    magic1, _, _, _, _, _, last1, txn1 = _META.unpack_from(page1, _PAGE_HEADER)
+    magic1, _, _, _, _, main1, last1, txn1 = _META.unpack_from(page1, _PAGE_HEADER)
     if magic1 != _MDB_MAGIC:
         raise IndexCorruptError(f"index {path} is corrupt: LMDB's second header page has a bad magic number")
-    return LmdbHeader(psize, (last0, last1), (txn0, txn1), size)
+    return LmdbHeader(psize, (last0, last1), (txn0, txn1), size,
+                      (_DB.unpack(main0)[-1], _DB.unpack(main1)[-1]))
 
 
 def check_lmdb_header(path: Path) -> LmdbHeader | None:
@@ -166,3 +174,171 @@ def header_problem(h: LmdbHeader) -> str | None:
     if (t0 and t0 & 1) or (t1 and not t1 & 1) or abs(t0 - t1) > 1:
         return f"LMDB's header pages hold transaction ids {t0} and {t1}, which LMDB never writes (a damaged header)"
     return None
+
+
+# ---------------------------------------------------------------- values past the end of the file
+# A damaged node header can make LMDB hand out a value longer than what is left of data.mdb;
+# touching the part past the end of the file is SIGBUS, which no Python code can catch. So every
+# value is checked against where this process maps the file before its bytes are read.
+
+
+class MapBounds:
+    def __init__(self, start: int, end: int):
+        self.start, self.end = start, end
+
+    def check(self, value, record: str):
+        """`value` (an LMDB memoryview), refused when it does not lie inside the mapped file."""
+        if value is None or not isinstance(value, memoryview) or not value.nbytes:
+            return value
+        addr = np.frombuffer(value, np.uint8).ctypes.data  # the address only: no byte is read
+        if addr < self.start or addr + value.nbytes > self.end:
+            raise CorruptBlockError(f"{record}: LMDB says its value has {value.nbytes} bytes, which would run past the "
+                                    f"end of {DATA_FILE} (a damaged LMDB page)")
+        return value
+
+
+class _NoBounds:
+    @staticmethod
+    def check(value, record: str):
+        return value
+
+
+NO_BOUNDS = _NoBounds()
+
+
+def map_bounds(path) -> MapBounds | _NoBounds:
+    """Where this process maps `path`/data.mdb now (Linux /proc/self/maps), up to the file's size."""
+    if not sys.platform.startswith("linux"):
+        return NO_BOUNDS
+    target = os.path.realpath(Path(path) / DATA_FILE)
+    try:
+        with open("/proc/self/maps") as fh:
+            lines = fh.read().splitlines()
+        size = os.stat(target).st_size
+    except OSError:
+        return NO_BOUNDS
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5] == target and int(parts[2], 16) == 0:
+            start = int(parts[0].split("-", 1)[0], 16)
+            return MapBounds(start, start + size)
+    return NO_BOUNDS
+
+
+# ---------------------------------------------------------------- LMDB's page structures
+# LMDB trusts its pages: a damaged node pointer or size makes it read past the page, or past the
+# end of the file (SIGBUS), or trip an mdb.c assertion (abort). Walking the trees here with
+# pread (never the map) turns such damage into a line naming the page, before LMDB touches it.
+# Page header (16 bytes): mp_pgno u64, mp_pad u16, mp_flags u16, mp_lower u16, mp_upper u16
+# (overflow pages: mp_pages u32 in place of lower/upper); then u16 node offsets. A node: mn_lo,
+# mn_hi, mn_flags, mn_ksize (u16 each), the key, then the data (leaf: lo | hi << 16 bytes; an
+# overflow page number when F_BIGDATA; an MDB_db when F_SUBDATA) or, in a branch, the child page
+# number lo | hi << 16 | flags << 32.
+_P_BRANCH, _P_LEAF, _P_OVERFLOW, _P_META, _P_LEAF2, _P_SUBP = 0x01, 0x02, 0x04, 0x08, 0x20, 0x40
+_F_BIGDATA, _F_SUBDATA, _F_DUPDATA = 0x01, 0x02, 0x04
+_P_INVALID = (1 << 64) - 1
+_PAGE_HDR = struct.Struct("<QHHHH")
+_NODE = struct.Struct("<HHHH")
+
+
+class _Pages:
+    def __init__(self, fd: int, psize: int, last_pg: int, problems: list[str], limit: int):
+        self.fd, self.psize, self.last_pg, self.problems, self.limit = fd, psize, last_pg, problems, limit
+        self.seen: set[int] = set()
+
+    def problem(self, pgno: int, db: str, what: str) -> None:
+        if len(self.problems) < self.limit:
+            self.problems.append(f"LMDB page {pgno} ({db} db): {what}")
+
+    def read(self, pgno: int) -> bytes:
+        return os.pread(self.fd, self.psize, pgno * self.psize)
+
+    def tree(self, root: int, db: str, subdbs: dict[str, bytes] | None = None) -> None:
+        """Check every branch and leaf page under `root` (and the header of each overflow run)."""
+        if root == _P_INVALID:
+            return  # an empty db
+        stack = [(root, 0)]
+        while stack and len(self.problems) < self.limit:
+            pgno, depth = stack.pop()
+            if not 2 <= pgno <= self.last_pg:
+                self.problem(pgno, db, f"page number outside the file's pages 2..{self.last_pg}")
+                continue
+            if pgno in self.seen or depth > 64:
+                self.problem(pgno, db, "reached twice: the tree has a cycle")
+                continue
+            self.seen.add(pgno)
+            page = self.read(pgno)
+            stored, _, flags, lower, upper = _PAGE_HDR.unpack_from(page)
+            kind = flags & (_P_BRANCH | _P_LEAF | _P_OVERFLOW | _P_META | _P_LEAF2 | _P_SUBP)
+            if stored != pgno or kind not in (_P_BRANCH, _P_LEAF):
+                self.problem(pgno, db, f"not a branch or leaf page (header says page {stored}, flags {flags:#x})")
+                continue
+            if not (_PAGE_HEADER <= lower <= upper <= self.psize and lower % 2 == 0):
+                self.problem(pgno, db, f"bad free-space bounds lower={lower} upper={upper}")
+                continue
+            n = (lower - _PAGE_HEADER) // 2
+            if n == 0:
+                self.problem(pgno, db, "holds no nodes")
+                continue
+            for i, ptr in enumerate(struct.unpack_from(f"<{n}H", page, _PAGE_HEADER)):
+                if not upper <= ptr <= self.psize - _NODE.size:
+                    self.problem(pgno, db, f"node {i} at offset {ptr}, outside the page's nodes {upper}..{self.psize}")
+                    break
+                lo, hi, nflags, ksize = _NODE.unpack_from(page, ptr)
+                data = ptr + _NODE.size + ksize
+                if data > self.psize:
+                    self.problem(pgno, db, f"node {i}: its {ksize}-byte key runs past the page")
+                    break
+                if kind == _P_BRANCH:
+                    stack.append((lo | hi << 16 | nflags << 32, depth + 1))
+                    continue
+                size = lo | hi << 16
+                if nflags & ~(_F_BIGDATA | _F_SUBDATA):  # no dupsort dbs in an index
+                    self.problem(pgno, db, f"node {i}: unknown node flags {nflags:#x}")
+                    break
+                if nflags & _F_BIGDATA:
+                    if data + 8 > self.psize:
+                        self.problem(pgno, db, f"node {i}: its overflow page number runs past the page")
+                        break
+                    self.overflow(struct.unpack_from("<Q", page, data)[0], size, pgno, db, i)
+                elif data + size > self.psize:
+                    self.problem(pgno, db, f"node {i}: its {size}-byte value runs past the page")
+                    break
+                elif nflags & _F_SUBDATA:
+                    if subdbs is None or size != _DB.size:
+                        self.problem(pgno, db, f"node {i}: a sub-db record where none belongs")
+                        break
+                    subdbs[bytes(page[ptr + _NODE.size:data]).decode("utf-8", "replace")] = page[data:data + size]
+
+    def overflow(self, first: int, size: int, parent: int, db: str, node: int) -> None:
+        if not 2 <= first <= self.last_pg:
+            self.problem(parent, db, f"node {node}: overflow page {first} outside the file's pages 2..{self.last_pg}")
+            return
+        stored, _, flags, pages = struct.unpack_from("<QHHI", self.read(first)[:16])
+        if stored != first or not flags & _P_OVERFLOW or pages < 1 or first + pages - 1 > self.last_pg:
+            self.problem(first, db, f"overflow run of node {node} of page {parent}: bad header "
+                                    f"(page {stored}, flags {flags:#x}, {pages} pages)")
+        elif size > pages * self.psize - _PAGE_HEADER:
+            self.problem(parent, db, f"node {node}: a {size}-byte value in {pages} overflow pages")
+
+
+def lmdb_page_problems(path, txnid: int, skip_larger_than: int | None = None, limit: int = 20) -> list[str] | None:
+    """Problems of the page trees of the state with transaction id `txnid` (a read transaction of
+    the caller keeps those pages from being reused meanwhile). None when neither header page holds
+    `txnid` any more (commits went on meanwhile: the caller retries). A named db of more pages than
+    `skip_larger_than` is not walked (readers bound the time they spend; verify walks everything)."""
+    h = read_lmdb_header(path)
+    if h is None or txnid not in h.txnid:
+        return None
+    which = h.txnid.index(txnid)
+    problems: list[str] = []
+    with open(Path(path) / DATA_FILE, "rb") as fh:
+        pages = _Pages(fh.fileno(), h.psize, h.last_pg[which], problems, limit)
+        subdbs: dict[str, bytes] = {}
+        pages.tree(h.main_root[which], "main", subdbs)
+        for name, raw in sorted(subdbs.items()):
+            _, _, _, branch, leaf, _, _, root = _DB.unpack(raw)
+            if skip_larger_than is not None and branch + leaf > skip_larger_than:
+                continue
+            pages.tree(root, name)
+    return problems

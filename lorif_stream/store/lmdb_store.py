@@ -37,6 +37,7 @@ from .format import (
     META_COMMIT,
     META_FORMAT_VERSION,
     META_LAYOUT,
+    META_MANIFEST,
     META_ROWS,
     META_SETTINGS,
     META_STATE_PREFIX,
@@ -49,9 +50,12 @@ from .format import (
     WriteRefusedError,
 )
 from .integrity import (
+    NO_BOUNDS,
     check_lmdb_header,
     crc32,
     frame_json,
+    lmdb_page_problems,
+    map_bounds,
     pack_checked_u64,
     pack_id_value,
     unframe_json,
@@ -114,15 +118,45 @@ def _can_register(path: Path) -> bool:
 _UNREGISTERED_NOTICES: set[str] = set()
 
 
+# Opening walks LMDB's page trees (integrity.lmdb_page_problems) of every named db of at most this
+# many pages: all of the small ones (metadata, blocks, arrays) and the ids of up to ~100k rows.
+# verify walks everything.
+PAGE_WALK_LIMIT = 2048
+
+
 def _open_env(path: Path, readonly: bool, map_size: int, durability: str = "sync") -> lmdb.Environment:
     env, _ = _open_env_locked(path, readonly, map_size, durability)
     return env
 
 
-def _open_env_locked(path: Path, readonly: bool, map_size: int,
-                     durability: str = "sync") -> tuple[lmdb.Environment, int | None]:
-    """Open the environment; for a reader that cannot write lock.mdb (another user's index) open it
-    without LMDB's lock and hold writer.lock shared instead (the descriptor is returned)."""
+def _check_pages(env: lmdb.Environment, path: Path, problems: list[str] | None, walk_limit: int | None) -> None:
+    for _ in range(5):
+        with _lmdb_errors(path):
+            try:
+                txn = env.begin()
+            except lmdb.MapResizedError:
+                env.set_mapsize(0)
+                txn = env.begin()
+        try:  # inside a read transaction: the pages of its state cannot be reused while they are walked
+            found = lmdb_page_problems(path, txn.id(), walk_limit)
+        finally:
+            txn.abort()
+        if found is not None:
+            break
+    else:
+        return  # five commits overtook the walk: a busy writer, and nothing to say about these pages
+    if found and problems is None:
+        raise IndexCorruptError(f"index {path} is corrupt: {found[0]}; run `lorif-stream verify --index {path}`")
+    if found:
+        problems.extend(found)
+
+
+def _open_env_locked(path: Path, readonly: bool, map_size: int, durability: str = "sync",
+                     problems: list[str] | None = None,
+                     walk_all: bool = False) -> tuple[lmdb.Environment, int | None]:
+    """Open the environment and check LMDB's page trees before anything reads them (damage there
+    is refused, or listed in `problems`); for a reader that cannot write lock.mdb (another user's
+    index) open it without LMDB's lock and hold writer.lock shared instead (the descriptor is returned)."""
     if durability not in DURABILITY:
         raise ValueError(f"durability {durability!r} is not one of {sorted(DURABILITY)}")
     if (path / DATA_FILE).exists():
@@ -152,6 +186,13 @@ def _open_env_locked(path: Path, readonly: bool, map_size: int,
         if shared_fd is not None:
             os.close(shared_fd)
         raise NotAnIndexError(f"{path} is not a readable lorif-stream index ({e})") from None
+    try:
+        _check_pages(env, path, problems, None if walk_all else PAGE_WALK_LIMIT)
+    except BaseException:
+        env.close()
+        if shared_fd is not None:
+            os.close(shared_fd)
+        raise
     return env, shared_fd
 
 
@@ -168,11 +209,22 @@ def _read_header_meta(env: lmdb.Environment, path: Path,
         raise NotAnIndexError(f"{path} is an LMDB environment but not a lorif-stream index (no meta db)") from None
     except lmdb.Error as e:
         raise lmdb_failure(path, e) from None
-    with _lmdb_errors(path), env.begin(db=meta) as txn:
-        version = txn.get(META_FORMAT_VERSION)
-        layout = txn.get(META_LAYOUT)
-        settings = txn.get(META_SETTINGS)
+    bounds = map_bounds(path)
+    with _lmdb_errors(path), env.begin(db=meta, buffers=True) as txn:
+        values = []
+        for key in (META_FORMAT_VERSION, META_LAYOUT, META_SETTINGS):
+            try:
+                value = bounds.check(txn.get(key), _meta_record(key))
+            except CorruptBlockError as e:
+                raise CorruptBlockError(f"index {path}: {e}") from None
+            values.append(None if value is None else bytes(value))
+        version, layout, settings = values
+        others = txn.stat(meta)["entries"] > (version is not None) + (layout is not None) + (settings is not None)
     if version is None or layout is None:
+        if version is not None or layout is not None or settings is not None or others:
+            # a lorif-stream metadata db missing one of its records: a damaged key, not some other LMDB file
+            missing = _meta_record(META_FORMAT_VERSION if version is None else META_LAYOUT)
+            raise CorruptBlockError(f"index {path}: {missing} is missing (a damaged index: run `lorif-stream verify`)")
         raise NotAnIndexError(f"{path} is not a lorif-stream index (no format version in its metadata)")
     try:
         v = int(version)
@@ -244,7 +296,7 @@ def _array_head(name: str, raw) -> dict:
 
 def _delete_array(txn, db, name: str) -> None:
     prefix = name.encode() + b"\x00"
-    head = txn.get(prefix + b"head", db=db)
+    head = txn.get(prefix + b"head", db=db)  # a write transaction: its values are copies, not the map
     if head is None:
         return
     for i in range(_array_head(name, head)["chunks"]):
@@ -252,16 +304,16 @@ def _delete_array(txn, db, name: str) -> None:
     txn.delete(prefix + b"head", db=db)
 
 
-def _get_array(txn, db, name: str) -> np.ndarray | None:
+def _get_array(txn, db, name: str, bounds=NO_BOUNDS) -> np.ndarray | None:
     prefix = name.encode() + b"\x00"
-    raw = txn.get(prefix + b"head", db=db)
+    raw = bounds.check(txn.get(prefix + b"head", db=db), f"{_array_record(name)} head")
     if raw is None:
         return None
     head = _array_head(name, raw)
     out = np.empty(int(np.prod(head["shape"])) * head["dtype"].itemsize, np.uint8)
     pos = 0
     for i in range(head["chunks"]):
-        chunk = txn.get(prefix + struct.pack(">I", i), db=db)
+        chunk = bounds.check(txn.get(prefix + struct.pack(">I", i), db=db), f"{_array_record(name)} chunk {i}")
         if chunk is None:
             raise CorruptBlockError(f"{_array_record(name)} chunk {i} is missing")
         chunk = memoryview(chunk)
@@ -276,20 +328,45 @@ def _get_array(txn, db, name: str) -> np.ndarray | None:
     return out.view(head["dtype"]).reshape(head["shape"])
 
 
-def _read_rows(txn, db) -> int:
-    raw = txn.get(META_ROWS, db=db)
+def _read_rows(txn, db, bounds=NO_BOUNDS) -> int:
+    raw = bounds.check(txn.get(META_ROWS, db=db), _meta_record(META_ROWS))
     if raw is None:
         raise CorruptBlockError(f"{_meta_record(META_ROWS)} is missing")
     return unpack_checked_u64(META_ROWS, raw, _meta_record(META_ROWS))
+
+
+def _read_manifest(txn, meta_db, bounds=NO_BOUNDS) -> dict | None:
+    raw = bounds.check(txn.get(META_MANIFEST, db=meta_db), _meta_record(META_MANIFEST))
+    if raw is None:
+        return None  # an index from before format 2's manifest
+    manifest = unframe_json(raw, _meta_record(META_MANIFEST), META_MANIFEST)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("arrays"), list) \
+            or not isinstance(manifest.get("state"), list):
+        raise CorruptBlockError(f"{_meta_record(META_MANIFEST)} is not a manifest")
+    return manifest
+
+
+def _scan_manifest(txn, meta_db, sketch_db) -> dict:
+    """The manifest of an older index, from the keys it holds (written once, by its first put_state)."""
+    arrays = sorted(bytes(k)[:-5].decode("utf-8", "replace") for k, _ in txn.cursor(db=sketch_db)
+                    if bytes(k).endswith(b"\x00head"))
+    state = sorted(bytes(k)[len(META_STATE_PREFIX):].decode("utf-8", "replace") for k, _ in txn.cursor(db=meta_db)
+                   if bytes(k).startswith(META_STATE_PREFIX))
+    return {"arrays": arrays, "state": state}
+
+
+def _listed_but_missing(manifest: dict | None, kind: str, name: str, record: str) -> None:
+    if manifest is not None and name in manifest[kind]:
+        raise CorruptBlockError(f"{record} is missing, yet the index's manifest lists it (a damaged key)")
 
 
 def _state_key(name: str) -> bytes:
     return META_STATE_PREFIX + name.encode()
 
 
-def _get_state_meta(txn, db, name: str):
+def _get_state_meta(txn, db, name: str, bounds=NO_BOUNDS):
     key = _state_key(name)
-    raw = txn.get(key, db=db)
+    raw = bounds.check(txn.get(key, db=db), _meta_record(key))
     return None if raw is None else unframe_json(raw, _meta_record(key), key)
 
 
@@ -334,9 +411,9 @@ class IndexWriter:
         with _lmdb_errors(self.path):
             # create=False: every db exists since create(); opening one must not be a write transaction
             self._dbs = {name: env.open_db(name, create=False) for name in (DB_FACTORS, DB_META, DB_IDS, DB_SKETCH)}
-            with env.begin(db=self._dbs[DB_META]) as txn:
+            with env.begin(db=self._dbs[DB_META], buffers=True) as txn:
                 try:
-                    self.rows = _read_rows(txn, self._dbs[DB_META])
+                    self.rows = _read_rows(txn, self._dbs[DB_META], map_bounds(self.path))
                 except CorruptBlockError as e:
                     raise CorruptBlockError(f"index {self.path}: {e}") from None
         self._local = threading.local()
@@ -366,6 +443,7 @@ class IndexWriter:
                     txn.put(META_LAYOUT, frame_json(layout.to_dict(), META_LAYOUT), db=meta)
                     txn.put(META_SETTINGS, frame_json(settings, META_SETTINGS, sort_keys=True), db=meta)
                     txn.put(META_ROWS, pack_checked_u64(META_ROWS, 0), db=meta)
+                    txn.put(META_MANIFEST, frame_json({"arrays": [], "state": []}, META_MANIFEST), db=meta)
                     txn.put(META_COMMIT, pack_checked_u64(META_COMMIT, txn.id()), db=meta)
                 return cls(path, env, layout, settings, lock)
             except BaseException:
@@ -506,23 +584,39 @@ class IndexWriter:
         """Store named arrays (sketches, eigenpairs) and JSON metadata atomically in one transaction."""
 
         def write(txn):
+            mdb, sdb = self._dbs[DB_META], self._dbs[DB_SKETCH]
+            manifest = _read_manifest(txn, mdb) or _scan_manifest(txn, mdb, sdb)
             for name in drop:
-                _delete_array(txn, self._dbs[DB_SKETCH], name)
+                _delete_array(txn, sdb, name)
             for name, arr in arrays.items():
-                _put_array(txn, self._dbs[DB_SKETCH], name, arr)
+                _put_array(txn, sdb, name, arr)
             for name, value in (meta or {}).items():
-                txn.put(_state_key(name), frame_json(value, _state_key(name)), db=self._dbs[DB_META])
+                txn.put(_state_key(name), frame_json(value, _state_key(name)), db=mdb)
+            manifest = {"arrays": sorted((set(manifest["arrays"]) - set(drop)) | set(arrays)),
+                        "state": sorted(set(manifest["state"]) | set(meta or {}))}
+            txn.put(META_MANIFEST, frame_json(manifest, META_MANIFEST), db=mdb)
 
         with self._commit_lock:
             self._write(write)
 
     def get_state_meta(self, name: str):
-        with self._reading(), self._env.begin(db=self._dbs[DB_META]) as txn:
-            return _get_state_meta(txn, self._dbs[DB_META], name)
+        # buffers=True: the value is checked to lie inside the file before a byte of it is read
+        with self._reading(), self._env.begin(db=self._dbs[DB_META], buffers=True) as txn:
+            bounds = map_bounds(self.path)
+            value = _get_state_meta(txn, self._dbs[DB_META], name, bounds)
+            if value is None:
+                _listed_but_missing(_read_manifest(txn, self._dbs[DB_META], bounds), "state", name,
+                                    _meta_record(_state_key(name)))
+            return value
 
     def get_array(self, name: str) -> np.ndarray | None:
-        with self._reading(), self._env.begin() as txn:
-            return _get_array(txn, self._dbs[DB_SKETCH], name)
+        with self._reading(), self._env.begin(buffers=True) as txn:
+            bounds = map_bounds(self.path)
+            value = _get_array(txn, self._dbs[DB_SKETCH], name, bounds)
+            if value is None:
+                _listed_but_missing(_read_manifest(txn, self._dbs[DB_META], bounds), "arrays", name,
+                                    _array_record(name))
+            return value
 
     @contextmanager
     def _reading(self):
@@ -610,10 +704,11 @@ class Snapshot:
         self.layout = reader.layout
         self.strict = strict
         self.problems: list[str] = []
+        self._bounds = map_bounds(reader.path)
         meta = reader._dbs[DB_META]
         with self._guard():
             try:
-                self.rows = _read_rows(txn, meta)
+                self.rows = _read_rows(txn, meta, self._bounds)
             except CorruptBlockError as e:
                 self._problem(str(e))
                 try:
@@ -643,10 +738,10 @@ class Snapshot:
             raise type(e)(f"index {self._reader.path}: {e}") from None
 
     def _check_commit(self, txn, meta) -> None:
-        raw = txn.get(META_COMMIT, db=meta)
-        if raw is None:  # written by every write since format 2; older indexes have none
-            return
         try:
+            raw = self._bounds.check(txn.get(META_COMMIT, db=meta), _meta_record(META_COMMIT))
+            if raw is None:  # written by every write since format 2; older indexes have none
+                return
             stored = unpack_checked_u64(META_COMMIT, raw, _meta_record(META_COMMIT))
         except CorruptBlockError as e:
             self._problem(str(e))
@@ -658,6 +753,7 @@ class Snapshot:
                           f"header page made it pick an older state (or a program other than lorif-stream wrote to it)")
 
     def _block_rows(self, layer: int, first_row: int, value) -> int:
+        self.check_value(value, layer, first_row)
         try:
             return parse_header(value).rows
         except CorruptBlockError as e:
@@ -703,6 +799,7 @@ class Snapshot:
                     layer_idx, first_row = keys.parse_factor_key(key)
                     if layer_idx != layer or first_row >= stop:  # _seek_block never lands before `layer`
                         break
+                    self.check_value(value, layer, first_row)
                     if check:
                         if first_row > expected:
                             raise CorruptBlockError(f"layer {name!r}: rows {expected}..{first_row - 1} have no block "
@@ -734,7 +831,11 @@ class Snapshot:
         if value is None:
             name = self.layout.layers[layer].name
             raise CorruptBlockError(f"layer {name!r}: no block starts at row {first_row} (index blocks misaligned)")
-        return value
+        return self.check_value(value, layer, first_row)
+
+    def check_value(self, value, layer: int, first_row: int):
+        """A block value, refused when LMDB (a damaged page) places it past the end of the file."""
+        return self._bounds.check(value, f"layer {self.layout.layers[layer].name!r} block at row {first_row}")
 
     # -- decoded blocks
     def blocks(self, start: int = 0, stop: int | None = None, layers: Sequence[int] | None = None,
@@ -787,7 +888,7 @@ class Snapshot:
             raise IndexError(f"row {row} is outside the index's {self.rows} rows")
         key = keys.row_to_id_key(row)
         with self._guard():
-            raw = self._txn.get(key, db=self._reader._dbs[DB_IDS])
+            raw = self._bounds.check(self._txn.get(key, db=self._reader._dbs[DB_IDS]), f"ids: id of row {row}")
             if raw is None:
                 raise CorruptBlockError(f"ids: row {row} has no id")
             return unpack_id_value(key, raw, f"ids: id of row {row}")
@@ -807,7 +908,8 @@ class Snapshot:
                     expected = keys.row_to_id_key(row)
                     if bytes(key) != expected:
                         break
-                    out.append(unpack_id_value(expected, value, f"ids: id of row {row}"))
+                    record = f"ids: id of row {row}"
+                    out.append(unpack_id_value(expected, self._bounds.check(value, record), record))
             if len(out) != stop - start:
                 raise CorruptBlockError(f"ids: row {start + len(out)} has no id")
         return out
@@ -815,7 +917,8 @@ class Snapshot:
     def row_of(self, example_id: str) -> int | None:
         key = keys.id_to_row_key(example_id)
         with self._guard():
-            raw = self._txn.get(key, db=self._reader._dbs[DB_IDS])
+            raw = self._bounds.check(self._txn.get(key, db=self._reader._dbs[DB_IDS]),
+                                     f"ids: reverse entry of {example_id!r}")
             if raw is None:
                 return None
             row = unpack_checked_u64(key, raw, f"ids: reverse entry of {example_id!r}")
@@ -824,11 +927,24 @@ class Snapshot:
     # -- state
     def array(self, name: str) -> np.ndarray | None:
         with self._guard():
-            return _get_array(self._txn, self._reader._dbs[DB_SKETCH], name)
+            value = _get_array(self._txn, self._reader._dbs[DB_SKETCH], name, self._bounds)
+            if value is None:
+                _listed_but_missing(self.manifest(), "arrays", name, _array_record(name))
+            return value
 
     def state_meta(self, name: str):
         with self._guard():
-            return _get_state_meta(self._txn, self._reader._dbs[DB_META], name)
+            value = _get_state_meta(self._txn, self._reader._dbs[DB_META], name, self._bounds)
+            if value is None:
+                _listed_but_missing(self.manifest(), "state", name, _meta_record(_state_key(name)))
+            return value
+
+    def manifest(self) -> dict | None:
+        """Names of the stored arrays and state records (None for an index older than the manifest)."""
+        if not hasattr(self, "_manifest"):
+            with self._guard():
+                self._manifest = _read_manifest(self._txn, self._reader._dbs[DB_META], self._bounds)
+        return self._manifest
 
     # -- integrity
     def verify(self, max_errors: int = 20, progress=None, on_error=None) -> VerifyReport:
@@ -852,7 +968,9 @@ class IndexReader:
         self.format_version: int = FORMAT_VERSION
         if _env is None:
             _check_index_dir(self.path)
-            _env, self._shared_lock = _open_env_locked(self.path, readonly=True, map_size=DEFAULT_MAP_SIZE)
+            _env, self._shared_lock = _open_env_locked(self.path, readonly=True, map_size=DEFAULT_MAP_SIZE,
+                                                       problems=None if strict else self.problems,
+                                                       walk_all=not strict)
             try:
                 _layout, _settings, self.format_version = _read_header_meta(_env, self.path,
                                                                             None if strict else self.problems)

@@ -26,9 +26,10 @@ from . import format as fmt
 from . import keys
 from .codec import BlockDecoder
 from .format import DB_FACTORS, DB_IDS, DB_META, DB_SKETCH, META_COMMIT, META_FORMAT_VERSION, META_LAYOUT, \
-    META_ROWS, META_SETTINGS, META_STATE_PREFIX, CorruptBlockError
+    META_MANIFEST, META_ROWS, META_SETTINGS, META_STATE_PREFIX, CorruptBlockError
 from .integrity import crc32, header_problem, read_lmdb_header, unframe_json, unpack_checked_u64, unpack_id_value
-from .lmdb_store import BlockBuffers, IndexReader, Snapshot, VerifyReport, _array_head, _array_record, _meta_record
+from .lmdb_store import BlockBuffers, IndexReader, Snapshot, VerifyReport, _array_head, _array_record, _meta_record, \
+    _state_key
 
 
 def verify_snapshot(snap: Snapshot, max_errors: int = 20, progress=None, on_error=None) -> VerifyReport:
@@ -86,6 +87,7 @@ def _verify_blocks(snap: Snapshot, report: VerifyReport, err, progress) -> None:
             continue
         report.blocks += 1
         try:
+            snap.check_value(value, layer, first_row)
             n = snap.decode(layer, first_row, value, buffers, decoder)[0].shape[0]
         except CorruptBlockError as e:
             err(str(e))
@@ -107,13 +109,13 @@ def _verify_blocks(snap: Snapshot, report: VerifyReport, err, progress) -> None:
 
 
 def _verify_ids(snap: Snapshot, report: VerifyReport, err, progress) -> None:
-    txn, db, rows = snap._txn, snap._reader._dbs[DB_IDS], snap.rows
+    txn, db, rows, bounds = snap._txn, snap._reader._dbs[DB_IDS], snap.rows, snap._bounds
     duplicates_allowed = snap._reader.settings.get("allow_duplicate_ids") is True
 
     def id_at(row: int) -> str | None:
-        key = keys.row_to_id_key(row)
-        raw = txn.get(key, db=db)
-        return None if raw is None else unpack_id_value(key, raw, f"ids: id of row {row}")
+        key, record = keys.row_to_id_key(row), f"ids: id of row {row}"
+        raw = bounds.check(txn.get(key, db=db), record)
+        return None if raw is None else unpack_id_value(key, raw, record)
 
     max_key = snap._reader._env.max_key_size()
 
@@ -121,8 +123,9 @@ def _verify_ids(snap: Snapshot, report: VerifyReport, err, progress) -> None:
         key = keys.id_to_row_key(example_id)
         if len(key) > max_key:  # too long to be a key: a damaged id of an older index (no checksum)
             return None
-        raw = txn.get(key, db=db)
-        return None if raw is None else unpack_checked_u64(key, raw, f"ids: reverse entry of {example_id!r}")
+        record = f"ids: reverse entry of {example_id!r}"
+        raw = bounds.check(txn.get(key, db=db), record)
+        return None if raw is None else unpack_checked_u64(key, raw, record)
 
     # row -> id -> row, by lookup (not in stored key order: a damaged key must not be stepped over)
     for row in range(rows):
@@ -150,11 +153,13 @@ def _verify_ids(snap: Snapshot, report: VerifyReport, err, progress) -> None:
                 if row >= rows:
                     err(f"ids: row {row} has an id, past the index's {rows} rows")
                 else:
-                    unpack_id_value(key, value, f"ids: id of row {row}")  # its crc covers the key
+                    record = f"ids: id of row {row}"
+                    unpack_id_value(key, bounds.check(value, record), record)  # its crc covers the key
             elif key[:1] == keys.ID_PREFIX:
                 n_ids += 1
                 example_id = key[1:].decode("utf-8", "replace")
-                row = unpack_checked_u64(key, value, f"ids: reverse entry of {example_id!r}")
+                record = f"ids: reverse entry of {example_id!r}"
+                row = unpack_checked_u64(key, bounds.check(value, record), record)
                 held = id_at(row) if row < rows else None
                 if held != example_id:
                     err(f"ids: reverse entry {example_id!r} -> row {row}, but row {row} holds "
@@ -183,10 +188,11 @@ def _verify_meta(snap: Snapshot, report: VerifyReport, err, progress) -> None:
         record = _meta_record(key)
         required.discard(key)
         try:
+            value = snap._bounds.check(value, record)
             if key == META_FORMAT_VERSION:
                 if not bytes(value).isdigit():
                     err(f"{record} is not a number ({bytes(value)[:20]!r})")
-            elif key in (META_LAYOUT, META_SETTINGS) or key.startswith(META_STATE_PREFIX):
+            elif key in (META_LAYOUT, META_SETTINGS, META_MANIFEST) or key.startswith(META_STATE_PREFIX):
                 unframe_json(value, record, key)
             elif key in (META_ROWS, META_COMMIT):
                 unpack_checked_u64(key, value, record)
@@ -196,6 +202,22 @@ def _verify_meta(snap: Snapshot, report: VerifyReport, err, progress) -> None:
             err(str(e))
     for key in sorted(required):
         err(f"{_meta_record(key)} is missing")
+    manifest = _manifest(snap, err)
+    if manifest is not None:
+        stored = {bytes(k)[len(META_STATE_PREFIX):].decode("utf-8", "replace")
+                  for k, _ in snap._txn.cursor(db=snap._reader._dbs[DB_META]) if bytes(k).startswith(META_STATE_PREFIX)}
+        for name in sorted(set(manifest["state"]) - stored):
+            err(f"{_meta_record(_state_key(name))} is missing, yet the index's manifest lists it (a damaged key)")
+        for name in sorted(stored - set(manifest["state"])):
+            err(f"{_meta_record(_state_key(name))} is not in the index's manifest (a damaged key?)")
+
+
+def _manifest(snap: Snapshot, err) -> dict | None:
+    try:
+        return snap.manifest()
+    except CorruptBlockError as e:
+        err(str(e).split(": ", 1)[1] if str(e).startswith("index ") else str(e))
+        return None
 
 
 def _verify_arrays(snap: Snapshot, report: VerifyReport, err, progress) -> None:
@@ -206,7 +228,10 @@ def _verify_arrays(snap: Snapshot, report: VerifyReport, err, progress) -> None:
         name, sep, tail = key.partition(b"\x00")
         text = name.decode("utf-8", "replace")
         if sep and tail == b"head":
-            heads[text] = bytes(value)
+            try:
+                heads[text] = bytes(snap._bounds.check(value, f"{_array_record(text)} head"))
+            except CorruptBlockError as e:
+                err(str(e))
         elif sep and len(tail) == 4:
             chunks.setdefault(text, {})[struct.unpack(">I", tail)[0]] = value
         else:
@@ -225,6 +250,11 @@ def _verify_arrays(snap: Snapshot, report: VerifyReport, err, progress) -> None:
             if chunk is None:
                 err(f"{record} chunk {i} is missing")
                 continue
+            try:
+                snap._bounds.check(chunk, f"{record} chunk {i}")
+            except CorruptBlockError as e:
+                err(str(e))
+                continue
             size += len(chunk)
             if head["crc32"] is not None and crc32(chunk) != head["crc32"][i]:
                 err(f"{record} chunk {i}: checksum mismatch")
@@ -237,6 +267,12 @@ def _verify_arrays(snap: Snapshot, report: VerifyReport, err, progress) -> None:
             err(f"{record} chunk {i} is not in its head (a damaged key?)")
     for name in sorted(chunks):
         err(f"{_array_record(name)}: chunks without a head (a damaged key?)")
+    manifest = _manifest(snap, err)
+    if manifest is not None:
+        for name in sorted(set(manifest["arrays"]) - set(heads)):
+            err(f"{_array_record(name)} is missing, yet the index's manifest lists it (a damaged key)")
+        for name in sorted(set(heads) - set(manifest["arrays"])):
+            err(f"{_array_record(name)} is not in the index's manifest (a damaged key?)")
 
 
 # ------------------------------------------------------------------------------ isolation
@@ -327,9 +363,30 @@ def _child(index: str, max_errors: int) -> None:
                 emit({"progress": pending})
             emit({"done": {"blocks": report.blocks}})
     except fmt.IndexError_ as e:
-        if type(e) is fmt.CorruptBlockError:  # a damaged layout: nothing else can be checked
-            emit({"error": str(e)})
-            emit({"done": {"blocks": 0}})
-        else:
+        if not isinstance(e, fmt.CorruptBlockError) or "is truncated" in str(e) or "LMDB's" in str(e):
             emit({"raise": type(e).__name__, "message": str(e)})
+            return
+        # damage the opening itself ran into (the layout, LMDB pages of the metadata): say what
+        # the page walk finds besides, then that; nothing else can be checked
+        for problem in _page_problems(Path(index)):
+            emit({"error": problem})
+        emit({"error": str(e)})
+        emit({"done": {"blocks": 0}})
+
+
+def _page_problems(path: Path) -> list[str]:
+    from .lmdb_store import _can_register, _check_pages
+
+    problems: list[str] = []
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=_can_register(path), max_dbs=8)
+    except lmdb.Error:
+        return problems
+    try:
+        _check_pages(env, path, problems, None)
+    except fmt.IndexError_:
+        pass
+    finally:
+        env.close()
+    return problems
 
