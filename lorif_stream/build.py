@@ -34,7 +34,7 @@ from .store import IndexLayout, IndexWriter
 from .store.sink import BlockSink
 from .store.format import DATA_FILE
 from .task import load_task, resolve_task
-from .whitening import ensure_whitening, moment_bytes
+from .whitening import WHITENING_META, ensure_whitening, moment_bytes, tokens_per_example
 
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _TARGET_BLOCK_BYTES = 32 << 20  # fp32 bytes of one block of every layer
@@ -172,7 +172,7 @@ def state_bytes(layers, config: BuildConfig) -> int:
             # a sketch as wide as the layer is the exact fp64 Gram (sketch.py), else D x k fp32
             sketch = 8 * l.D * l.D if curvature.sketch_width >= l.D else 4 * l.D * curvature.sketch_width
             total += sketch + 4 * l.D * min(curvature.sketch_rank, l.D)
-        elif curvature.preconditioner == "ekfac":
+        elif curvature.preconditioner in ("ekfac", "auto"):  # auto: ekfac until the pre-pass decides
             total += 12 * l.D  # fp64 running sums + one fp32 generation
     return total
 
@@ -301,6 +301,7 @@ def _run(writer: IndexWriter, source: GradientSource, task, config: BuildConfig,
         t0 = time.perf_counter()
         if config.projection_kind == "whitened":
             source.projections = ensure_whitening(writer, source, task, config, progress)
+            config = _resolve_preconditioner(writer, config)
         whiten_s = time.perf_counter() - t0
         if whiten_only:
             return BuildResult(str(writer.path), writer.rows, 0, whiten_s, 0, whiten_seconds=whiten_s)
@@ -311,6 +312,17 @@ def _run(writer: IndexWriter, source: GradientSource, task, config: BuildConfig,
         raise
     finally:
         writer.close()
+
+
+def _resolve_preconditioner(writer: IndexWriter, config: BuildConfig) -> BuildConfig:
+    """`auto` becomes ekfac or none once the pre-pass has counted tokens; the index stores the choice."""
+    tokens = tokens_per_example(writer.get_state_meta(WHITENING_META))
+    curvature = config.curvature.resolved(config.projection_kind, tokens)
+    if curvature != config.curvature:
+        writer.update_settings(dict(writer.settings, curvature=asdict(curvature)))
+        notice(f"preconditioner auto -> {curvature.preconditioner} ({tokens:.1f} tokens per example in the "
+               f"whitening sample: {'sequence' if tokens > 1 else 'one-token'} data)")
+    return replace(config, curvature=curvature)
 
 
 def _withdraw_empty_append(writer: IndexWriter) -> None:

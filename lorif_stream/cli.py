@@ -147,6 +147,7 @@ def append(index, quiet, **kwargs):
 @task_options
 @click.option("--index", required=True, type=click.Path(file_okay=False), help="index directory (created, or resumed)")
 @config_options(cfg.BuildConfig, exclude=("curvature",))
+@config_options(cfg.CurvatureConfig)
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def whiten(index, quiet, **kwargs):
     """Run only the whitening pre-pass of a build (K-FAC token moments -> whitened projections).
@@ -155,8 +156,9 @@ def whiten(index, quiet, **kwargs):
     from .build import whiten as run
 
     task = _make_task(kwargs)
+    curvature = cfg.CurvatureConfig(**_split(cfg.CurvatureConfig, kwargs))
     _budget(kwargs)
-    result = run(task, index, cfg.BuildConfig(**kwargs), progress=not quiet)
+    result = run(task, index, cfg.BuildConfig(**kwargs, curvature=curvature), progress=not quiet)
     click.echo(f"whitened the projections of {result.index} in {result.seconds:.1f}s: "
                f"run `lorif-stream build` with the same options to index the rows")
 

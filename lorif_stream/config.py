@@ -36,12 +36,20 @@ PROJECTION_KINDS = ("whitened", "random")
 PRECONDITIONERS = ("ekfac", "lowrank", "none")
 
 
-def default_preconditioner(projection_kind: str) -> str:
-    """Whitened rows are scored by a plain dot product (the whitening is the curvature), random ones
-    by the paper's low-rank curvature. EK-FAC on top of whitening lowers the effective damping: +0.025
-    LDS on text, but -0.05 and -0.18 on two tabular models (benchmarks/bench_quality.py), so it is
-    an option, not the default."""
-    return "none" if projection_kind == "whitened" else "lowrank"
+def default_preconditioner(projection_kind: str, tokens_per_example: float | None = None) -> str:
+    """`auto`, resolved: the paper's low-rank curvature for random projections; for whitened ones
+    EK-FAC on sequence data and a plain dot product on one-token data (None until the whitening
+    pre-pass has counted the tokens).
+
+    Measured (benchmarks/bench_quality.py, LDS): EK-FAC on top of whitening lowers the effective
+    damping; on a GPT-2 text task that gains +0.02 to +0.05 at every (f, c), on two one-token MLPs
+    (digits, breast cancer) it loses up to 0.06 and 0.14 against the dot product.
+    """
+    if projection_kind != "whitened":
+        return "lowrank"
+    if tokens_per_example is None:
+        return "auto"
+    return "ekfac" if tokens_per_example > 1.0 else "none"
 
 
 def _opt(default, help: str, **extra):
@@ -69,8 +77,9 @@ class CurvatureConfig:
         "auto", "how a query gradient is preconditioned before the dot product with the stored rows: ekfac = "
                 "eigenvalue-corrected K-FAC in the projected space (needs whitened projections; a D-sized statistic "
                 "per layer), lowrank = the paper's top-r eigenpairs of Σ g gᵀ + Woodbury (needs the D·k sketches), "
-                "none = plain dot product; auto = none for whitened projections (measured: the most robust across "
-                "text and tabular models; ekfac adds ~0.025 LDS on text), lowrank for random ones",
+                "none = plain dot product; auto = for whitened projections ekfac on sequence data (more than one "
+                "token per example in the whitening sample) and none on one-token data (measured best on each), "
+                "lowrank for random ones",
         choices=PRECONDITIONERS + ("auto",))
 
     def __post_init__(self):
@@ -93,10 +102,11 @@ class CurvatureConfig:
         if self.damping is not None and not self.damping > 0:
             raise ValueError(f"damping={self.damping} must be > 0")
 
-    def resolved(self, projection_kind: str) -> "CurvatureConfig":
-        """This config with `auto` replaced by the default for `projection_kind` (what the index stores)."""
+    def resolved(self, projection_kind: str, tokens_per_example: float | None = None) -> "CurvatureConfig":
+        """This config with `auto` replaced by the default for the index (what it stores); whitened
+        indexes stay `auto` until their pre-pass has measured `tokens_per_example`."""
         if self.preconditioner == "auto":
-            return replace(self, preconditioner=default_preconditioner(projection_kind))
+            return replace(self, preconditioner=default_preconditioner(projection_kind, tokens_per_example))
         if self.preconditioner == "ekfac" and projection_kind != "whitened":
             raise ValueError("preconditioner=ekfac needs whitened projections (projection_kind=whitened): "
                              "its eigenbasis comes from the whitening statistics")

@@ -28,7 +28,7 @@ from .device import notice, resolve_device
 from .progress import Progress
 from .sketch import LayerSketch
 from .store import IndexWriter, Snapshot
-from .whitening import load_eigenbases
+from .whitening import WHITENING_META, load_eigenbases, tokens_per_example
 
 SKETCH_META = "sketch"
 CURVATURE_META = "curvature"
@@ -388,7 +388,10 @@ def fit(index, config: CurvatureConfig | None = None, *, device: str = "auto", m
     dev = resolve_device(device)
     with IndexWriter.open(Path(index)) as writer:
         settings = dict(writer.settings)
-        config = config.resolved(factor_key_of_index(settings["factors"])["projection_kind"])
+        config = config.resolved(factor_key_of_index(settings["factors"])["projection_kind"],
+                                 tokens_per_example(writer.get_state_meta(WHITENING_META)))
+        if config.preconditioner == "auto":
+            raise ValueError(f"index {index} has no finished whitening pre-pass: rerun its build first")
         settings["curvature"] = asdict(config)
         writer.update_settings(settings)
         if config.preconditioner == "lowrank":

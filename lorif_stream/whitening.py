@@ -318,6 +318,15 @@ def _resume_partial(writer, capture: MomentCapture, group: list[LayerInfo], meta
 # ------------------------------------------------------------------------------------ loading
 
 
+def tokens_per_example(meta: dict | None) -> float | None:
+    """Tokens (positions carrying gradient) per sampled example, over the widest-seen layer; None
+    before any layer is whitened."""
+    layers = (meta or {}).get("layers") or {}
+    if not layers or not meta.get("examples"):
+        return None
+    return max(l.get("tokens", 0) for l in layers.values()) / meta["examples"]
+
+
 def load_projections(get_array, layers: Sequence[LayerInfo], device) -> dict[str, LayerProjection]:
     """The stored whitened projections (``get_array`` is a writer's or a snapshot's array getter)."""
     out = {}

@@ -210,8 +210,12 @@ def test_a_full_disk_stops_the_build_with_one_line_and_loses_nothing(tmp_path):
     args = ["build", "--task", f"{TASKS}:full", "--f", 1, "--sketch-rank", 4, "--device", "cpu", "--block-size", 4,
             "--quiet"]
     cli(*args, "--index", clean)
-    # a file-size cap below the finished index's size: the writes fail part-way, as on a full disk
-    limit = (clean / "data.mdb").stat().st_size * 3 // 4
+    cli("whiten", *args[1:], "--index", tmp_path / "whitened")
+    # a file-size cap between the whitened-only index and the finished one: the row writes fail
+    # part-way, as on a full disk
+    start, end = ((p / "data.mdb").stat().st_size for p in (tmp_path / "whitened", clean))
+    assert end > start
+    limit = (start + end) // 2
     proc = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMITED_BUILD, str(limit), *map(str, args), "--index",
                            str(full)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1
@@ -321,13 +325,16 @@ def test_a_disk_too_small_is_refused_before_anything_is_written(tmp_path, monkey
     grow = estimate(projection_kind="random", curvature=wide) - estimate(projection_kind="random", curvature=small)
     # layer b (D = 32) is narrower than the wide sketch (k = 64): that one is the exact fp64 Gram
     assert grow == 2 * 4 * 2048 * (64 + 16 - 4 - 4) + 2 * (8 * 32 * 32 + 4 * 32 * 16 - 4 * 32 * (4 + 4))
-    # whitened (the default, dot product): projections, eigenbases and the moment checkpoint; no sketch
-    whitened = estimate() - estimate(projection_kind="random", curvature=CurvatureConfig(preconditioner="none"))
+    # whitened, dot product: projections, eigenbases and the moment checkpoint; no sketch
+    dot = CurvatureConfig(preconditioner="none")
+    whitened = estimate(curvature=dot) - estimate(projection_kind="random", curvature=dot)
     per_layer = [4 * (128 * 32 + 256 * 64 + 32 ** 2 + 64 ** 2) + 8 * (128 ** 2 + 256 ** 2),
                  4 * (4 * 4 + 8 * 8 + 4 ** 2 + 8 ** 2) + 8 * (4 ** 2 + 8 ** 2)]
     assert whitened == 2 * sum(per_layer)
-    # EK-FAC adds its D-sized sums (fp64) and one fp32 generation per layer
-    assert estimate(curvature=CurvatureConfig(preconditioner="ekfac")) - estimate() == 2 * 12 * (2048 + 32)
+    # EK-FAC adds its D-sized sums (fp64) and one fp32 generation per layer; `auto` is counted as
+    # EK-FAC until the pre-pass decides
+    assert estimate(curvature=CurvatureConfig(preconditioner="ekfac")) - estimate(curvature=dot) == 2 * 12 * (2048 + 32)
+    assert estimate() == estimate(curvature=CurvatureConfig(preconditioner="ekfac"))
 
 
 def test_bad_curvature_settings_and_tiny_budget_are_refused(tmp_path):

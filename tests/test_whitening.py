@@ -223,6 +223,18 @@ def test_small_sides_are_not_shrunk():
 # ------------------------------------------------------------------------------------ EK-FAC
 
 
+def test_auto_preconditioner_is_ekfac_on_sequences_and_the_dot_product_on_one_token_data(tmp_path):
+    ls.build(MLPTask(), tmp_path / "one", f=1, progress=False)
+    ls.build(SeqTask(), tmp_path / "seq", f=1, progress=False)  # 5 tokens per example
+    assert ls.info(tmp_path / "one")["preconditioner"] == "none"
+    assert ls.info(tmp_path / "seq")["preconditioner"] == "ekfac"
+    assert IndexReader(tmp_path / "seq").settings["curvature"]["preconditioner"] == "ekfac"  # stored, not re-decided
+    # an explicit choice is kept
+    ls.build(SeqTask(), tmp_path / "dot", f=1, preconditioner="none", progress=False)
+    assert ls.info(tmp_path / "dot")["preconditioner"] == "none"
+
+
+
 @pytest.mark.parametrize("c", [1, 3])
 def test_ekfac_preconditioner_equals_the_dense_eigenvalue_corrected_inverse(c):
     g = torch.Generator().manual_seed(0)
