@@ -345,11 +345,11 @@ class Row:
 
 
 # LoRIF modes: the paper's (random projections + top-r low-rank curvature, d = dim // f) and the
-# engine's whitened projections with the EK-FAC preconditioner (its default) or a plain dot product
+# engine's whitened projections scored by a plain dot product (its default) or with EK-FAC
 MODES = {
     "LoRIF": dict(projection_kind="random", preconditioner="lowrank"),
-    "LoRIF-W": dict(projection_kind="whitened", preconditioner="ekfac"),
-    "LoRIF-W dot": dict(projection_kind="whitened", preconditioner="none"),
+    "LoRIF-W": dict(projection_kind="whitened", preconditioner="none"),  # the engine's default
+    "LoRIF-W ekfac": dict(projection_kind="whitened", preconditioner="ekfac"),
 }
 LORIF_METHODS = tuple(MODES)
 
@@ -493,7 +493,7 @@ def plot(datasets: dict[str, list[Row]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.8), squeeze=False)
-    styles = {"LoRIF": ("tab:blue", "o"), "LoRIF-W": ("tab:green", "D"), "LoRIF-W dot": ("tab:olive", "v"),
+    styles = {"LoRIF": ("tab:blue", "o"), "LoRIF-W": ("tab:green", "D"), "LoRIF-W ekfac": ("tab:olive", "v"),
               "LoGRA": ("tab:orange", "s"), "graddot": ("tab:gray", "^"), "exact": ("black", "*")}
     peers = {"Kronfluence EK-FAC heur": "tab:red", "Kronfluence K-FAC heur": "tab:purple",
              "Kronfluence EK-FAC": "salmon", "Kronfluence K-FAC": "plum"}
@@ -559,24 +559,29 @@ def _whitened(fs, cs, min_sides=(32, 1), modes=("LoRIF-W",)):
 
 PLANS = {
     ("digits", True): dict(task=dict(n_train=1000, n_query=40, steps=200), subsets=32, seeds=2,
-                           lorif=_paper((1, 2, 4), (1,), (32, 256)) + _whitened((1, 2, 4), (1,)), dense_f=(1, 2, 4)),
+                           lorif=_paper((1, 2, 4), (1,), (32, 256)) + _whitened((1, 2, 4), (1,))
+                           + _whitened((1, 4), (1,), (32,), ("LoRIF-W ekfac",)), dense_f=(1, 2, 4)),
     ("digits", False): dict(task=dict(n_train=1000, n_query=50, steps=300), subsets=96, seeds=3,
                             lorif=_paper((1, 2, 4, 8), (1,), (16, 64, 256, 1024)) + _whitened((1, 2, 4, 8), (1,))
-                            + _whitened((1, 4), (1,), (32,), ("LoRIF-W dot",)),
+                            + _whitened((1, 2, 4, 8), (1,), (32,), ("LoRIF-W ekfac",)),
                             dense_f=(1, 2, 4, 8)),
-    ("cancer", True): dict(task=dict(n_train=400, n_query=40), subsets=32, seeds=2,
-                           lorif=_paper((1, 4), (1,), (256,)) + _whitened((1, 4), (1,)), dense_f=(1, 4)),
+    ("cancer", True): dict(task=dict(n_train=400, n_query=30), subsets=32, seeds=2,
+                           lorif=_paper((1, 4), (1,), (256,)) + _whitened((1, 4), (1,))
+                           + _whitened((1,), (1,), (32,), ("LoRIF-W ekfac",)), dense_f=(1, 4)),
     ("cancer", False): dict(task=dict(n_train=400, n_query=40), subsets=96, seeds=3,
-                            lorif=_paper((1, 4), (1,), (256,)) + _whitened((1, 4), (1,)), dense_f=(1, 4)),
+                            lorif=_paper((1, 4), (1,), (256,)) + _whitened((1, 4), (1,))
+                            + _whitened((1,), (1,), (32,), ("LoRIF-W ekfac",)), dense_f=(1, 4)),
     # (8, 8, 1024) is a diagnostic: at f = 8 every layer has min(d_out, d_in) <= 8 and r >= rank(A),
     # so it is LoGRA f=8 up to the damping rule (eigen-mean over the kept eigenvalues vs trace/D)
     ("fortunes", True): dict(task=dict(n_train=300, n_query=30), subsets=32, seeds=2,
-                             lorif=_paper((4, 8), (1, 4), (1024,)) + _whitened((4, 8), (1, 4), (32, 1)),
+                             lorif=_paper((4, 8), (1, 4), (1024,)) + _whitened((4, 8), (1, 4), (32, 1))
+                             + _whitened((4,), (1, 4), (32,), ("LoRIF-W ekfac",)),
                              dense_f=(1, 4, 8)),
     ("fortunes", False): dict(task=dict(n_train=400, n_query=40), subsets=48, seeds=3,
                               lorif=_paper((2, 4, 8), (1, 4, 16), (128, 1024)) + [LorifConfig("LoRIF", 8, 8, 1024)]
                               + _whitened((2, 4, 8), (1, 2, 4, 16), (32, 1))
-                              + _whitened((4, 8), (1, 4), (32,), ("LoRIF-W dot",)),
+                              + _whitened((2, 4, 8), (1, 2, 4, 16), (32,), ("LoRIF-W ekfac",))
+                              + [LorifConfig("LoRIF-W", 1, 64, None, 32), LorifConfig("LoRIF-W ekfac", 1, 64, None, 32)],
                               dense_f=(1, 2, 4, 8)),
 }
 
