@@ -160,7 +160,8 @@ def time_model(shape: str, n: int, root: Path, device, common: dict) -> dict:
            - ls.info(root / f"{shape}-paper")["factor_bytes"]}
     # what the pre-pass costs per sampled example, relative to a build's per-example cost: its
     # share at any N is min(N, whiten_examples) x this / N
-    out["whiten_per_example_vs_build"] = (default.whiten_seconds / min(n, 1000)) / (out["default"]["rows_s"] / n)
+    sample = min(n, ls.BuildConfig().whiten_examples)
+    out["whiten_per_example_vs_build"] = (default.whiten_seconds / sample) / (out["default"]["rows_s"] / n)
     for name in ("default", "paper"):
         shutil.rmtree(root / f"{shape}-{name}", ignore_errors=True)
     return out
