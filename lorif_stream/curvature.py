@@ -27,6 +27,8 @@ POLICIES = ("eigen-mean", "trace", "explicit")
 
 # Rows of V cast to fp64 at once by precondition (4096 x r x 8 bytes: 8 MiB at r = 256).
 _V_CHUNK = 4096
+# D * r above which Woodbury runs in fp32 (exactness matters, and is cheap, on small layers)
+_FP64_MAX_ELEMS = 1 << 22
 
 
 def clamp_rank(r: int, D: int, N: int) -> int:
@@ -164,10 +166,14 @@ def precondition(g: Tensor, curv: LayerCurvature) -> Tensor:
     arithmetic loses ~eps32 * sigma2/lam of h (3e-5 of the scores of an f=1 digits MLP whose exact
     curvature has sigma2_1/lam ~ 4.5e3, 1e-6 in fp64). V is cast a chunk of rows at a time, so no
     D x r fp64 copy is resident; the fp64 work is Q*D*r per query batch, not per training row.
+    Layers with D*r above _FP64_MAX_ELEMS stay in fp32: there fp64 made preconditioning 25x slower
+    (GPT-2-small shapes, r = 2048: 7.7 s per block and query on one thread, benchmarks/bench_precondition.py).
     """
     if g.dim() != 2 or g.shape[1] != curv.D:
         raise ValueError(f"g must be (Q, D={curv.D}), got {tuple(g.shape)}")
     out_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    if g.dtype != torch.float64 and curv.D * curv.rank > _FP64_MAX_ELEMS:
+        return _precondition_fp32(g.to(torch.float32), curv)
     g = g.to(torch.float64)
     lam = curv.damping
     D = curv.D
@@ -187,6 +193,15 @@ def precondition(g: Tensor, curv: LayerCurvature) -> Tensor:
         stop = min(D, start + _V_CHUNK)
         h[:, start:stop] = (g[:, start:stop] - a @ V_rows(start).t()) / lam
     return h
+
+
+def _precondition_fp32(g: Tensor, curv: LayerCurvature) -> Tensor:
+    """The same Woodbury step in fp32, for layers where fp64 would cost more than the scoring itself."""
+    lam = curv.damping
+    V = curv.V.to(device=g.device, dtype=torch.float32)
+    s2 = curv.sigma2.to(device=g.device, dtype=torch.float64)
+    frac = (s2 / (lam + s2)).to(torch.float32)
+    return (g - ((g @ V) * frac) @ V.t()) / lam
 
 
 def fit_layer_curvature(sketch: LayerSketch, rank: int, policy: DampingPolicy | None = None,
