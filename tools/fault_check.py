@@ -9,6 +9,9 @@ Builds one small index (tests/tasks/mlp_task.py, CPU, a few seconds), records th
     exactly one of each pair may write, the other must be refused, and the index must verify;
   * byte flips: one byte XOR a random non-zero mask at a random offset of data.mdb, each on a
     fresh copy, followed by `verify` and `query`;
+  * structure flips: the same, at a random offset among the first 96 bytes of a random page
+    (page header, node offsets, first node headers: LMDB's own structures, where damage used to
+    end in SIGBUS or an mdb.c abort);
   * truncations of data.mdb to a random length (and to page boundaries), then `verify` and `query`.
 
 Each damaged copy gets one outcome, first match wins:
@@ -115,7 +118,7 @@ def damage_trials(pristine_index: Path, pristine: bytes, kind: str, params: list
         index = work / "idx"
         shutil.copytree(pristine_index, index)
         (index / "writer.lock").unlink(missing_ok=True)
-        if kind == "flip":
+        if kind in ("flip", "structure"):
             damaged = bytearray(data)
             damaged[params[i]] ^= masks[i]
             (index / "data.mdb").write_bytes(bytes(damaged))
@@ -171,6 +174,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--flips", type=int, default=120)
+    ap.add_argument("--structure-flips", type=int, default=40)
     ap.add_argument("--truncations", type=int, default=24)
     ap.add_argument("--writers", type=int, default=3, help="rounds of concurrent appends and builds")
     ap.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
@@ -190,18 +194,22 @@ def main() -> None:
         flips = sorted(rng.integers(0, size, args.flips).tolist())
         cuts = sorted({*rng.integers(0, size, max(0, args.truncations - 4)).tolist(),
                        *(min(size - psize, k * psize) for k in (1, 2, size // psize // 2, size // psize - 1))})
+        structure = sorted((rng.integers(0, size // psize, args.structure_flips) * psize
+                            + rng.integers(0, 96, args.structure_flips)).tolist())
         print(f"index: {size:,} bytes ({size // psize} pages), seed {args.seed}, {args.workers} workers", flush=True)
         writers = writer_trials(scratch, args.writers) if args.writers else collections.Counter()
         flip_counts, flip_wrong, flip_examples = damage_trials(pristine_index, pristine, "flip", flips, args.workers, rng,
                                                                scratch)
+        st_counts, st_wrong, st_examples = damage_trials(pristine_index, pristine, "structure", structure, args.workers,
+                                                         rng, scratch)
         cut_counts, cut_wrong, cut_examples = damage_trials(pristine_index, pristine, "truncate", cuts, args.workers,
                                                             rng, scratch)
     print()
-    print(f"| outcome | byte flips ({len(flips)}) | truncations ({len(cuts)}) |")
-    print("|---|---:|---:|")
+    print(f"| outcome | byte flips ({len(flips)}) | structure flips ({len(structure)}) | truncations ({len(cuts)}) |")
+    print("|---|---:|---:|---:|")
     for outcome in OUTCOMES:
-        print(f"| {outcome} | {flip_counts[outcome]} | {cut_counts[outcome]} |")
-    print(f"| (detected, but query exit 0 with a different output) | {flip_wrong} | {cut_wrong} |")
+        print(f"| {outcome} | {flip_counts[outcome]} | {st_counts[outcome]} | {cut_counts[outcome]} |")
+    print(f"| (detected, but query exit 0 with a different output) | {flip_wrong} | {st_wrong} | {cut_wrong} |")
     if writers:
         print()
         print(f"| concurrent writers ({args.writers} rounds) | count |")
@@ -209,10 +217,10 @@ def main() -> None:
         for outcome, n in sorted(writers.items()):
             print(f"| {outcome} | {n} |")
     print()
-    for line in flip_examples + cut_examples:
+    for line in flip_examples + st_examples + cut_examples:
         print(" ", line)
     print(f"\n{time.perf_counter() - t0:.0f}s")
-    bad = sum(flip_counts[o] + cut_counts[o] for o in ("signal", "traceback", "silent wrong"))
+    bad = sum(flip_counts[o] + st_counts[o] + cut_counts[o] for o in ("signal", "traceback", "silent wrong"))
     raise SystemExit(1 if bad else 0)
 
 
