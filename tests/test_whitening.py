@@ -330,3 +330,19 @@ def test_format_1_index_opens_and_queries_as_before(tmp_path):
     ls.query(MLPTask(), tmp_path / "v1", None, tmp_path / "s.npy", top_k=3, progress=False)
     old = np.load(DATA / "v1_scores.npy")
     np.testing.assert_allclose(np.load(tmp_path / "s.npy"), old, rtol=1e-4, atol=1e-5 * np.abs(old).max())
+
+
+@pytest.mark.parametrize("field,preconditioner", [("P_in", "auto"), ("q_out", "ekfac")])  # q: read by EK-FAC
+def test_a_damaged_whitening_array_is_named_by_verify_and_refused_by_query(tmp_path, field, preconditioner):
+    from lorif_stream.store import CorruptBlockError
+    from test_reliability import _chunk_key, flip_everywhere, stored_value
+
+    idx = tmp_path / "idx"
+    ls.build(MLPTask(), idx, f=1, rank=1, dtype="fp32", preconditioner=preconditioner, progress=False)
+    name = whitening.array_name("0", field)
+    value = stored_value(idx, b"sketch", _chunk_key(name, 0))
+    flip_everywhere(idx, value, len(value) // 2)
+    report = ls.verify(idx, progress=False)
+    assert not report.ok and any(f"array '{name}' chunk 0: checksum mismatch" in e for e in report.errors)
+    with pytest.raises(CorruptBlockError, match=f"array '{name}' chunk 0"):
+        ls.query(MLPTask(), idx, None, tmp_path / "s.npy", top_k=3, progress=False)
