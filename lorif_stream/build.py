@@ -10,13 +10,20 @@ numba and torch release the GIL so all stages overlap.
 
 Both operations extend the index by one *segment* of rows (the build's, then one per append),
 recorded in the index settings before the first row is written. An interrupted segment resumes
-at its first uncommitted row.
+at its first uncommitted row, once the task is shown to hold the same examples there (the ids of
+the committed rows, digests of a sample of examples taken when the segment started). A rerun whose
+rows are all committed only finishes the curvature step if that was interrupted (the segment is
+marked `finalized` after it), else says the run is complete.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -26,20 +33,32 @@ import torch
 from .config import FACTOR_FIELDS, BuildConfig, CurvatureConfig, factor_key_of_index, factor_options
 from .device import notice, resolve_device
 from .factorize import factorize
-from .fit import curvature_statistics, sketch_memory_bytes
+from .fit import CURVATURE_META, BudgetTooSmallError, curvature_statistics, sketch_memory_bytes
 from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
 from .progress import Progress
 from .projection import ProjectionSpec
 from .store import IndexLayout, IndexWriter
 from .store.sink import BlockSink
-from .store.format import DATA_FILE
+from .store.format import DATA_FILE, LMDB_LOCK_FILE, WRITER_LOCK_FILE
 from .task import load_task, resolve_task
-from .whitening import WHITENING_META, ensure_whitening, moment_bytes, tokens_per_example
+# _groups: the pre-pass's own memory rule, so that build refuses a budget before creating the index
+from .whitening import WHITENING_META, _groups as whitening_groups, ensure_whitening, moment_bytes, tokens_per_example
 
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _TARGET_BLOCK_BYTES = 32 << 20  # fp32 bytes of one block of every layer
 _COMPRESSED_FRACTION = {"bf16": 0.72, "fp16": 0.95, "fp32": 0.95}  # measured by benchmarks/bench_store.py
 _SKETCH_CHECKPOINT_SECONDS = 300.0
+# What a resumed or rerun segment is compared on (see _task_mismatch): the ids of its committed rows
+# (every one up to _ID_CHECK_ALL, else an evenly spaced sample) and content digests of a sample of
+# its examples, stored (state record SEGMENT_CHECK_META) when the segment starts.
+_ID_CHECK_ALL = 100_000
+_ID_CHECK_SAMPLE = 10_000
+_DIGEST_HEAD = 16
+_DIGEST_SPREAD = 128
+SEGMENT_CHECK_META = "segment_checks"  # state record: {first row of a segment: its digests}
+# Tests only: seconds to hold still between the last committed row and the curvature step, so that a
+# test can SIGKILL a real process in the window a rerun has to finish (tests/test_resume_safety.py).
+PAUSE_BEFORE_FINALIZE_ENV = "LORIF_TEST_PAUSE_BEFORE_FINALIZE"
 
 
 class SettingsMismatchError(ValueError):
@@ -85,14 +104,36 @@ def whiten(task, index, config: BuildConfig | None = None, *, progress: bool = T
 
 
 def _build(task, path: Path, config: BuildConfig, progress: bool, whiten_only: bool) -> BuildResult:
+    source = None
     if (path / DATA_FILE).exists():
         writer = IndexWriter.open(path, durability=config.durability)
-        return _resume_or_extend(writer, task, config, progress, kind="build", whiten_only=whiten_only)
+        try:
+            changed, source = _changed_empty_build(writer, task, config)
+        except BaseException:
+            writer.close()
+            raise
+        if changed is None:
+            return _resume_or_extend(writer, task, config, progress, kind="build", whiten_only=whiten_only,
+                                     source=source)
+        # the old build holds no row, at most a whitening pre-pass made for other settings, model or
+        # data: refusing would leave the user a directory that no corrected rerun can use
+        writer.close()
+        notice(f"index {path} has no rows yet (its build stopped before the first row) and {changed}: "
+               f"re-creating it with this command's settings")
+        for name in (DATA_FILE, LMDB_LOCK_FILE):
+            (path / name).unlink(missing_ok=True)
+    else:
+        _check_new_directory(path)
     device = resolve_device(config.device)
-    source = GradientSource.open(task, _spec(config), device)
-    n = _train_len(task)
+    if source is None:
+        source = GradientSource.open(task, _spec(config), device)
+    config = _clamp_rank(config, source.layers)
+    examples = task.train_examples()
+    n = len(examples)
     if n == 0:
         raise ValueError("the task has no training examples (train_examples() is empty)")
+    # everything that can refuse the build does so before the index exists
+    _check_budget(source.layers, config)
     layout = IndexLayout(source.layout_layers(), c=config.rank, dtype=config.dtype,
                          block_size=config.block_size or _default_block_size(source, config), zstd_level=config.zstd_level)
     _check_disk(path, layout, source.layers, n, config)
@@ -109,7 +150,50 @@ def _build(task, path: Path, config: BuildConfig, progress: bool, whiten_only: b
         "nonfinite_rows": [],
     }
     writer = IndexWriter.create(path, layout, settings, durability=config.durability)
+    try:
+        _store_check(writer, settings["segments"][0], _segment_check(task, examples, n))
+    except BaseException:
+        writer.close()
+        raise
     return _run(writer, source, task, config, progress, whiten_only)
+
+
+def _changed_empty_build(writer: IndexWriter, task, config: BuildConfig):
+    """For an index whose build stopped before its first row: what differs between it and this build
+    (settings, model, tracked layers, number of examples), or None; and the task's GradientSource
+    when it was opened to find out (else None). Indexes with rows are resumed or refused as usual."""
+    settings = writer.settings
+    segments = settings.get("segments") or []
+    if writer.rows or len(segments) != 1 or segments[0]["kind"] != "build":
+        return None, None
+    source = GradientSource.open(task, _spec(config), resolve_device(config.device))
+    config = _clamp_rank(config, source.layers)
+    stored = factor_key_of_index(settings["factors"])
+    if stored != config.factor_key():
+        return f"its settings differ ({_diff(stored, config.factor_key())})", source
+    if [l.to_dict() for l in source.layers] != settings["layers"]:
+        return "the task's model tracks other layers", source
+    if source.fingerprint != settings["fingerprint"]:
+        return "the task's model differs from the one it was started with", source
+    n = _train_len(task)
+    if n != segments[0]["count"]:
+        return f"the task has {n:,} examples, not the {segments[0]['count']:,} it was started with", source
+    return None, source
+
+
+def _check_new_directory(path: Path) -> None:
+    """A new index goes into a new or empty directory, never among files that are not an index's."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a directory: give a new or empty directory for the index")
+    # an index's own files may be there: another build creating it right now (its writer.lock), or a
+    # creation that stopped before the index was written
+    others = sorted(p.name for p in path.iterdir() if p.name not in (DATA_FILE, LMDB_LOCK_FILE, WRITER_LOCK_FILE))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise FileExistsError(f"{path} is not empty and holds no lorif-stream index ({shown}): "
+                              f"give a new or empty directory for the index")
 
 
 def append(task, index, config: BuildConfig | None = None, *, progress: bool = True, **options) -> BuildResult:
@@ -208,38 +292,241 @@ def _check_disk(path: Path, layout: IndexLayout, layers, n_rows: int, config: Bu
         )
 
 
+def _diff(theirs, mine) -> str:
+    if isinstance(theirs, dict) and isinstance(mine, dict):
+        return ", ".join(f"{k}: index {theirs.get(k)!r} vs {mine.get(k)!r}" for k in sorted(set(theirs) | set(mine))
+                         if theirs.get(k) != mine.get(k))
+    return f"index {theirs!r} vs {mine!r}"
+
+
 def _check_same(index_settings: dict, key: str, mine, what: str) -> None:
     theirs = index_settings.get(key)
     if theirs != mine:
-        if isinstance(theirs, dict) and isinstance(mine, dict):
-            diff = ", ".join(f"{k}: index {theirs.get(k)!r} vs {mine.get(k)!r}" for k in sorted(set(theirs) | set(mine))
-                             if theirs.get(k) != mine.get(k))
+        raise SettingsMismatchError(f"{what} differ from the index's ({_diff(theirs, mine)})")
+
+
+def _clamp_rank(config: BuildConfig, layers, stored_rank: int | None = None) -> BuildConfig:
+    """c above every layer's min(d_out, d_in) only stores zero columns: use the largest that any layer
+    can fill (an index stored with a larger c before this clamp existed keeps its own)."""
+    top = max(min(l.d_out, l.d_in) for l in layers)
+    if config.rank <= top or config.rank == stored_rank:
+        return config
+    notice(f"rank {config.rank} is more than any tracked layer can use (the largest min(d_out, d_in) of the "
+           f"projected layers is {top}): storing rank-{top} factors")
+    return replace(config, rank=top)
+
+
+def _finalize_bytes(D: int, k: int) -> int:
+    """Memory fit.finalize_curvature needs for one lowrank layer (its own check, repeated here so that
+    build refuses a budget before the first row instead of after the last)."""
+    return sketch_memory_bytes(D, k) + (24 * D * D if k >= D else D * k * 4)
+
+
+def _check_budget(layers, config: BuildConfig, whitened: frozenset[str] | set[str] = frozenset()) -> None:
+    """Refuse a memory budget that the whitening pre-pass or the final curvature step cannot work in."""
+    budget = config.budget()
+    if config.projection_kind == "whitened":
+        whitening_groups([l for l in layers if l.name not in whitened], budget)  # raises, naming the layer
+    if config.curvature.preconditioner == "lowrank":
+        k = config.curvature.sketch_width
+        for layer in layers:
+            need = _finalize_bytes(layer.D, k)
+            if need > budget:
+                raise BudgetTooSmallError(
+                    f"memory budget {budget / 1e6:.0f} MB is too small for even one layer: layer {layer.name!r} "
+                    f"(D={layer.D:,}, k={k}) needs {need / 1e6:.0f} MB; raise --memory-budget or lower --sketch-rank"
+                )
+
+
+def _say_curvature_is_kept(writer: IndexWriter, config: BuildConfig) -> None:
+    """Curvature options live with an index that has rows: name those of this command that differ."""
+    kind = config.projection_kind
+    tokens = tokens_per_example(writer.get_state_meta(WHITENING_META))
+    try:
+        theirs = asdict(CurvatureConfig(**writer.settings["curvature"]).resolved(kind, tokens))
+        mine = asdict(config.curvature.resolved(kind, tokens))
+    except (TypeError, ValueError):
+        return
+    if theirs != mine:
+        notice(f"curvature options differ from index {writer.path}'s ({_diff(theirs, mine)}): the index keeps its own; "
+               f"change them with `lorif-stream fit --index {writer.path}`")
+
+
+# ------------------------------------------------------------------------------------ same data?
+
+
+def _digest_positions(n: int) -> list[int]:
+    """Positions of a segment whose examples are digested: the first few, a geometric run (so a segment
+    killed early still has several committed positions in its sample) and evenly spaced ones."""
+    positions = set(range(min(n, _DIGEST_HEAD)))
+    p = _DIGEST_HEAD
+    while p < n:
+        positions.add(p)
+        p = p * 3 // 2
+    positions.update(int(i) for i in np.linspace(0, n - 1, min(n, _DIGEST_SPREAD)).round())
+    return sorted(positions)
+
+
+def _feed(h, value, depth: int = 0) -> None:
+    """Hash an example's content in a form that is the same in every process (no reprs of objects,
+    no set or hash order); a type without such a form contributes its name only."""
+    if depth > 32:
+        h.update(b"<deep>")
+    elif value is None or isinstance(value, (bool, int, float, complex)):
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+    elif isinstance(value, str):
+        raw = value.encode("utf-8", "surrogatepass")
+        h.update(b"s%d:" % len(raw) + raw)
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        h.update(b"b%d:" % len(raw) + raw)
+    elif isinstance(value, torch.Tensor):
+        t = value.detach()
+        h.update(f"t{t.dtype}{tuple(t.shape)}:".encode())
+        try:
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        except (RuntimeError, TypeError):  # sparse, nested, ...: dtype and shape only
+            pass
+    elif isinstance(value, (np.ndarray, np.generic)):
+        a = np.asarray(value)
+        h.update(f"a{a.dtype.str}{a.shape}:".encode())
+        if a.dtype.hasobject:
+            for item in a.flat:
+                _feed(h, item, depth + 1)
         else:
-            diff = f"index {theirs!r} vs {mine!r}"
-        raise SettingsMismatchError(f"{what} differ from the index's ({diff})")
+            h.update(np.ascontiguousarray(a).tobytes())
+    elif isinstance(value, Mapping):
+        # keys in one order whatever the insertion order: by their own digests
+        items = sorted(((_digest_of(k), v) for k, v in value.items()), key=lambda item: item[0])
+        h.update(b"m%d:" % len(items))
+        for key, v in items:
+            h.update(key.encode())
+            _feed(h, v, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        h.update(b"l%d:" % len(value))
+        for item in value:
+            _feed(h, item, depth + 1)
+    elif isinstance(value, (set, frozenset)):
+        h.update(b"S%d:" % len(value) + "".join(sorted(_digest_of(v) for v in value)).encode())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        h.update(type(value).__qualname__.encode())
+        for f in dataclasses.fields(value):
+            _feed(h, f.name, depth + 1)
+            _feed(h, getattr(value, f.name), depth + 1)
+    else:
+        h.update(f"<{type(value).__module__}.{type(value).__qualname__}>".encode())
+
+
+def _digest_of(value) -> str:
+    h = hashlib.sha256()
+    _feed(h, value)
+    return h.hexdigest()
+
+
+def _example_digest(task, examples, i: int) -> str:
+    example = examples[i]
+    h = hashlib.sha256(str(task.example_id(example, i)).encode("utf-8", "surrogatepass") + b"\0")
+    _feed(h, example)
+    return h.hexdigest()[:16]
+
+
+def _segment_check(task, examples, n: int) -> dict:
+    """What recognises a segment's data: digests (id + content) of a sample of its examples."""
+    positions = _digest_positions(n)
+    return {"count": n, "positions": positions, "digests": [_example_digest(task, examples, p) for p in positions]}
+
+
+def _stored_check(writer: IndexWriter, segment: dict) -> dict:
+    """The digests stored for `segment` ({} for an index from before them, or a mismatching record)."""
+    check = (writer.get_state_meta(SEGMENT_CHECK_META) or {}).get(str(segment["start"])) or {}
+    return check if check.get("count") == segment["count"] else {}
+
+
+def _store_check(writer: IndexWriter, segment: dict, check: dict, keep: tuple[int, ...] = ()) -> None:
+    """Record a segment's digests, keyed by its first row; of the others only those starting at `keep`
+    stay (the previous segment's: enough to recognise a rerun, without growing with every append).
+    Written before the segment record of an append: a record never names digests it lacks."""
+    meta = writer.get_state_meta(SEGMENT_CHECK_META) or {}
+    meta = {k: v for k, v in meta.items() if k in {str(start) for start in keep}}
+    meta[str(segment["start"])] = check
+    writer.put_state({}, {SEGMENT_CHECK_META: meta})
+
+
+def _task_mismatch(writer: IndexWriter, segment: dict, task, examples, committed: int) -> str | None:
+    """Where the task's examples disagree with the first `committed` rows of `segment`, or None: the
+    ids stored in the index (all of them up to _ID_CHECK_ALL rows, else a sample) and the content
+    digests the segment recorded when it started. Names the first differing row found."""
+    start, kind = segment["start"], segment["kind"]
+    found: list[tuple[int, str]] = []
+    check = _stored_check(writer, segment)
+    for p, digest in zip(check.get("positions", []), check.get("digests", [])):
+        if p >= committed:
+            break
+        if _example_digest(task, examples, p) != digest:
+            found.append((p, f"row {start + p} (id {str(task.example_id(examples[p], p))!r}): the task's example "
+                             f"differs from the one the index's {kind} holds there"))
+            break
+    if committed <= _ID_CHECK_ALL:
+        positions = list(range(committed))
+    else:  # evenly spaced, and the last rows (a resume continues right after them)
+        positions = sorted(set(np.linspace(0, committed - 1, _ID_CHECK_SAMPLE).round().astype(int).tolist())
+                           | set(range(committed - 100, committed)))
+    if found:
+        positions = [p for p in positions if p <= found[0][0]]  # an id differing there is the better message
+    with writer.reader().snapshot() as snap:
+        if positions == list(range(len(positions))):
+            stored = snap.ids(start, start + len(positions))
+        else:
+            stored = [snap.id_of(start + p) for p in positions]
+    for p, have in zip(positions, stored):
+        want = str(task.example_id(examples[p], p))
+        if have != want:
+            return f"row {start + p}: the index has id {have!r} but the task gives {want!r}"
+    return found[0][1] if found else None
+
+
+def _finalized(writer: IndexWriter, segment: dict) -> bool:
+    """Whether the curvature covers every row: the segment's flag, or (killed between the curvature
+    switch and the flag, or an index from before the flag) the curvature's own row count."""
+    if segment.get("finalized"):
+        return True
+    return (writer.get_state_meta(CURVATURE_META) or {}).get("rows") == writer.rows
+
+
+def _set_last_segment(writer: IndexWriter, **fields) -> None:
+    settings = dict(writer.settings)
+    segments = list(settings["segments"])
+    segments[-1] = dict(segments[-1], **fields)
+    writer.update_settings(dict(settings, segments=segments))
 
 
 def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: bool, kind: str,
-                      whiten_only: bool = False, given: set[str] = frozenset(FACTOR_FIELDS)) -> BuildResult:
+                      whiten_only: bool = False, given: set[str] = frozenset(FACTOR_FIELDS),
+                      source: GradientSource | None = None) -> BuildResult:
     try:
+        from .capture import LayerInfo
+
         settings = writer.settings
         stored = factor_key_of_index(settings["factors"])
+        layers = [LayerInfo.from_dict(d) for d in settings["layers"]]
         if kind == "append":
             # an append uses the index's own factor settings for those not given, whatever today's defaults
             config = replace(config, **{k: v for k, v in factor_options(stored).items() if k not in given},
                              curvature=CurvatureConfig(**settings["curvature"]))
+        config = _clamp_rank(config, layers, stored_rank=stored.get("rank"))
         _check_same({"factors": stored}, "factors", config.factor_key(), "factor settings")
         if kind == "build" and writer.rows == 0:
             # nothing is fitted yet (a failed start, or `whiten` alone): this command's curvature applies
             settings = dict(settings, curvature=asdict(config.curvature))
             writer.update_settings(settings)
+        elif kind == "build":
+            _say_curvature_is_kept(writer, config)
         # curvature settings live with the index (change them with `fit`)
         config = replace(config, curvature=CurvatureConfig(**settings["curvature"]).resolved(config.projection_kind))
-        from .capture import LayerInfo
 
         device = resolve_device(config.device)
-        layers = [LayerInfo.from_dict(d) for d in settings["layers"]]
-        source = GradientSource.open(task, _spec(config), device, layers=layers)
+        if source is None:
+            source = GradientSource.open(task, _spec(config), device, layers=layers)
         if source.fingerprint != settings["fingerprint"]:
             raise SettingsMismatchError(
                 f"the task's model differs from the one index {writer.path} was built with "
@@ -247,35 +534,82 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
             )
         segments = settings["segments"]
         last = segments[-1]
-        unfinished = writer.rows < last["start"] + last["count"]
-        n = _train_len(task)
-        if unfinished:
+        end = last["start"] + last["count"]
+        examples = task.train_examples()
+        n = len(examples)
+        if writer.rows < end:
+            if last["kind"] != kind:
+                raise SettingsMismatchError(f"index {writer.path} has an unfinished {last['kind']}: "
+                                            f"run `{last['kind']}` to resume it")
             if last["count"] != n:
                 raise SettingsMismatchError(
                     f"index {writer.path} has an unfinished {last['kind']} of {last['count']:,} examples; "
                     f"this task has {n:,}: resume it with the same task"
                 )
-            if kind == "build" and last["kind"] != "build":
-                raise SettingsMismatchError(f"index {writer.path} has an unfinished append: run `append` to resume it")
-        elif kind == "build":
-            if last["kind"] == "build" and last["count"] == n:
-                notice(f"index {writer.path} is complete ({writer.rows:,} rows): refitting curvature only")
-                return _run(writer, source, task, config, progress, whiten_only)
-            raise SettingsMismatchError(
-                f"index {writer.path} already holds a complete build of {writer.rows:,} rows; "
-                f"use `append` to add examples or a new --index"
-            )
-        else:
-            if n == 0:
-                raise ValueError("the task has no training examples to append")
-            _check_disk(writer.path, writer.layout, source.layers, n, config)
-            settings = dict(settings, segments=segments + [{"kind": "append", "start": writer.rows, "count": n}])
-            settings["allow_duplicate_ids"] = settings.get("allow_duplicate_ids") or config.allow_duplicate_ids
-            writer.update_settings(settings)
+            _check_resumed_segment(writer, last, task, examples)
+            return _run(writer, source, task, config, progress, whiten_only)
+        if kind == "build":
+            if last["kind"] != "build" or last["count"] != n:
+                raise SettingsMismatchError(
+                    f"index {writer.path} already holds a complete build of {writer.rows:,} rows; "
+                    f"use `append` to add examples or a new --index"
+                )
+            mismatch = _task_mismatch(writer, last, task, examples, n)
+            if mismatch:
+                raise SettingsMismatchError(f"{mismatch}: index {writer.path} holds a complete build of other "
+                                            f"examples; use `append` to add examples or a new --index")
+            return _complete(writer, source, task, config, progress, whiten_only, last)
+        if last["kind"] == "append" and last["count"] == n and _task_mismatch(writer, last, task, examples, n) is None:
+            # the same append again (rerun after a kill during its last step, or after it finished)
+            return _complete(writer, source, task, config, progress, whiten_only, last)
+        if n == 0:
+            raise ValueError("the task has no training examples to append")
+        _check_budget(source.layers, config, _whitened_layers(writer))
+        _check_disk(writer.path, writer.layout, source.layers, n, config)
+        segment = {"kind": "append", "start": writer.rows, "count": n}
+        _store_check(writer, segment, _segment_check(task, examples, n), keep=(last["start"],))
+        settings = dict(settings, segments=segments + [segment])
+        settings["allow_duplicate_ids"] = settings.get("allow_duplicate_ids") or config.allow_duplicate_ids
+        writer.update_settings(settings)
         return _run(writer, source, task, config, progress, whiten_only)
     except BaseException:
         writer.close()
         raise
+
+
+def _check_resumed_segment(writer: IndexWriter, segment: dict, task, examples) -> None:
+    """An unfinished segment continues only with the examples it started with (as far as committed)."""
+    committed = writer.rows - segment["start"]
+    mismatch = _task_mismatch(writer, segment, task, examples, committed)
+    if mismatch:
+        raise SettingsMismatchError(f"{mismatch}: index {writer.path} holds an unfinished {segment['kind']} of "
+                                    f"other examples; resume it with the task it started with, or use a new --index")
+    # rows not committed yet may have changed (a fixed bad example): record what is indexed from now on
+    check = _segment_check(task, examples, segment["count"])
+    if check != _stored_check(writer, segment):
+        meta = writer.get_state_meta(SEGMENT_CHECK_META) or {}
+        _store_check(writer, segment, check, keep=tuple(int(k) for k in meta))
+
+
+def _complete(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool,
+              whiten_only: bool, segment: dict) -> BuildResult:
+    """A rerun of a build or append whose rows are all committed: finish its curvature step if a kill
+    (or a full disk) stopped it there, else there is nothing to do."""
+    if whiten_only:  # `whiten` on an index with rows: its pre-pass is done, nothing else is asked
+        return _run(writer, source, task, config, progress, whiten_only)
+    what = f"{segment['kind']} of {segment['count']:,} rows"
+    if _finalized(writer, segment):
+        notice(f"index {writer.path}: the {what} is already complete (rows {segment['start']:,}.."
+               f"{segment['start'] + segment['count'] - 1:,}); nothing to do")
+        writer.close()
+        return BuildResult(str(writer.path), writer.rows, 0, 0.0, 0)
+    notice(f"index {writer.path}: every row of the {what} is committed but its curvature was not finalized "
+           f"(interrupted): finishing it")
+    return _run(writer, source, task, config, progress, whiten_only)
+
+
+def _whitened_layers(writer: IndexWriter) -> set[str]:
+    return set(((writer.get_state_meta(WHITENING_META) or {}).get("layers") or {}))
 
 
 # ------------------------------------------------------------------------------------ pipeline
@@ -298,6 +632,7 @@ def _to_host(tensors: list[torch.Tensor], device: torch.device):
 def _run(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool,
          whiten_only: bool = False) -> BuildResult:
     try:
+        _check_budget(source.layers, config, _whitened_layers(writer))
         t0 = time.perf_counter()
         if config.projection_kind == "whitened":
             source.projections = ensure_whitening(writer, source, task, config, progress)
@@ -344,6 +679,10 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
     block_size = writer.layout.block_size
     storage = _TORCH_DTYPES[writer.layout.dtype]
     nonfinite: list[int] = []
+    # With skip_nonfinite, rows are held back (as ids only: their factors are zeros) while every row of
+    # the segment so far is non-finite, so that a segment with no finite row at all is refused with
+    # nothing written, not stored as an all-zero index.
+    held_back: list[str] | None = [] if config.skip_nonfinite and start_row == segment["start"] else None
     bar = Progress(segment["kind"], total=end_row - start_row, unit="ex", enabled=progress)
     committer = BlockSink(writer, allow_duplicate_ids=bool(writer.settings.get("allow_duplicate_ids")),
                           on_commit=lambda block: bar.update(block.rows, nbytes=block.nbytes))
@@ -366,6 +705,21 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
         block_first += pending_rows
         pending, pending_rows = [], 0
 
+    def add(grads: list[torch.Tensor], ids: list[str]) -> None:
+        nonlocal pending_rows
+        _add(pending, grads, ids, config.rank, storage)
+        pending_rows += len(ids)
+        if pending_rows >= block_size:
+            emit()
+
+    def release_held_back() -> None:
+        # the zero rows go in as the batches they were, exactly as if they had never been held
+        nonlocal held_back
+        for b0 in range(0, len(held_back), config.batch_size):
+            ids = held_back[b0:b0 + config.batch_size]
+            add([torch.zeros(len(ids), l.d_out, l.d_in, device=source.device) for l in source.layers], ids)
+        held_back = None
+
     try:
         with source.capture() as capture:
             for batch_start in range(start_row, end_row, config.batch_size):
@@ -379,32 +733,43 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
                     if not config.skip_nonfinite:
                         ok = int(torch.nonzero(~finite)[0])
                         # commit everything before the culprit, so the error leaves a clean resume point
-                        good = [G[:ok] for G in grads]
                         if ok:
-                            _add(pending, good, ids[:ok], config.rank, storage)
+                            _add(pending, [G[:ok] for G in grads], ids[:ok], config.rank, storage)
                             pending_rows += ok
                         emit()
                         committer.drain()
+                        kept = (f"rows 0..{block_first - 1} are committed and valid" if block_first
+                                else "no rows are committed yet")
                         raise NonFiniteGradientError(
-                            f"{describe_nonfinite(ids, rows, finite)}; rows 0..{block_first - 1} are committed and valid "
+                            f"{describe_nonfinite(ids, rows, finite)}; {kept} "
                             f"(rerun with --skip-nonfinite to store zero factors for such examples)"
                         )
-                    grads = [torch.where(finite.view(-1, 1, 1), torch.nan_to_num(G), torch.zeros_like(G)) for G in grads]
                     nonfinite.extend(r for r, ok in zip(rows, finite.tolist()) if not ok)
-                _add(pending, grads, ids, config.rank, storage)
-                pending_rows += len(rows)
-                if pending_rows >= block_size:
-                    emit()
+                    if held_back is not None and not bool(finite.any()):
+                        held_back.extend(ids)
+                        continue
+                    grads = [torch.where(finite.view(-1, 1, 1), torch.nan_to_num(G), torch.zeros_like(G)) for G in grads]
+                if held_back is not None:
+                    release_held_back()
+                add(grads, ids)
                 if time.perf_counter() - last_checkpoint > _SKETCH_CHECKPOINT_SECONDS:
                     emit()
                     committer.drain()
                     sketches.save(writer)
                     last_checkpoint = time.perf_counter()
+            if held_back:
+                raise NonFiniteGradientError(
+                    f"every one of the {segment['count']:,} examples of this {segment['kind']} has a non-finite loss "
+                    f"or gradient (the first: {held_back[0]!r}, row {segment['start']}); nothing was stored: "
+                    f"check the model and the loss (--skip-nonfinite is for a few bad examples)"
+                )
             emit()
         committer.drain()
     finally:
         committer.close()
         bar.close()
+        # only rows that were committed: a row stored later is recorded by the run that stores it
+        nonfinite = [r for r in nonfinite if r < writer.rows]
         if nonfinite:
             s = dict(writer.settings)
             s["nonfinite_rows"] = sorted(set(s.get("nonfinite_rows", [])) | set(nonfinite))
@@ -412,9 +777,14 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
             notice(f"{len(nonfinite)} example(s) had non-finite gradients and were stored as zeros "
                    f"(rows {s['nonfinite_rows'][:10]}{'...' if len(s['nonfinite_rows']) > 10 else ''})")
     committer.check()
+    pause = float(os.environ.get(PAUSE_BEFORE_FINALIZE_ENV) or 0)
+    if pause > 0:
+        time.sleep(pause)
     t_final = time.perf_counter()
     sketches.save(writer)
     sketches.finalize(writer, config.curvature, config.budget(), progress=progress)
+    # after the curvature switch (a kill in between is recognised by the curvature's row count)
+    _set_last_segment(writer, finalized=True)
     return BuildResult(str(writer.path), writer.rows, writer.rows - start_row, time.perf_counter() - t0,
                        committer.bytes_written, sketches.seconds, finalize_seconds=time.perf_counter() - t_final)
 
