@@ -33,7 +33,7 @@ import torch
 from .config import FACTOR_FIELDS, BuildConfig, CurvatureConfig, factor_key_of_index, factor_options
 from .device import notice, resolve_device
 from .factorize import factorize
-from .fit import CURVATURE_META, BudgetTooSmallError, curvature_statistics, sketch_memory_bytes
+from .fit import CURVATURE_META, check_finalize_budget, curvature_statistics, sketch_memory_bytes
 from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
 from .progress import Progress
 from .projection import ProjectionSpec
@@ -41,8 +41,7 @@ from .store import IndexLayout, IndexWriter
 from .store.sink import BlockSink
 from .store.format import DATA_FILE, LMDB_LOCK_FILE, WRITER_LOCK_FILE
 from .task import load_task, resolve_task
-# _groups: the pre-pass's own memory rule, so that build refuses a budget before creating the index
-from .whitening import WHITENING_META, _groups as whitening_groups, ensure_whitening, moment_bytes, tokens_per_example
+from .whitening import WHITENING_META, ensure_whitening, moment_bytes, moment_groups, tokens_per_example
 
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _TARGET_BLOCK_BYTES = 32 << 20  # fp32 bytes of one block of every layer
@@ -316,26 +315,14 @@ def _clamp_rank(config: BuildConfig, layers, stored_rank: int | None = None) -> 
     return replace(config, rank=top)
 
 
-def _finalize_bytes(D: int, k: int) -> int:
-    """Memory fit.finalize_curvature needs for one lowrank layer (its own check, repeated here so that
-    build refuses a budget before the first row instead of after the last)."""
-    return sketch_memory_bytes(D, k) + (24 * D * D if k >= D else D * k * 4)
-
-
 def _check_budget(layers, config: BuildConfig, whitened: frozenset[str] | set[str] = frozenset()) -> None:
     """Refuse a memory budget that the whitening pre-pass or the final curvature step cannot work in."""
     budget = config.budget()
     if config.projection_kind == "whitened":
-        whitening_groups([l for l in layers if l.name not in whitened], budget)  # raises, naming the layer
+        # the pre-pass's own memory rule: refused before the index is created, naming the layer
+        moment_groups([l for l in layers if l.name not in whitened], budget)
     if config.curvature.preconditioner == "lowrank":
-        k = config.curvature.sketch_width
-        for layer in layers:
-            need = _finalize_bytes(layer.D, k)
-            if need > budget:
-                raise BudgetTooSmallError(
-                    f"memory budget {budget / 1e6:.0f} MB is too small for even one layer: layer {layer.name!r} "
-                    f"(D={layer.D:,}, k={k}) needs {need / 1e6:.0f} MB; raise --memory-budget or lower --sketch-rank"
-                )
+        check_finalize_budget(layers, config.curvature, budget)
 
 
 def _say_curvature_is_kept(writer: IndexWriter, config: BuildConfig) -> None:

@@ -110,20 +110,30 @@ def cli():
     """
 
 
+def build_options(fn):
+    """The options of `build` (and of `whiten`, which runs the start of the same build)."""
+    fn = click.option("--quiet", is_flag=True, help="no progress bars")(fn)
+    fn = config_options(cfg.CurvatureConfig)(fn)
+    fn = config_options(cfg.BuildConfig, exclude=("curvature",))(fn)
+    fn = click.option("--index", required=True, type=click.Path(file_okay=False),
+                      help="index directory (created, or resumed)")(fn)
+    return task_options(fn)
+
+
+def _build_config(kwargs: dict) -> cfg.BuildConfig:
+    curvature = cfg.CurvatureConfig(**_split(cfg.CurvatureConfig, kwargs))
+    _budget(kwargs)
+    return cfg.BuildConfig(**kwargs, curvature=curvature)
+
+
 @cli.command()
-@task_options
-@click.option("--index", required=True, type=click.Path(file_okay=False), help="index directory (created, or resumed)")
-@config_options(cfg.BuildConfig, exclude=("curvature",))
-@config_options(cfg.CurvatureConfig)
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@build_options
 def build(index, quiet, **kwargs):
     """Index every training example (resumes an interrupted build with the same settings)."""
     from .build import build as run
 
     task = _make_task(kwargs)
-    curvature = cfg.CurvatureConfig(**_split(cfg.CurvatureConfig, kwargs))
-    _budget(kwargs)
-    result = run(task, index, cfg.BuildConfig(**kwargs, curvature=curvature), progress=not quiet)
+    result = run(task, index, _build_config(kwargs), progress=not quiet)
     click.echo(f"indexed {result.new_rows:,} new rows ({result.rows:,} in all) into {result.index} "
                f"in {result.seconds:.1f}s, {result.bytes_written / 1e6:.1f} MB written")
 
@@ -144,11 +154,7 @@ def append(index, quiet, **kwargs):
 
 
 @cli.command()
-@task_options
-@click.option("--index", required=True, type=click.Path(file_okay=False), help="index directory (created, or resumed)")
-@config_options(cfg.BuildConfig, exclude=("curvature",))
-@config_options(cfg.CurvatureConfig)
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@build_options
 def whiten(index, quiet, **kwargs):
     """Run only the whitening pre-pass of a build (K-FAC token moments -> whitened projections).
 
@@ -156,9 +162,7 @@ def whiten(index, quiet, **kwargs):
     from .build import whiten as run
 
     task = _make_task(kwargs)
-    curvature = cfg.CurvatureConfig(**_split(cfg.CurvatureConfig, kwargs))
-    _budget(kwargs)
-    result = run(task, index, cfg.BuildConfig(**kwargs, curvature=curvature), progress=not quiet)
+    result = run(task, index, _build_config(kwargs), progress=not quiet)
     click.echo(f"whitened the projections of {result.index} in {result.seconds:.1f}s: "
                f"run `lorif-stream build` with the same options to index the rows")
 

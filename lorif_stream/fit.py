@@ -26,7 +26,7 @@ from .curvature import DampingPolicy, LayerCurvature, fit_layer_curvature, preco
 from .ekfac import EkfacPreconditioner, LayerEigenStats
 from .device import notice, resolve_device
 from .progress import Progress
-from .sketch import LayerSketch
+from .sketch import DENSE_MAX_D, LayerSketch
 from .store import IndexWriter, Snapshot
 from .whitening import WHITENING_META, load_eigenbases, tokens_per_example
 
@@ -45,7 +45,25 @@ def sketch_seed(seed: int, layer_name: str) -> int:
 
 
 def sketch_memory_bytes(D: int, k: int) -> int:
-    return 2 * D * min(k, D) * 4  # Y and the cached test matrix Ω
+    return 2 * D * min(k, D) * 4  # Y and the cached test matrix Ω (or the fp64 Gram of a dense sketch)
+
+
+def finalize_memory_bytes(D: int, k: int) -> int:
+    """What finalizing one lowrank layer needs: its sketch plus a dense sketch's eigh (~3 more D x D
+    fp64: symmetrized copy, eigenvectors, workspace) or a Nyström sketch's D x k product."""
+    dense = k >= D and D <= DENSE_MAX_D
+    return sketch_memory_bytes(D, k) + (24 * D * D if dense else D * min(k, D) * 4)
+
+
+def check_finalize_budget(layers, config: CurvatureConfig, budget: int) -> None:
+    """Refuse a budget in which some layer's curvature cannot be finalized (build checks it up front)."""
+    for layer in layers:
+        need = finalize_memory_bytes(layer.D, config.sketch_width)
+        if need > budget:
+            raise BudgetTooSmallError(
+                f"memory budget {budget / 1e6:.0f} MB is too small for even one layer: layer {layer.name!r} "
+                f"(D={layer.D:,}, k={config.sketch_width}) needs {need / 1e6:.0f} MB; raise --memory-budget or lower --sketch-rank"
+            )
 
 
 def _array_name(kind: str, layer: str, field: str) -> str:
@@ -275,16 +293,7 @@ def finalize_curvature(writer: IndexWriter, sketches: SketchSet, config: Curvatu
     # so a query running meanwhile sees the old curvature or the new one, never a mix of layers
     generation = int(old.get("generation", 0)) + 1
     new_layers: dict[str, dict] = {}
-    for i, layer in enumerate(layout.layers):
-        # finalizing needs room beyond the sketch: a dense sketch's eigh holds ~3 more D x D fp64
-        # (symmetrized copy, eigenvectors, workspace), a Nyström one a D x k product
-        need = sketch_memory_bytes(layer.D, config.sketch_width) + (
-            24 * layer.D * layer.D if config.sketch_width >= layer.D else layer.D * config.sketch_width * 4)
-        if need > budget:
-            raise BudgetTooSmallError(
-                f"memory budget {budget / 1e6:.0f} MB is too small for even one layer: layer {layer.name!r} "
-                f"(D={layer.D:,}, k={config.sketch_width}) needs {need / 1e6:.0f} MB; raise --memory-budget or lower --sketch-rank"
-            )
+    check_finalize_budget(layout.layers, config, budget)
     # layers without an in-memory sketch: group them by what fits, one pass per group
     missing = [i for i in range(len(layout.layers)) if i not in sketches.sketches]
     while missing:

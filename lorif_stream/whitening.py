@@ -201,7 +201,7 @@ def whiten_layer(A_in: torch.Tensor | None, A_out: torch.Tensor | None, tokens: 
 # ------------------------------------------------------------------------------------ pre-pass
 
 
-def _groups(layers: Sequence[LayerInfo], budget: int) -> list[list[LayerInfo]]:
+def moment_groups(layers: Sequence[LayerInfo], budget: int) -> list[list[LayerInfo]]:
     """Layers in order, grouped so each group's fp64 accumulators fit half the budget."""
     groups: list[list[LayerInfo]] = []
     used = 0
@@ -240,7 +240,7 @@ def ensure_whitening(writer, source, task, config, progress: bool = True) -> dic
         indices = sample_indices(n, config.whiten_examples)
         meta = {"examples": int(len(indices)), "rho": rho, "layers": meta.get("layers", {}),
                 "partial": meta.get("partial")}
-        groups = _groups(todo, budget)
+        groups = moment_groups(todo, budget)
         if progress:
             passes = f"{len(groups)} passes (layer groups within the memory budget)" if len(groups) > 1 else "one pass"
             print(f"[lorif-stream] whitening: token moments of {len(todo)} layers over {len(indices):,} training "

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.func import functional_call, grad, vmap
 
 import lorif_stream as ls
 from lorif_stream.fit import SKETCH_META
@@ -28,6 +27,7 @@ from lorif_stream.store import IndexReader
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "tasks"))
 import mlp_task  # noqa: E402
+from helpers_oracle import per_example_grads  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,20 +37,6 @@ PAPER_MODE = dict(projection_kind="random", preconditioner="lowrank")
 
 ORACLE = dict(f=1, rank=1, dtype="fp32", sketch_rank=64, damping_policy="trace", device="cpu", progress=False)
 TARGET = 1e-5
-
-
-def per_example_grads(model, examples):
-    """{layer: (N, O*I) fp64} weight gradients of each example's cross-entropy, by torch.func."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    x = torch.stack([e[0] for e in examples])
-    y = torch.stack([e[1] for e in examples])
-
-    def loss(p, xi, yi):
-        return torch.nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
-
-    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    return {name[: -len(".weight")]: g[name].reshape(len(examples), -1).double()
-            for name in params if name.endswith(".weight")}
 
 
 def exact_influence(task, scale):

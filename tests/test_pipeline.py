@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.func import functional_call, grad, vmap
 
 import lorif_stream as ls
 from lorif_stream.fit import SKETCH_META
@@ -24,26 +23,12 @@ sys.path.insert(0, str(TASKS.parent))
 import mlp_task  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers_index import assert_same_factors_and_ids  # noqa: E402
+from helpers_oracle import per_example_grads  # noqa: E402
 
 # the LoRIF paper's mode (random projections, low-rank curvature), whose f=1 limit is exact
 # influence with the empirical Fisher; whitened projections have their own oracles (test_whitening)
 PAPER = dict(projection_kind="random")
 EXACT = dict(f=1, rank=1, dtype="fp32", sketch_rank=64, damping=0.5, device="cpu", **PAPER)
-
-
-def per_example_grads(model, examples):
-    """{layer: (N, O*I)} weight gradients of each example's loss, with torch.func (the oracle)."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    x = torch.stack([e[0] for e in examples])
-    y = torch.stack([e[1] for e in examples])
-
-    def loss(p, xi, yi):
-        out = functional_call(model, p, (xi[None],))
-        return torch.nn.functional.cross_entropy(out, yi[None])
-
-    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    return {name[: -len(".weight")]: g[name].reshape(len(examples), -1).double()
-            for name in params if name.endswith(".weight")}
 
 
 def exact_influence(task, damping):
@@ -347,10 +332,9 @@ def test_bad_curvature_settings_and_tiny_budget_are_refused(tmp_path):
     with pytest.raises(MemoryError, match=r"too small for even one layer: layer '0'"):
         ls.build(mlp_task.full(), tmp_path / "c", f=1, sketch_rank=16, memory_budget=1000, device="cpu",
                  progress=False, **PAPER)
-    # the factors were committed before the curvature step failed: fit with a real budget finishes the job
-    with IndexReader(tmp_path / "c") as r:
-        assert r.rows == mlp_task.N_TRAIN
-    ls.fit(tmp_path / "c", sketch_rank=16, device="cpu", progress=False)
+    # refused before the first row: nothing is written, and the same build with a real budget just runs
+    assert not (tmp_path / "c" / "data.mdb").exists()
+    ls.build(mlp_task.full(), tmp_path / "c", f=1, sketch_rank=16, device="cpu", progress=False, **PAPER)
     assert ls.query(mlp_task.full(), tmp_path / "c", None, top_k=2, device="cpu", progress=False).rows == 48
 
 
