@@ -67,13 +67,28 @@ def _budget(kwargs: dict) -> None:
 
 
 def task_options(fn):
-    fn = click.option("--max-length", type=int, default=512, show_default=True, help="HF task: tokens per example")(fn)
-    fn = click.option("--id-field", default=None, help="HF task: jsonl field holding the example id (default: line number)")(fn)
-    fn = click.option("--text-field", default="text", show_default=True, help="HF task: jsonl field holding the text")(fn)
-    fn = click.option("--queries", "query_data", type=click.Path(dir_okay=False), default=None,
-                      help="HF task: jsonl file of query texts")(fn)
-    fn = click.option("--data", "train_data", type=click.Path(dir_okay=False), default=None,
-                      help="HF task: jsonl file of training texts")(fn)
+    fn = click.option("--skip-empty", is_flag=True,
+                      help="HF task, prompt/completion: skip (not refuse) examples with no completion token left "
+                           "after truncation; the count and first ids go to stderr")(fn)
+    fn = click.option("--chat-template", is_flag=True,
+                      help="HF task, prompt/completion: wrap each example in the tokenizer's chat template "
+                           "(user turn = prompt, assistant turn = completion); refused if the tokenizer has none")(fn)
+    fn = click.option("--completion-field", default=None,
+                      help="HF task: field holding the completion; with --prompt-field the loss is summed over "
+                           "completion tokens only")(fn)
+    fn = click.option("--prompt-field", default=None,
+                      help="HF task: field holding the prompt (its tokens are not scored); needs --completion-field")(fn)
+    fn = click.option("--max-length", type=int, default=512, show_default=True,
+                      help="HF task: tokens per example (prompt/completion: the prompt keeps its end, the completion "
+                           "its start, neither cut below half while it needs it)")(fn)
+    fn = click.option("--id-field", default=None,
+                      help="HF task: field holding the example id (default: jsonl line number, or parquet/datasets row index)")(fn)
+    fn = click.option("--text-field", default="text", show_default=True, help="HF task: field holding the text")(fn)
+    fn = click.option("--queries", "query_data", type=click.Path(), default=None,
+                      help="HF task: query records: .jsonl, .jsonl.gz, .parquet or a datasets.save_to_disk folder")(fn)
+    fn = click.option("--data", "train_data", type=click.Path(), default=None,
+                      help="HF task: training records: .jsonl, .jsonl.gz, .parquet (read lazily by row group) or a "
+                           "datasets.save_to_disk folder (needs the data extra)")(fn)
     fn = click.option("--hf-model", type=click.Path(file_okay=False), default=None,
                       help="built-in HF causal-LM task: a save_pretrained folder (model + tokenizer), local only")(fn)
     fn = click.option("--task", "task_spec", default=None, help=_TASK_HELP)(fn)
@@ -82,13 +97,18 @@ def task_options(fn):
 
 def _make_task(kwargs: dict):
     spec = kwargs.pop("task_spec")
-    hf = {k: kwargs.pop(k) for k in ("hf_model", "train_data", "query_data", "text_field", "id_field", "max_length")}
+    hf = {k: kwargs.pop(k) for k in ("hf_model", "train_data", "query_data", "text_field", "id_field", "max_length",
+                                     "prompt_field", "completion_field", "chat_template", "skip_empty")}
     if spec and hf["hf_model"]:
         raise click.UsageError("give either --task or --hf-model, not both")
     if spec:
         return spec
     if not hf["hf_model"]:
         raise click.UsageError("no task: give --task path/file.py:NAME, or --hf-model DIR with --data/--queries")
+    if (hf["prompt_field"] is None) != (hf["completion_field"] is None):
+        raise click.UsageError("give --prompt-field and --completion-field together")
+    if (hf["chat_template"] or hf["skip_empty"]) and hf["prompt_field"] is None:
+        raise click.UsageError("--chat-template and --skip-empty need --prompt-field and --completion-field")
     from .task import HFCausalLMTask
 
     return HFCausalLMTask(hf.pop("hf_model"), **hf)
@@ -194,13 +214,17 @@ def fit(index, device, memory_budget, quiet, **kwargs):
 def query(index, out, scores, quiet, **kwargs):
     """Score every indexed training example for each query example; keep the top-k both ways."""
     from .query import query as run
+    from .task import load_task, print_top_proponents
 
     task = _make_task(kwargs)
+    task = load_task(task) if isinstance(task, str) else task  # loaded once, here, to print its texts too
     _budget(kwargs)
     kwargs["layers"] = tuple(kwargs["layers"]) or None
     result = run(task, index, out, scores, cfg.QueryConfig(**kwargs), progress=not quiet)
     click.echo(f"scored {len(result.results)} queries against {result.rows:,} rows in {result.seconds:.1f}s -> {out}"
                + (f", {scores}" if scores else ""))
+    # On a terminal, the first answer right away: each query's top proponent (id, score, text).
+    print_top_proponents(task, result.results)  # sys.stdout, printed only if a TTY
 
 
 @cli.command()

@@ -54,6 +54,8 @@ Rules that matter for correct attributions:
 
 from __future__ import annotations
 
+import collections
+import gzip
 import hashlib
 import importlib
 import importlib.util
@@ -63,7 +65,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -74,6 +76,11 @@ __all__ = [
     "resolve_task",
     "load_task",
     "HFCausalLMTask",
+    "open_records",
+    "JsonlRecords",
+    "ParquetRecords",
+    "DiskDatasetRecords",
+    "print_top_proponents",
 ]
 
 REQUIRED_METHODS = ("model", "train_examples", "query_examples", "collate", "loss")
@@ -321,37 +328,292 @@ def load_task(spec: str) -> Task:
 
 
 # --------------------------------------------------------------------------------------------
+# Record sources: .jsonl / .jsonl.gz (read eagerly), .parquet (lazy, by row group) and
+# datasets.save_to_disk folders (memory-mapped by the datasets library).
+
+
+class RecordSource(Sequence):
+    """A read-only sequence of records (dicts) from one file or folder, with ``len()``.
+
+    ``default_id(i)`` names record i when no id field is given and ``where(i)`` locates it in
+    error messages.
+    """
+
+    path: Path
+
+    def default_id(self, index: int) -> str:
+        return str(index)
+
+    def where(self, index: int) -> str:
+        return f"{self.path} row {index}"
+
+    def check_fields(self, fields: Sequence[str]) -> None:
+        """Refuse early (before any work) when a needed column is missing; no-op by default."""
+
+
+def _index(index: Any, n: int) -> int:
+    i = index.__index__()
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"record index {index} out of range for {n} records")
+    return i
+
+
+class JsonlRecords(RecordSource):
+    """Every JSON object of a ``.jsonl`` or ``.jsonl.gz`` file (blank lines skipped); ids default
+    to the 1-based line number. Bad UTF-8, bad JSON and non-objects name the file and line."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._records: list[dict] = []
+        self._lines: list[int] = []
+        opener = gzip.open if self.path.name.endswith(".gz") else open
+        try:
+            with opener(self.path, "rb") as handle:
+                for lineno, raw in enumerate(handle, start=1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise TaskLoadError(
+                            f"{self.path}:{lineno}: invalid UTF-8 ({exc.reason} at byte {exc.start} of the line)"
+                        ) from None
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise TaskLoadError(f"{self.path}:{lineno}: invalid JSON: {exc.msg}") from None
+                    if not isinstance(record, dict):
+                        raise TaskLoadError(
+                            f"{self.path}:{lineno}: expected a JSON object, got {type(record).__name__}"
+                        )
+                    self._records.append(record)
+                    self._lines.append(lineno)
+        except (OSError, EOFError) as exc:  # e.g. a truncated or non-gzip .gz file
+            raise TaskLoadError(f"cannot read {self.path}: {type(exc).__name__}: {exc}") from None
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._records[_index(index, len(self))]
+
+    def default_id(self, index: int) -> str:
+        return str(self._lines[index])
+
+    def where(self, index: int) -> str:
+        return f"{self.path}:{self._lines[index]}"
+
+
+class ParquetRecords(RecordSource):
+    """Rows of a ``.parquet`` file, read lazily with pyarrow one row group at a time.
+
+    ``len()`` comes from the file's metadata; ``self[i]`` reads only the row group holding row i
+    (only the needed ``columns``) and keeps the last ``cache_groups`` decoded row groups in an
+    LRU, so sequential access decodes each row group once. ``group_reads`` counts row-group
+    reads. Ids default to the 0-based row index.
+    """
+
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str] | None = None, cache_groups: int = 4) -> None:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise TaskLoadError(
+                f"reading {path} needs pyarrow: pip install 'lorif-stream[data]' (or pip install pyarrow)"
+            ) from None
+        self.path = Path(path)
+        try:
+            self._file = pq.ParquetFile(self.path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises its own error types
+            raise TaskLoadError(f"cannot read {self.path} as parquet: {type(exc).__name__}: {exc}") from None
+        metadata = self._file.metadata
+        self._starts = [0]
+        for g in range(metadata.num_row_groups):
+            self._starts.append(self._starts[-1] + metadata.row_group(g).num_rows)
+        self._n = metadata.num_rows
+        self.columns = None if columns is None else list(dict.fromkeys(columns))
+        if self.columns is not None:
+            self.check_fields(self.columns)
+        self.cache_groups = max(1, int(cache_groups))
+        self._cache: collections.OrderedDict[int, list[dict]] = collections.OrderedDict()
+        self.group_reads = 0
+
+    @property
+    def num_row_groups(self) -> int:
+        return len(self._starts) - 1
+
+    def check_fields(self, fields: Sequence[str]) -> None:
+        names = self._file.schema_arrow.names
+        missing = [f for f in fields if f not in names]
+        if missing:
+            raise TaskLoadError(
+                f"{self.path}: no column {missing[0]!r} (columns: {', '.join(names) or 'none'})"
+            )
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _group(self, g: int) -> list[dict]:
+        rows = self._cache.get(g)
+        if rows is not None:
+            self._cache.move_to_end(g)
+            return rows
+        self.group_reads += 1
+        rows = self._file.read_row_group(g, columns=self.columns).to_pylist()
+        self._cache[g] = rows
+        while len(self._cache) > self.cache_groups:
+            self._cache.popitem(last=False)
+        return rows
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        import bisect
+
+        i = _index(index, self._n)
+        g = bisect.bisect_right(self._starts, i) - 1
+        return self._group(g)[i - self._starts[g]]
+
+    def __getstate__(self):  # pyarrow file handles do not pickle: reopen in the new process
+        state = dict(self.__dict__)
+        state["_file"] = None
+        state["_cache"] = collections.OrderedDict()
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        import pyarrow.parquet as pq
+
+        self._file = pq.ParquetFile(self.path)
+
+
+class DiskDatasetRecords(RecordSource):
+    """Rows of a ``datasets.Dataset.save_to_disk`` folder, opened with ``datasets.load_from_disk``
+    (memory-mapped Arrow files: nothing is read until a row is asked for). Ids default to the
+    0-based row index."""
+
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str] | None = None) -> None:
+        self.path = Path(path)
+        try:
+            import datasets
+        except ImportError:
+            raise TaskLoadError(
+                f"{self.path} is a folder: reading a datasets.save_to_disk folder needs the datasets "
+                "package: pip install 'lorif-stream[data]'"
+            ) from None
+        if (self.path / "dataset_dict.json").is_file():
+            splits = sorted(p.name for p in self.path.iterdir() if p.is_dir())
+            raise TaskLoadError(
+                f"{self.path} holds a DatasetDict (splits: {', '.join(splits) or 'none'}); "
+                f"point at one split's folder, e.g. {self.path / (splits[0] if splits else 'train')}"
+            )
+        try:
+            dataset = datasets.load_from_disk(str(self.path))
+        except Exception as exc:  # noqa: BLE001
+            raise TaskLoadError(
+                f"cannot load {self.path} with datasets.load_from_disk: {type(exc).__name__}: {exc}"
+            ) from None
+        self._dataset = dataset
+        if columns is not None:
+            columns = list(dict.fromkeys(columns))
+            self.check_fields(columns)
+            self._dataset = dataset.select_columns(columns)
+
+    def check_fields(self, fields: Sequence[str]) -> None:
+        names = self._dataset.column_names
+        missing = [f for f in fields if f not in names]
+        if missing:
+            raise TaskLoadError(f"{self.path}: no column {missing[0]!r} (columns: {', '.join(names) or 'none'})")
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._dataset[_index(index, len(self))]
+
+
+def open_records(path: str | os.PathLike, columns: Sequence[str] | None = None) -> RecordSource:
+    """Open ``path`` by kind: ``.jsonl`` / ``.jsonl.gz`` (also ``.json`` lines), ``.parquet``, or a
+    ``datasets.save_to_disk`` folder. ``columns`` limits what the table formats read."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return DiskDatasetRecords(path, columns)
+    if not path.is_file():
+        raise TaskLoadError(f"data file not found: {path}")
+    name = path.name.lower()
+    if name.endswith(".parquet") or name.endswith(".pq"):
+        return ParquetRecords(path, columns)
+    if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")):
+        return JsonlRecords(path)
+    raise TaskLoadError(
+        f"{path}: unknown data format (expected .jsonl, .jsonl.gz, .parquet or a datasets.save_to_disk folder)"
+    )
+
+
+class _ExampleView(Sequence):
+    """``convert(record, index)`` applied lazily to a record source, optionally through a list
+    of kept indices (deterministic: same order every time)."""
+
+    def __init__(self, records: Sequence, convert: Callable[[Any, int], dict], keep: Sequence[int] | None = None):
+        self.records = records
+        self.convert = convert
+        self.keep = keep
+
+    def __len__(self) -> int:
+        return len(self.records) if self.keep is None else len(self.keep)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = _index(index, len(self))
+        j = i if self.keep is None else self.keep[i]
+        return self.convert(self.records[j], j)
+
+    def __eq__(self, other):
+        if isinstance(other, (list, tuple, _ExampleView)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+
+# --------------------------------------------------------------------------------------------
 # Built-in task: a Hugging Face causal LM over local files.
 
 
 def _read_jsonl(path: Path, text_field: str, id_field: str | None) -> list[dict]:
     """``[{"id": str, "text": str}, ...]`` from a .jsonl file; blank lines are skipped."""
-    examples = []
-    with path.open("r", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskLoadError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise TaskLoadError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            if text_field not in record:
+    records = JsonlRecords(path)
+    convert = _converter(records, {"text": text_field}, id_field)
+    return [convert(records[i], i) for i in range(len(records))]
+
+
+def _converter(records: RecordSource, fields: dict[str, str], id_field: str | None):
+    """``record, index -> {"id": str, <key>: str for key, field in fields}``, validating."""
+
+    def convert(record: dict, index: int) -> dict:
+        example = {}
+        if id_field is None:
+            example["id"] = records.default_id(index)
+        elif record.get(id_field) is None:
+            raise TaskLoadError(f"{records.where(index)}: no id field {id_field!r}")
+        else:
+            example["id"] = str(record[id_field])
+        for key, field in fields.items():
+            if field not in record:
                 raise TaskLoadError(
-                    f"{path}:{lineno}: no field {text_field!r} (fields: {', '.join(sorted(record)) or 'none'})"
+                    f"{records.where(index)}: no field {field!r} (fields: {', '.join(sorted(record)) or 'none'})"
                 )
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise TaskLoadError(f"{path}:{lineno}: field {text_field!r} must be a string, got {text!r:.60}")
-            if id_field is None:
-                example_id = str(lineno)
-            elif id_field not in record:
-                raise TaskLoadError(f"{path}:{lineno}: no id field {id_field!r}")
-            else:
-                example_id = str(record[id_field])
-            examples.append({"id": example_id, "text": text})
-    return examples
+            value = record[field]
+            if not isinstance(value, str):
+                raise TaskLoadError(f"{records.where(index)}: field {field!r} must be a string, got {value!r:.60}")
+            example[key] = value
+        return example
+
+    return convert
 
 
 class HFCausalLMTask(Task):
@@ -361,18 +623,39 @@ class HFCausalLMTask(Task):
         model_dir: a ``save_pretrained`` folder holding the model *and* its tokenizer (loaded
             with ``AutoModelForCausalLM`` / ``AutoTokenizer``, ``local_files_only=True``: no hub
             access).
-        train_data: ``.jsonl`` file, one JSON object per line, the text under ``text_field``;
+        train_data: the training records: a ``.jsonl`` / ``.jsonl.gz`` file (one JSON object per
+            line), a ``.parquet`` file (read lazily, one row group at a time) or a
+            ``datasets.save_to_disk`` folder (memory-mapped; needs the ``data`` extra).
             ``None`` gives no training examples (enough to query an existing index).
-        query_data: same format for the queries; ``None`` gives no queries (enough to build).
-        text_field: key of the text in each object.
-        id_field: key of the example id; ``None`` uses the 1-based line number in the file.
-        max_length: texts are truncated to this many tokens (and to the model's context size).
+        query_data: same formats for the queries; ``None`` gives no queries (enough to build).
+        text_field: key of the text in each record (plain-text mode).
+        id_field: key of the example id; ``None`` uses the 1-based line number for jsonl and the
+            0-based row index for parquet / datasets folders.
+        max_length: examples are truncated to this many tokens (and to the model's context size).
+        prompt_field, completion_field: prompt/completion mode (give both): the loss is summed
+            over the completion's tokens only; prompt tokens get label -100.
+        chat_template: wrap each example with the tokenizer's chat template (a user turn holding
+            the prompt, an assistant turn holding the completion); refused when the tokenizer
+            has none.
+        skip_empty: skip (instead of refusing) examples with no scored completion token after
+            truncation; their ids are in ``skipped_ids["train" | "query"]``.
 
     The loss of an example is the SUM over its tokens of the next-token cross-entropy, padding
     masked; batches are right-padded, so real tokens never see padding (causal attention) and
     keep their positions. If the tokenizer has no pad token, an existing special token (eos,
     unk or bos; else token 0) is used: padded positions are masked anyway, and the model's
     vocabulary is left untouched.
+
+    Prompt/completion encoding and truncation: the prompt is tokenized with the tokenizer's
+    special tokens (e.g. a BOS), the completion without (no EOS is appended: put one in the
+    text, or use the chat template, whose end-of-turn marker belongs to the completion). With
+    ``L`` = the token budget, ``P`` / ``C`` the prompt / completion token counts: if ``P + C > L``
+    the prompt keeps its LAST ``p = min(P, max(L - C, L // 2))`` tokens and the completion its
+    FIRST ``L - p`` -- the text nearest the prompt/completion boundary survives, and neither
+    side is cut below half the budget while it needs it. An example with no scored completion
+    token (empty completion, or a one-token completion with no prompt token before it) is
+    refused naming its id, or skipped when ``skip_empty``; this is checked for every example
+    (a tokenization pass) when the examples are first asked for.
     """
 
     tracked_modules = None
@@ -385,6 +668,10 @@ class HFCausalLMTask(Task):
         text_field: str = "text",
         id_field: str | None = None,
         max_length: int = 512,
+        prompt_field: str | None = None,
+        completion_field: str | None = None,
+        chat_template: bool = False,
+        skip_empty: bool = False,
     ) -> None:
         self.model_dir = Path(model_dir).expanduser()
         if not self.model_dir.is_dir():
@@ -394,7 +681,7 @@ class HFCausalLMTask(Task):
         self.train_data = None if train_data is None else Path(train_data).expanduser()
         self.query_data = None if query_data is None else Path(query_data).expanduser()
         for label, path in (("train", self.train_data), ("query", self.query_data)):
-            if path is not None and not path.is_file():
+            if path is not None and not path.exists():
                 raise TaskLoadError(f"{label} data file not found: {path}")
         if not isinstance(text_field, str) or not text_field:
             raise TaskLoadError(f"text_field must be a non-empty string, got {text_field!r}")
@@ -402,13 +689,31 @@ class HFCausalLMTask(Task):
             raise TaskLoadError(f"id_field must be a non-empty string or None, got {id_field!r}")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
             raise TaskLoadError(f"max_length must be an int >= 2, got {max_length!r}")
+        for name, value in (("prompt_field", prompt_field), ("completion_field", completion_field)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TaskLoadError(f"{name} must be a non-empty string or None, got {value!r}")
+        if (prompt_field is None) != (completion_field is None):
+            raise TaskLoadError("give both prompt_field and completion_field (--prompt-field/--completion-field), or neither")
+        if chat_template and prompt_field is None:
+            raise TaskLoadError("chat_template (--chat-template) needs prompt_field and completion_field")
+        if skip_empty and prompt_field is None:
+            raise TaskLoadError("skip_empty (--skip-empty) needs prompt_field and completion_field")
         self.text_field = text_field
         self.id_field = id_field
         self.max_length = max_length
+        self.prompt_field = prompt_field
+        self.completion_field = completion_field
+        self.chat_template = bool(chat_template)
+        self.skip_empty = bool(skip_empty)
+        self.skipped_ids: dict[str, list[str]] = {"train": [], "query": []}
         self._tokenizer = None
         self._context = None
-        self._train: list[dict] | None = None
-        self._query: list[dict] | None = None
+        self._train: Sequence | None = None
+        self._query: Sequence | None = None
+
+    @property
+    def prompt_completion(self) -> bool:
+        return self.prompt_field is not None
 
     def __repr__(self) -> str:
         return (
@@ -441,6 +746,11 @@ class HFCausalLMTask(Task):
             if tokenizer.pad_token is None:
                 fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
                 tokenizer.pad_token = fallback or tokenizer.convert_ids_to_tokens(0)
+            if self.chat_template and not getattr(tokenizer, "chat_template", None):
+                raise TaskLoadError(
+                    f"--chat-template: the tokenizer in {self.model_dir} has no chat template "
+                    "(tokenizer_config.json has no 'chat_template'); drop --chat-template"
+                )
             self._tokenizer = tokenizer
         return self._tokenizer
 
@@ -455,38 +765,127 @@ class HFCausalLMTask(Task):
         return self._context
 
     # -- data -----------------------------------------------------------------------------------
-    def train_examples(self) -> list[dict]:
+    def _fields(self) -> dict[str, str]:
+        if self.prompt_completion:
+            return {"prompt": self.prompt_field, "completion": self.completion_field}
+        return {"text": self.text_field}
+
+    def _load(self, path: Path, label: str) -> Sequence:
+        fields = self._fields()
+        columns = list(fields.values()) + ([self.id_field] if self.id_field else [])
+        records = open_records(path, columns)
+        convert = _converter(records, fields, self.id_field)
+        if isinstance(records, JsonlRecords):  # already in memory: validate every record now
+            examples: Sequence = [convert(records[i], i) for i in range(len(records))]
+        else:
+            examples = _ExampleView(records, convert)
+        if not self.prompt_completion:
+            return examples
+        keep, skipped = [], []
+        for i in range(len(examples)):
+            example = examples[i]
+            if self._scored_tokens(example) > 0:
+                keep.append(i)
+            elif self.skip_empty:
+                skipped.append(example["id"])
+            else:
+                raise TaskLoadError(
+                    f"{label} example {example['id']!r} ({path}) has no completion token left to score after "
+                    f"truncation to {self.context_length} tokens (empty completion?); fix it, or pass "
+                    "--skip-empty (skip_empty=True) to skip such examples"
+                )
+        self.skipped_ids[label] = skipped
+        if skipped:
+            shown = ", ".join(repr(s) for s in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+            print(f"lorif-stream: skipped {len(skipped)} of {len(examples)} {label} examples with no completion "
+                  f"token left after truncation (ids: {shown})", file=sys.stderr)
+        if not skipped:
+            return examples
+        if isinstance(examples, list):
+            return [examples[i] for i in keep]
+        return _ExampleView(examples.records, examples.convert, keep)
+
+    def train_examples(self) -> Sequence:
         if self.train_data is None:
             return []
         if self._train is None:
-            self._train = _read_jsonl(self.train_data, self.text_field, self.id_field)
+            self._train = self._load(self.train_data, "train")
         return self._train
 
-    def query_examples(self) -> list[dict]:
+    def query_examples(self) -> Sequence:
         if self.query_data is None:
             return []
         if self._query is None:
-            self._query = _read_jsonl(self.query_data, self.text_field, self.id_field)
+            self._query = self._load(self.query_data, "query")
         return self._query
 
     def example_id(self, example: dict, index: int) -> str:
         return example["id"]
 
+    def example_text(self, example: dict) -> str:
+        """The example's text (prompt and completion joined by a space), for display."""
+        if "text" in example:
+            return example["text"]
+        return f"{example['prompt']} {example['completion']}"
+
+    # -- prompt/completion encoding -------------------------------------------------------------
+    def encode_pair(self, example: dict) -> tuple[list[int], int]:
+        """``(token ids, number of leading prompt tokens)`` of a prompt/completion example,
+        chat template applied and truncated by the rule in the class docstring."""
+        tokenizer = self.tokenizer
+        prompt, completion = example["prompt"], example["completion"]
+        if self.chat_template:
+            user = [{"role": "user", "content": prompt}]
+            head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(
+                user + [{"role": "assistant", "content": completion}], tokenize=False
+            )
+            prompt = head
+            completion = full[len(head):] if full.startswith(head) else completion
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids = tokenizer(prompt)["input_ids"]  # with special tokens: a BOS when the tokenizer adds one
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] if completion else []
+        budget = self.context_length
+        n_p, n_c = len(prompt_ids), len(completion_ids)
+        if n_p + n_c > budget:
+            p = min(n_p, max(budget - n_c, budget // 2))
+            prompt_ids = prompt_ids[n_p - p:]
+            completion_ids = completion_ids[: budget - p]
+        return list(prompt_ids) + list(completion_ids), len(prompt_ids)
+
+    def _scored_tokens(self, example: dict) -> int:
+        ids, n_prompt = self.encode_pair(example)
+        return len(ids) - max(n_prompt, 1)
+
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        """Right-padded ``input_ids`` / ``attention_mask`` and ``labels`` (-100 on padding)."""
-        encoded = self.tokenizer(
-            [example["text"] for example in examples],
-            padding=True,
-            truncation=True,
-            max_length=self.context_length,
-            return_tensors="pt",
-        )
-        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        """Right-padded ``input_ids`` / ``attention_mask`` and ``labels`` (-100 on padding, and on
+        the prompt in prompt/completion mode)."""
+        if not self.prompt_completion:
+            encoded = self.tokenizer(
+                [example["text"] for example in examples],
+                padding=True,
+                truncation=True,
+                max_length=self.context_length,
+                return_tensors="pt",
+            )
+            input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+            labels = input_ids.masked_fill(attention_mask == 0, -100)
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        pairs = [self.encode_pair(example) for example in examples]
+        width = max(1, max(len(ids) for ids, _ in pairs))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+        for row, (ids, n_prompt) in enumerate(pairs):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+            labels[row, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-example SUM of next-token cross-entropy over real tokens, shape ``(B,)``, fp32."""
+        """Per-example SUM of next-token cross-entropy over scored tokens, shape ``(B,)``, fp32."""
         device = next(model.parameters()).device
         input_ids = batch["input_ids"].to(device)
         attention_mask = batch["attention_mask"].to(device)
@@ -499,3 +898,57 @@ class HFCausalLMTask(Task):
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
         )
         return token_losses.view(targets.shape).sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Terminal summary of query results.
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def top_proponent_lines(task: Any, results: Sequence[dict], width: int = 80) -> list[str]:
+    """One line per query: its id, its top proponent's id and score, and the first ``width``
+    characters of that proponent's text when the task can give it (``task.example_text`` and
+    training examples whose id at that row matches the index)."""
+    text_of = getattr(task, "example_text", None)
+    examples = None
+    if callable(text_of):
+        try:
+            examples = task.train_examples()
+        except Exception:  # noqa: BLE001 - a summary never fails the command
+            examples = None
+    lines = []
+    for result in results:
+        proponents = result.get("proponents") or []
+        if not proponents:
+            lines.append(f"{result['id']}: no proponents")
+            continue
+        top = proponents[0]
+        line = f"{result['id']}: top proponent {top['id']} (score {top['score']:.4g})"
+        row = top.get("row")
+        if examples is not None and row is not None and 0 <= row < len(examples):
+            try:
+                example = examples[row]
+                if str(task.example_id(example, row)) == str(top["id"]):
+                    line += f"  {_one_line(str(text_of(example)), width)!r}"
+            except Exception:  # noqa: BLE001
+                pass
+        lines.append(line)
+    return lines
+
+
+def print_top_proponents(task: Any, results: Sequence[dict], stream=None, width: int = 80, limit: int = 20) -> bool:
+    """Print :func:`top_proponent_lines` for the first ``limit`` queries to ``stream`` (default
+    stdout) when it is a terminal; returns whether it printed. Piped output stays clean."""
+    stream = sys.stdout if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if not (callable(isatty) and isatty()) or not results:
+        return False
+    for line in top_proponent_lines(task, results[:limit], width):
+        print(line, file=stream)
+    if len(results) > limit:
+        print(f"... {len(results) - limit} more queries in the results file", file=stream)
+    return True
