@@ -10,20 +10,17 @@ numba and torch release the GIL so all stages overlap.
 
 Both operations extend the index by one *segment* of rows (the build's, then one per append),
 recorded in the index settings before the first row is written. An interrupted segment resumes
-at its first uncommitted row, once the task is shown to hold the same examples there (the ids of
-the committed rows, digests of a sample of examples taken when the segment started). A rerun whose
+at its first uncommitted row, once the task is shown to hold the same examples there (segments.py:
+the ids of the committed rows, digests of a sample of examples taken when the segment started). A rerun whose
 rows are all committed only finishes the curvature step if that was interrupted (the segment is
 marked `finalized` after it), else says the run is complete.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -40,6 +37,7 @@ from .projection import ProjectionSpec
 from .store import IndexLayout, IndexWriter
 from .store.sink import BlockSink
 from .store.format import DATA_FILE, LMDB_LOCK_FILE, WRITER_LOCK_FILE
+from .segments import SEGMENT_CHECK_META, segment_check, store_check, stored_check, task_mismatch
 from .task import load_task, resolve_task
 from .whitening import WHITENING_META, ensure_whitening, moment_bytes, moment_groups, tokens_per_example
 
@@ -47,14 +45,6 @@ _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 _TARGET_BLOCK_BYTES = 32 << 20  # fp32 bytes of one block of every layer
 _COMPRESSED_FRACTION = {"bf16": 0.72, "fp16": 0.95, "fp32": 0.95}  # measured by benchmarks/bench_store.py
 _SKETCH_CHECKPOINT_SECONDS = 300.0
-# What a resumed or rerun segment is compared on (see _task_mismatch): the ids of its committed rows
-# (every one up to _ID_CHECK_ALL, else an evenly spaced sample) and content digests of a sample of
-# its examples, stored (state record SEGMENT_CHECK_META) when the segment starts.
-_ID_CHECK_ALL = 100_000
-_ID_CHECK_SAMPLE = 10_000
-_DIGEST_HEAD = 16
-_DIGEST_SPREAD = 128
-SEGMENT_CHECK_META = "segment_checks"  # state record: {first row of a segment: its digests}
 # Tests only: seconds to hold still between the last committed row and the curvature step, so that a
 # test can SIGKILL a real process in the window a rerun has to finish (tests/test_resume_safety.py).
 PAUSE_BEFORE_FINALIZE_ENV = "LORIF_TEST_PAUSE_BEFORE_FINALIZE"
@@ -150,7 +140,7 @@ def _build(task, path: Path, config: BuildConfig, progress: bool, whiten_only: b
     }
     writer = IndexWriter.create(path, layout, settings, durability=config.durability)
     try:
-        _store_check(writer, settings["segments"][0], _segment_check(task, examples, n))
+        store_check(writer, settings["segments"][0], segment_check(task, examples, n))
     except BaseException:
         writer.close()
         raise
@@ -339,139 +329,6 @@ def _say_curvature_is_kept(writer: IndexWriter, config: BuildConfig) -> None:
                f"change them with `lorif-stream fit --index {writer.path}`")
 
 
-# ------------------------------------------------------------------------------------ same data?
-
-
-def _digest_positions(n: int) -> list[int]:
-    """Positions of a segment whose examples are digested: the first few, a geometric run (so a segment
-    killed early still has several committed positions in its sample) and evenly spaced ones."""
-    positions = set(range(min(n, _DIGEST_HEAD)))
-    p = _DIGEST_HEAD
-    while p < n:
-        positions.add(p)
-        p = p * 3 // 2
-    positions.update(int(i) for i in np.linspace(0, n - 1, min(n, _DIGEST_SPREAD)).round())
-    return sorted(positions)
-
-
-def _feed(h, value, depth: int = 0) -> None:
-    """Hash an example's content in a form that is the same in every process (no reprs of objects,
-    no set or hash order); a type without such a form contributes its name only."""
-    if depth > 32:
-        h.update(b"<deep>")
-    elif value is None or isinstance(value, (bool, int, float, complex)):
-        h.update(f"{type(value).__name__}:{value!r};".encode())
-    elif isinstance(value, str):
-        raw = value.encode("utf-8", "surrogatepass")
-        h.update(b"s%d:" % len(raw) + raw)
-    elif isinstance(value, (bytes, bytearray, memoryview)):
-        raw = bytes(value)
-        h.update(b"b%d:" % len(raw) + raw)
-    elif isinstance(value, torch.Tensor):
-        t = value.detach()
-        h.update(f"t{t.dtype}{tuple(t.shape)}:".encode())
-        try:
-            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        except (RuntimeError, TypeError):  # sparse, nested, ...: dtype and shape only
-            pass
-    elif isinstance(value, (np.ndarray, np.generic)):
-        a = np.asarray(value)
-        h.update(f"a{a.dtype.str}{a.shape}:".encode())
-        if a.dtype.hasobject:
-            for item in a.flat:
-                _feed(h, item, depth + 1)
-        else:
-            h.update(np.ascontiguousarray(a).tobytes())
-    elif isinstance(value, Mapping):
-        # keys in one order whatever the insertion order: by their own digests
-        items = sorted(((_digest_of(k), v) for k, v in value.items()), key=lambda item: item[0])
-        h.update(b"m%d:" % len(items))
-        for key, v in items:
-            h.update(key.encode())
-            _feed(h, v, depth + 1)
-    elif isinstance(value, (list, tuple)):
-        h.update(b"l%d:" % len(value))
-        for item in value:
-            _feed(h, item, depth + 1)
-    elif isinstance(value, (set, frozenset)):
-        h.update(b"S%d:" % len(value) + "".join(sorted(_digest_of(v) for v in value)).encode())
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        h.update(type(value).__qualname__.encode())
-        for f in dataclasses.fields(value):
-            _feed(h, f.name, depth + 1)
-            _feed(h, getattr(value, f.name), depth + 1)
-    else:
-        h.update(f"<{type(value).__module__}.{type(value).__qualname__}>".encode())
-
-
-def _digest_of(value) -> str:
-    h = hashlib.sha256()
-    _feed(h, value)
-    return h.hexdigest()
-
-
-def _example_digest(task, examples, i: int) -> str:
-    example = examples[i]
-    h = hashlib.sha256(str(task.example_id(example, i)).encode("utf-8", "surrogatepass") + b"\0")
-    _feed(h, example)
-    return h.hexdigest()[:16]
-
-
-def _segment_check(task, examples, n: int) -> dict:
-    """What recognises a segment's data: digests (id + content) of a sample of its examples."""
-    positions = _digest_positions(n)
-    return {"count": n, "positions": positions, "digests": [_example_digest(task, examples, p) for p in positions]}
-
-
-def _stored_check(writer: IndexWriter, segment: dict) -> dict:
-    """The digests stored for `segment` ({} for an index from before them, or a mismatching record)."""
-    check = (writer.get_state_meta(SEGMENT_CHECK_META) or {}).get(str(segment["start"])) or {}
-    return check if check.get("count") == segment["count"] else {}
-
-
-def _store_check(writer: IndexWriter, segment: dict, check: dict, keep: tuple[int, ...] = ()) -> None:
-    """Record a segment's digests, keyed by its first row; of the others only those starting at `keep`
-    stay (the previous segment's: enough to recognise a rerun, without growing with every append).
-    Written before the segment record of an append: a record never names digests it lacks."""
-    meta = writer.get_state_meta(SEGMENT_CHECK_META) or {}
-    meta = {k: v for k, v in meta.items() if k in {str(start) for start in keep}}
-    meta[str(segment["start"])] = check
-    writer.put_state({}, {SEGMENT_CHECK_META: meta})
-
-
-def _task_mismatch(writer: IndexWriter, segment: dict, task, examples, committed: int) -> str | None:
-    """Where the task's examples disagree with the first `committed` rows of `segment`, or None: the
-    ids stored in the index (all of them up to _ID_CHECK_ALL rows, else a sample) and the content
-    digests the segment recorded when it started. Names the first differing row found."""
-    start, kind = segment["start"], segment["kind"]
-    found: list[tuple[int, str]] = []
-    check = _stored_check(writer, segment)
-    for p, digest in zip(check.get("positions", []), check.get("digests", [])):
-        if p >= committed:
-            break
-        if _example_digest(task, examples, p) != digest:
-            found.append((p, f"row {start + p} (id {str(task.example_id(examples[p], p))!r}): the task's example "
-                             f"differs from the one the index's {kind} holds there"))
-            break
-    if committed <= _ID_CHECK_ALL:
-        positions = list(range(committed))
-    else:  # evenly spaced, and the last rows (a resume continues right after them)
-        positions = sorted(set(np.linspace(0, committed - 1, _ID_CHECK_SAMPLE).round().astype(int).tolist())
-                           | set(range(committed - 100, committed)))
-    if found:
-        positions = [p for p in positions if p <= found[0][0]]  # an id differing there is the better message
-    with writer.reader().snapshot() as snap:
-        if positions == list(range(len(positions))):
-            stored = snap.ids(start, start + len(positions))
-        else:
-            stored = [snap.id_of(start + p) for p in positions]
-    for p, have in zip(positions, stored):
-        want = str(task.example_id(examples[p], p))
-        if have != want:
-            return f"row {start + p}: the index has id {have!r} but the task gives {want!r}"
-    return found[0][1] if found else None
-
-
 def _finalized(writer: IndexWriter, segment: dict) -> bool:
     """Whether the curvature covers every row: the segment's flag, or (killed between the curvature
     switch and the flag, or an index from before the flag) the curvature's own row count."""
@@ -541,12 +398,12 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
                     f"index {writer.path} already holds a complete build of {writer.rows:,} rows; "
                     f"use `append` to add examples or a new --index"
                 )
-            mismatch = _task_mismatch(writer, last, task, examples, n)
+            mismatch = task_mismatch(writer, last, task, examples, n)
             if mismatch:
                 raise SettingsMismatchError(f"{mismatch}: index {writer.path} holds a complete build of other "
                                             f"examples; use `append` to add examples or a new --index")
             return _complete(writer, source, task, config, progress, whiten_only, last)
-        if last["kind"] == "append" and last["count"] == n and _task_mismatch(writer, last, task, examples, n) is None:
+        if last["kind"] == "append" and last["count"] == n and task_mismatch(writer, last, task, examples, n) is None:
             # the same append again (rerun after a kill during its last step, or after it finished)
             return _complete(writer, source, task, config, progress, whiten_only, last)
         if n == 0:
@@ -554,7 +411,7 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
         _check_budget(source.layers, config, _whitened_layers(writer))
         _check_disk(writer.path, writer.layout, source.layers, n, config)
         segment = {"kind": "append", "start": writer.rows, "count": n}
-        _store_check(writer, segment, _segment_check(task, examples, n), keep=(last["start"],))
+        store_check(writer, segment, segment_check(task, examples, n), keep=(last["start"],))
         settings = dict(settings, segments=segments + [segment])
         settings["allow_duplicate_ids"] = settings.get("allow_duplicate_ids") or config.allow_duplicate_ids
         writer.update_settings(settings)
@@ -567,15 +424,15 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
 def _check_resumed_segment(writer: IndexWriter, segment: dict, task, examples) -> None:
     """An unfinished segment continues only with the examples it started with (as far as committed)."""
     committed = writer.rows - segment["start"]
-    mismatch = _task_mismatch(writer, segment, task, examples, committed)
+    mismatch = task_mismatch(writer, segment, task, examples, committed)
     if mismatch:
         raise SettingsMismatchError(f"{mismatch}: index {writer.path} holds an unfinished {segment['kind']} of "
                                     f"other examples; resume it with the task it started with, or use a new --index")
     # rows not committed yet may have changed (a fixed bad example): record what is indexed from now on
-    check = _segment_check(task, examples, segment["count"])
-    if check != _stored_check(writer, segment):
+    check = segment_check(task, examples, segment["count"])
+    if check != stored_check(writer, segment):
         meta = writer.get_state_meta(SEGMENT_CHECK_META) or {}
-        _store_check(writer, segment, check, keep=tuple(int(k) for k in meta))
+        store_check(writer, segment, check, keep=tuple(int(k) for k in meta))
 
 
 def _complete(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool,

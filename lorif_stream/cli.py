@@ -238,7 +238,6 @@ def info(index, as_json):
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    f = report["factors"] or {}
     click.echo(f"index     {report['index']}")
     click.echo(f"rows      {report['rows']:,}   segments {len(report['segments'] or [])}   "
                f"non-finite rows {report['nonfinite_rows']}")

@@ -149,7 +149,6 @@ class SketchSet:
             meta["layers"][name] = state
         writer.put_state(arrays, {SKETCH_META: meta})
 
-
     def finalize(self, writer: IndexWriter, config: CurvatureConfig, budget: int, progress: bool = True) -> dict:
         return finalize_curvature(writer, self, config, self.device, budget, progress=progress)
 

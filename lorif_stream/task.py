@@ -332,7 +332,20 @@ def load_task(spec: str) -> Task:
 # datasets.save_to_disk folders (memory-mapped by the datasets library).
 
 
-class RecordSource(Sequence):
+class _Indexed(Sequence):
+    """A Sequence whose subclass gives ``_item(i)`` for ``0 <= i < len(self)``; negative indices,
+    range checks and slices are handled here once."""
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(*index.indices(len(self)))]
+        return self._item(_index(index, len(self)))
+
+    def _item(self, i: int):
+        raise NotImplementedError
+
+
+class RecordSource(_Indexed):
     """A read-only sequence of records (dicts) from one file or folder, with ``len()``.
 
     ``default_id(i)`` names record i when no id field is given and ``where(i)`` locates it in
@@ -396,10 +409,8 @@ class JsonlRecords(RecordSource):
     def __len__(self) -> int:
         return len(self._records)
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        return self._records[_index(index, len(self))]
+    def _item(self, i: int):
+        return self._records[i]
 
     def default_id(self, index: int) -> str:
         return str(self._lines[index])
@@ -468,12 +479,9 @@ class ParquetRecords(RecordSource):
             self._cache.popitem(last=False)
         return rows
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+    def _item(self, i: int):
         import bisect
 
-        i = _index(index, self._n)
         g = bisect.bisect_right(self._starts, i) - 1
         return self._group(g)[i - self._starts[g]]
 
@@ -531,10 +539,8 @@ class DiskDatasetRecords(RecordSource):
     def __len__(self) -> int:
         return len(self._dataset)
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        return self._dataset[_index(index, len(self))]
+    def _item(self, i: int):
+        return self._dataset[i]
 
 
 def open_records(path: str | os.PathLike, columns: Sequence[str] | None = None) -> RecordSource:
@@ -555,7 +561,7 @@ def open_records(path: str | os.PathLike, columns: Sequence[str] | None = None) 
     )
 
 
-class _ExampleView(Sequence):
+class _ExampleView(_Indexed):
     """``convert(record, index)`` applied lazily to a record source, optionally through a list
     of kept indices (deterministic: same order every time)."""
 
@@ -567,10 +573,7 @@ class _ExampleView(Sequence):
     def __len__(self) -> int:
         return len(self.records) if self.keep is None else len(self.keep)
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        i = _index(index, len(self))
+    def _item(self, i: int):
         j = i if self.keep is None else self.keep[i]
         return self.convert(self.records[j], j)
 

@@ -1,6 +1,8 @@
-"""Independent oracles shared by the tests: explicit per-example gradients from torch.func."""
+"""Independent oracles shared by the tests: explicit per-example gradients from torch.func and the
+exact influence computed from them with dense fp64 solves."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
@@ -17,3 +19,17 @@ def per_example_grads(model, examples):
     g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
     return {name[: -len(".weight")]: g[name].reshape(len(examples), -1).double()
             for name in params if name.endswith(".weight")}
+
+
+def exact_influence(task, damping) -> np.ndarray:
+    """(Q, N) Σ_layers g_qᵀ (A + λI)⁻¹ g_i, A = Σ_i g_i g_iᵀ per layer; `damping(A)` gives λ."""
+    model = task.model().eval()
+    train = per_example_grads(model, task.train_examples())
+    queries = per_example_grads(model, task.query_examples())
+    total = 0
+    for name, G in train.items():
+        A = G.T @ G
+        lam = damping(A)
+        H = torch.linalg.solve(A + lam * torch.eye(A.shape[0], dtype=A.dtype), queries[name].T).T
+        total = total + H @ G.T
+    return total.numpy()

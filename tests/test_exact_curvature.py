@@ -27,7 +27,7 @@ from lorif_stream.store import IndexReader
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "tasks"))
 import mlp_task  # noqa: E402
-from helpers_oracle import per_example_grads  # noqa: E402
+from helpers_oracle import exact_influence as oracle_influence  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,17 +40,8 @@ TARGET = 1e-5
 
 
 def exact_influence(task, scale):
-    """Σ_layers g_q^T (A + lam I)^-1 g_i with lam = scale * trace(A) / D, dense fp64 solves."""
-    model = task.model().eval()
-    train = per_example_grads(model, task.train_examples())
-    queries = per_example_grads(model, task.query_examples())
-    total = 0
-    for name, G in train.items():
-        A = G.T @ G
-        lam = scale * float(torch.trace(A)) / A.shape[0]
-        H = torch.linalg.solve(A + lam * torch.eye(A.shape[0], dtype=A.dtype), queries[name].T).T
-        total = total + H @ G.T
-    return total.numpy()
+    """Exact influence with lam = scale * trace(A) / D per layer (the trace damping policy)."""
+    return oracle_influence(task, lambda A: scale * float(torch.trace(A)) / A.shape[0])
 
 
 def scores(task, index, out):

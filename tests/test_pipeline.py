@@ -23,24 +23,12 @@ sys.path.insert(0, str(TASKS.parent))
 import mlp_task  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers_index import assert_same_factors_and_ids  # noqa: E402
-from helpers_oracle import per_example_grads  # noqa: E402
+from helpers_oracle import exact_influence, per_example_grads  # noqa: E402
 
 # the LoRIF paper's mode (random projections, low-rank curvature), whose f=1 limit is exact
 # influence with the empirical Fisher; whitened projections have their own oracles (test_whitening)
 PAPER = dict(projection_kind="random")
 EXACT = dict(f=1, rank=1, dtype="fp32", sketch_rank=64, damping=0.5, device="cpu", **PAPER)
-
-
-def exact_influence(task, damping):
-    model = task.model().eval()
-    gtr = per_example_grads(model, task.train_examples())
-    gq = per_example_grads(model, task.query_examples())
-    total = 0
-    for name, G in gtr.items():
-        A = G.T @ G
-        H = torch.linalg.solve(A + damping * torch.eye(A.shape[0], dtype=A.dtype), gq[name].T).T
-        total = total + H @ G.T
-    return total.numpy()
 
 
 def read_results(path):
@@ -58,7 +46,7 @@ def test_scores_equal_exact_influence(exact_index, tmp_path):
     res = ls.query(mlp_task.full(), exact_index, tmp_path / "r.jsonl", tmp_path / "s.npy", top_k=5, device="cpu",
                    progress=False)
     scores = np.load(tmp_path / "s.npy")
-    oracle = exact_influence(mlp_task.full(), EXACT["damping"])
+    oracle = exact_influence(mlp_task.full(), lambda A: EXACT["damping"])
     assert scores.shape == oracle.shape == (mlp_task.N_QUERY, mlp_task.N_TRAIN)
     np.testing.assert_allclose(scores, oracle, rtol=2e-3, atol=2e-3 * np.abs(oracle).max())
     for q, r in enumerate(read_results(tmp_path / "r.jsonl")):

@@ -11,7 +11,6 @@ before a crash are kept), done.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import struct
 import subprocess
