@@ -346,3 +346,14 @@ def test_a_damaged_whitening_array_is_named_by_verify_and_refused_by_query(tmp_p
     assert not report.ok and any(f"array '{name}' chunk 0: checksum mismatch" in e for e in report.errors)
     with pytest.raises(CorruptBlockError, match=f"array '{name}' chunk 0"):
         ls.query(MLPTask(), idx, None, tmp_path / "s.npy", top_k=3, progress=False)
+
+
+def test_bad_whitening_options_are_refused_naming_the_value(tmp_path):
+    for options, message in ((dict(projection_kind="pca"), "projection_kind='pca'"), (dict(min_side=0), "min_side=0"),
+                             (dict(whiten_examples=0), "whiten_examples=0"), (dict(whiten_damping=0.0), "whiten_damping=0.0"),
+                             (dict(projection_kind="random", preconditioner="ekfac"), "ekfac needs whitened projections")):
+        with pytest.raises(ValueError, match=message):
+            ls.build(MLPTask(), tmp_path / "idx", progress=False, **options)
+    assert not (tmp_path / "idx").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="whiten needs projection_kind='whitened'"):
+        ls.whiten(MLPTask(), tmp_path / "idx", projection_kind="random", progress=False)
