@@ -54,6 +54,7 @@ Rules that matter for correct attributions:
 
 from __future__ import annotations
 
+import bisect
 import collections
 import gzip
 import hashlib
@@ -64,6 +65,7 @@ import json
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -78,6 +80,7 @@ __all__ = [
     "HFCausalLMTask",
     "open_records",
     "JsonlRecords",
+    "GzipJsonlRecords",
     "ParquetRecords",
     "DiskDatasetRecords",
     "print_top_proponents",
@@ -328,8 +331,9 @@ def load_task(spec: str) -> Task:
 
 
 # --------------------------------------------------------------------------------------------
-# Record sources: .jsonl / .jsonl.gz (read eagerly), .parquet (lazy, by row group) and
-# datasets.save_to_disk folders (memory-mapped by the datasets library).
+# Record sources: .jsonl (lazy, by line offset), .jsonl.gz (read eagerly: gzip has no random
+# access), .parquet (lazy, by row group) and datasets.save_to_disk folders (memory-mapped by the
+# datasets library).
 
 
 class _Indexed(Sequence):
@@ -373,36 +377,132 @@ def _index(index: Any, n: int) -> int:
     return i
 
 
-class JsonlRecords(RecordSource):
-    """Every JSON object of a ``.jsonl`` or ``.jsonl.gz`` file (blank lines skipped); ids default
-    to the 1-based line number. Bad UTF-8, bad JSON and non-objects name the file and line."""
+def _parse_jsonl_line(raw: bytes, path: Path, lineno: int) -> dict | None:
+    """One line of a jsonl file as a dict (None for a blank line); bad UTF-8, bad JSON and
+    non-objects name the file and line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaskLoadError(f"{path}:{lineno}: invalid UTF-8 ({exc.reason} at byte {exc.start} of the line)") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TaskLoadError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(record, dict):
+        raise TaskLoadError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    return record
 
-    def __init__(self, path: str | os.PathLike) -> None:
+
+class JsonlRecords(RecordSource):
+    """Every JSON object of a plain ``.jsonl`` file (blank lines skipped), read lazily by row.
+
+    Opening makes one pass that checks every line parses and keeps only where each record starts
+    (8 bytes per record, plus 16 per run of blank lines): ``self[i]`` then reads and parses line
+    i alone (``os.pread``, safe from several threads), so memory does not grow with the text.
+    Ids default to the 1-based line number. Bad UTF-8, bad JSON and non-objects name the file and
+    line; a file changed after opening is refused rather than read at stale offsets.
+    ``check(record, where)``, when given, sees every record during that pass (validation
+    before any work, without a second read).
+    """
+
+    def __init__(self, path: str | os.PathLike, check: Callable[[dict, Callable[[], str]], None] | None = None) -> None:
+        import array
+
+        self.path = Path(path)
+        self._offsets = array.array("q")     # start of record i; one more entry: the end of the file
+        self._blank_at = array.array("q")     # record indices preceded by blank lines ...
+        self._blank_before = array.array("q")  # ... and how many blank lines precede them in all
+        blank = 0
+        try:
+            with open(self.path, "rb") as handle:
+                offset = 0
+                for lineno, raw in enumerate(handle, start=1):
+                    record = _parse_jsonl_line(raw, self.path, lineno)
+                    if record is None:
+                        blank += 1
+                    else:
+                        if check is not None:
+                            check(record, lambda: f"{self.path}:{lineno}")
+                        if blank != (self._blank_before[-1] if self._blank_before else 0):
+                            self._blank_at.append(len(self._offsets))
+                            self._blank_before.append(blank)
+                        self._offsets.append(offset)
+                    offset += len(raw)
+                self._offsets.append(offset)
+                self._stamp = _file_stamp(os.fstat(handle.fileno()))
+        except OSError as exc:
+            raise TaskLoadError(f"cannot read {self.path}: {type(exc).__name__}: {exc}") from None
+        self._file = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def line(self, index: int) -> int:
+        """The 1-based line number of record ``index``."""
+        k = bisect.bisect_right(self._blank_at, index) - 1
+        return index + 1 + (self._blank_before[k] if k >= 0 else 0)
+
+    def _read(self, start: int, size: int) -> bytes:
+        with self._lock:  # opened once per process; pread itself needs no lock
+            if self._file is None:
+                self._file = open(self.path, "rb", buffering=0)
+            if _file_stamp(os.fstat(self._file.fileno())) != self._stamp:
+                raise TaskLoadError(f"{self.path} changed since it was opened: rerun the command")
+            if not hasattr(os, "pread"):  # Windows: seek + read under the lock
+                self._file.seek(start)
+                return self._file.read(size)
+        return os.pread(self._file.fileno(), size, start)
+
+    def _item(self, i: int):
+        start, end = self._offsets[i], self._offsets[i + 1]
+        raw = self._read(start, end - start)  # the line and any blank lines after it
+        record = _parse_jsonl_line(raw, self.path, self.line(i)) if len(raw) == end - start else None
+        if record is None:
+            raise TaskLoadError(f"{self.path} changed since it was opened: rerun the command")
+        return record
+
+    def default_id(self, index: int) -> str:
+        return str(self.line(index))
+
+    def where(self, index: int) -> str:
+        return f"{self.path}:{self.line(index)}"
+
+    def __getstate__(self):  # file handles and locks do not pickle: reopened on first read
+        state = dict(self.__dict__)
+        state["_file"], state["_lock"] = None, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _file_stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class GzipJsonlRecords(RecordSource):
+    """Every JSON object of a ``.jsonl.gz`` file (blank lines skipped), parsed into memory at
+    open: a gzip stream has no random access (reaching row i means decompressing everything
+    before it), so for a corpus larger than RAM use plain ``.jsonl`` or ``.parquet``. Ids
+    default to the 1-based line number; errors name the file and line."""
+
+    def __init__(self, path: str | os.PathLike, check: Callable[[dict, Callable[[], str]], None] | None = None) -> None:
         self.path = Path(path)
         self._records: list[dict] = []
         self._lines: list[int] = []
-        opener = gzip.open if self.path.name.endswith(".gz") else open
         try:
-            with opener(self.path, "rb") as handle:
+            with gzip.open(self.path, "rb") as handle:
                 for lineno, raw in enumerate(handle, start=1):
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError as exc:
-                        raise TaskLoadError(
-                            f"{self.path}:{lineno}: invalid UTF-8 ({exc.reason} at byte {exc.start} of the line)"
-                        ) from None
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise TaskLoadError(f"{self.path}:{lineno}: invalid JSON: {exc.msg}") from None
-                    if not isinstance(record, dict):
-                        raise TaskLoadError(
-                            f"{self.path}:{lineno}: expected a JSON object, got {type(record).__name__}"
-                        )
-                    self._records.append(record)
-                    self._lines.append(lineno)
+                    record = _parse_jsonl_line(raw, self.path, lineno)
+                    if record is not None:
+                        if check is not None:
+                            check(record, lambda: f"{self.path}:{lineno}")
+                        self._records.append(record)
+                        self._lines.append(lineno)
         except (OSError, EOFError) as exc:  # e.g. a truncated or non-gzip .gz file
             raise TaskLoadError(f"cannot read {self.path}: {type(exc).__name__}: {exc}") from None
 
@@ -480,8 +580,6 @@ class ParquetRecords(RecordSource):
         return rows
 
     def _item(self, i: int):
-        import bisect
-
         g = bisect.bisect_right(self._starts, i) - 1
         return self._group(g)[i - self._starts[g]]
 
@@ -543,9 +641,11 @@ class DiskDatasetRecords(RecordSource):
         return self._dataset[i]
 
 
-def open_records(path: str | os.PathLike, columns: Sequence[str] | None = None) -> RecordSource:
+def open_records(path: str | os.PathLike, columns: Sequence[str] | None = None,
+                 check: Callable[[dict, Callable[[], str]], None] | None = None) -> RecordSource:
     """Open ``path`` by kind: ``.jsonl`` / ``.jsonl.gz`` (also ``.json`` lines), ``.parquet``, or a
-    ``datasets.save_to_disk`` folder. ``columns`` limits what the table formats read."""
+    ``datasets.save_to_disk`` folder. ``columns`` limits what the table formats read; ``check``
+    validates each jsonl record while the file is opened (the table formats check their schema)."""
     path = Path(path).expanduser()
     if path.is_dir():
         return DiskDatasetRecords(path, columns)
@@ -554,8 +654,10 @@ def open_records(path: str | os.PathLike, columns: Sequence[str] | None = None) 
     name = path.name.lower()
     if name.endswith(".parquet") or name.endswith(".pq"):
         return ParquetRecords(path, columns)
-    if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")):
-        return JsonlRecords(path)
+    if name.endswith((".jsonl.gz", ".json.gz", ".ndjson.gz")):
+        return GzipJsonlRecords(path, check)
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return JsonlRecords(path, check)
     raise TaskLoadError(
         f"{path}: unknown data format (expected .jsonl, .jsonl.gz, .parquet or a datasets.save_to_disk folder)"
     )
@@ -587,33 +689,31 @@ class _ExampleView(_Indexed):
 # Built-in task: a Hugging Face causal LM over local files.
 
 
-def _read_jsonl(path: Path, text_field: str, id_field: str | None) -> list[dict]:
-    """``[{"id": str, "text": str}, ...]`` from a .jsonl file; blank lines are skipped."""
-    records = JsonlRecords(path)
-    convert = _converter(records, {"text": text_field}, id_field)
-    return [convert(records[i], i) for i in range(len(records))]
+def _record_checker(fields: Sequence[str], id_field: str | None) -> Callable[[dict, Callable[[], str]], None]:
+    """``check(record, where)``: refuse a record that lacks the id field or a string in each of
+    ``fields``; ``where()`` names it in the error (called only then)."""
+
+    def check(record: dict, where: Callable[[], str]) -> None:
+        if id_field is not None and record.get(id_field) is None:
+            raise TaskLoadError(f"{where()}: no id field {id_field!r}")
+        for field in fields:
+            if field not in record:
+                raise TaskLoadError(f"{where()}: no field {field!r} (fields: {', '.join(sorted(record)) or 'none'})")
+            value = record[field]
+            if not isinstance(value, str):
+                raise TaskLoadError(f"{where()}: field {field!r} must be a string, got {value!r:.60}")
+
+    return check
 
 
 def _converter(records: RecordSource, fields: dict[str, str], id_field: str | None):
     """``record, index -> {"id": str, <key>: str for key, field in fields}``, validating."""
+    check = _record_checker(list(fields.values()), id_field)
 
     def convert(record: dict, index: int) -> dict:
-        example = {}
-        if id_field is None:
-            example["id"] = records.default_id(index)
-        elif record.get(id_field) is None:
-            raise TaskLoadError(f"{records.where(index)}: no id field {id_field!r}")
-        else:
-            example["id"] = str(record[id_field])
-        for key, field in fields.items():
-            if field not in record:
-                raise TaskLoadError(
-                    f"{records.where(index)}: no field {field!r} (fields: {', '.join(sorted(record)) or 'none'})"
-                )
-            value = record[field]
-            if not isinstance(value, str):
-                raise TaskLoadError(f"{records.where(index)}: field {field!r} must be a string, got {value!r:.60}")
-            example[key] = value
+        check(record, lambda: records.where(index))
+        example = {"id": records.default_id(index) if id_field is None else str(record[id_field])}
+        example.update({key: record[field] for key, field in fields.items()})
         return example
 
     return convert
@@ -626,9 +726,11 @@ class HFCausalLMTask(Task):
         model_dir: a ``save_pretrained`` folder holding the model *and* its tokenizer (loaded
             with ``AutoModelForCausalLM`` / ``AutoTokenizer``, ``local_files_only=True``: no hub
             access).
-        train_data: the training records: a ``.jsonl`` / ``.jsonl.gz`` file (one JSON object per
-            line), a ``.parquet`` file (read lazily, one row group at a time) or a
-            ``datasets.save_to_disk`` folder (memory-mapped; needs the ``data`` extra).
+        train_data: the training records: a ``.jsonl`` file (one JSON object per line; read
+            lazily: one pass keeps each line's offset, then lines are read one by one), a
+            ``.jsonl.gz`` file (parsed into memory: gzip has no random access), a ``.parquet``
+            file (read lazily, one row group at a time) or a ``datasets.save_to_disk`` folder
+            (memory-mapped; needs the ``data`` extra).
             ``None`` gives no training examples (enough to query an existing index).
         query_data: same formats for the queries; ``None`` gives no queries (enough to build).
         text_field: key of the text in each record (plain-text mode).
@@ -776,12 +878,10 @@ class HFCausalLMTask(Task):
     def _load(self, path: Path, label: str) -> Sequence:
         fields = self._fields()
         columns = list(fields.values()) + ([self.id_field] if self.id_field else [])
-        records = open_records(path, columns)
-        convert = _converter(records, fields, self.id_field)
-        if isinstance(records, JsonlRecords):  # already in memory: validate every record now
-            examples: Sequence = [convert(records[i], i) for i in range(len(records))]
-        else:
-            examples = _ExampleView(records, convert)
+        # jsonl records are all validated while the file is opened (one pass); the table formats
+        # check their schema there and each value when read
+        records = open_records(path, columns, check=_record_checker(list(fields.values()), self.id_field))
+        examples: Sequence = _ExampleView(records, _converter(records, fields, self.id_field))
         if not self.prompt_completion:
             return examples
         keep, skipped = [], []
@@ -804,8 +904,6 @@ class HFCausalLMTask(Task):
                   f"token left after truncation (ids: {shown})", file=sys.stderr)
         if not skipped:
             return examples
-        if isinstance(examples, list):
-            return [examples[i] for i in keep]
         return _ExampleView(examples.records, examples.convert, keep)
 
     def train_examples(self) -> Sequence:

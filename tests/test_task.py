@@ -282,3 +282,96 @@ def test_hf_task_errors(hf_dir, tmp_path):
         HFCausalLMTask(hf_dir, not_text).train_examples()
     with pytest.raises(TaskLoadError, match="max_length"):
         HFCausalLMTask(hf_dir, train, max_length=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Lazy jsonl: one pass of line offsets, then one line read per row
+
+
+def _eager_jsonl(path):
+    """(line number, record) of every non-blank line: what reading the whole file gives."""
+    with open(path, encoding="utf-8") as handle:
+        return [(n, json.loads(line)) for n, line in enumerate(handle, start=1) if line.strip()]
+
+
+def test_lazy_jsonl_random_access_equals_eager_parse(tmp_path):
+    import pickle
+    import random
+    import threading
+
+    from lorif_stream.task import JsonlRecords
+
+    rng = random.Random(0)
+    lines = []
+    for i in range(500):
+        text = "".join(rng.choice("ab \u00e9\u4e2d\"\\\n") for _ in range(rng.randrange(0, 300)))
+        lines.append(json.dumps({"id": f"r{i}", "text": text}, ensure_ascii=rng.random() < 0.5))
+        lines.extend([""] * (rng.random() < 0.1) + ["   "] * (rng.random() < 0.05))  # blank runs
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join([""] + lines), encoding="utf-8")  # a leading blank line, no final newline
+    eager = _eager_jsonl(path)
+    records = JsonlRecords(path)
+    assert len(records) == len(eager) == 500
+    order = list(range(500))
+    rng.shuffle(order)
+    for i in order:  # random order: each row is read on its own
+        assert records[i] == eager[i][1]
+        assert records.default_id(i) == str(eager[i][0]) and records.where(i) == f"{path}:{eager[i][0]}"
+    assert records[-1] == eager[-1][1] and records[10:13] == [r for _, r in eager[10:13]]
+    with pytest.raises(IndexError):
+        records[500]
+    copy = pickle.loads(pickle.dumps(records))  # no open handle travels; the copy reopens
+    assert copy[123] == eager[123][1]
+    seen = {}
+    threads = [threading.Thread(target=lambda k=k: seen.update({j: records[j] for j in range(k, 500, 4)}))
+               for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [seen[j] for j in range(500)] == [r for _, r in eager]  # pread: no shared file position
+
+
+def test_lazy_jsonl_memory_does_not_grow_with_the_text(tmp_path):
+    import tracemalloc
+
+    from lorif_stream.task import JsonlRecords
+
+    path = tmp_path / "big.jsonl"
+    rows, text_bytes = 400, 50_000  # 20 MB of text
+    with path.open("w", encoding="utf-8") as handle:
+        for i in range(rows):
+            handle.write(json.dumps({"id": i, "text": chr(ord("a") + i % 26) * text_bytes}) + "\n")
+    tracemalloc.start()
+    try:
+        records = JsonlRecords(path)
+        kept, peak = tracemalloc.get_traced_memory()
+        assert records[rows - 1]["text"] == chr(ord("a") + (rows - 1) % 26) * text_bytes
+    finally:
+        tracemalloc.stop()
+    assert len(records) == rows
+    assert kept < 64 * 1024, kept            # offsets, not texts: 8 bytes a row (20 MB on disk)
+    assert peak < 4 * text_bytes * 4, peak   # one line at a time while the offsets are taken
+
+
+def test_lazy_jsonl_refuses_a_file_changed_after_opening(hf_dir, tmp_path):
+    from lorif_stream.task import JsonlRecords
+
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in TEXTS])
+    records = JsonlRecords(path)
+    assert records[1] == {"text": TEXTS[1]}
+    write_jsonl(path, [{"text": t.upper()} for t in TEXTS])  # same length: only the stamp tells
+    with pytest.raises(TaskLoadError, match=r"train\.jsonl changed since it was opened"):
+        records[1]
+
+
+def test_hf_task_jsonl_examples_are_a_lazy_view_validated_at_open(hf_dir, tmp_path):
+    from lorif_stream.task import JsonlRecords
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"doc": f"d{i}", "text": t} for i, t in enumerate(TEXTS)])
+    examples = HFCausalLMTask(hf_dir, train, id_field="doc").train_examples()
+    assert isinstance(examples.records, JsonlRecords)  # not a list of every text
+    assert [examples[i] for i in range(len(TEXTS))] == [{"id": f"d{i}", "text": t} for i, t in enumerate(TEXTS)]
+    late = write_jsonl(tmp_path / "late.jsonl", [{"doc": "d0", "text": "ok"}] * 3 + [{"doc": "d3", "body": "x"}])
+    with pytest.raises(TaskLoadError, match=r"late\.jsonl:4: no field 'text'"):
+        HFCausalLMTask(hf_dir, late, id_field="doc").train_examples()  # the bad last line is found before any work
