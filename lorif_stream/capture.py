@@ -7,28 +7,33 @@ formed. Instead, per example,
 
     G = (Δ P_out)^T (X P_in)         (d_out x d_in)  =  P_out^T ∇W P_in
 
-How the pieces are collected:
+How the pieces are collected (:class:`LayerHooks` has the details):
 
-* a forward hook keeps ``X P_in`` (projected at once, under no_grad, from the detached input:
-  memory scales with ``d_in``, not ``I``) and a reference to the module's output tensor;
-* :meth:`GradientCapture.projected_gradients` takes the per-example losses ``(B,)`` and gets
-  every ``Δ`` in one ``torch.autograd.grad(losses.sum(), outputs)`` call. Differentiating the
-  *sum* makes row b of each ``Δ`` depend on example b only (as long as no example's loss reads
-  another's: eval mode, no batch norm in train mode), and ``autograd.grad`` never touches any
-  parameter's ``.grad``;
+* a forward hook keeps ``X P_in`` (projected at once, under no_grad, in fp32, from the detached
+  input: memory scales with ``d_in``, not ``I``);
+* :meth:`GradientCapture.projected_gradients` takes the per-example losses ``(B,)`` and runs one
+  backward of their *sum*, which makes row b of each ``Δ`` depend on example b only (as long as
+  no example's loss reads another's: eval mode, no batch norm in train mode). A tensor hook on
+  each tracked output projects its ``Δ`` and adds the per-example products to ``G`` as soon as
+  the backward reaches that layer, so the extra memory is about one layer's ``Δ`` at a time plus
+  the projected tensors; no parameter's ``.grad`` is computed or touched;
 * the projected outer products are summed over every position ``(B, ..., I)`` and over every
   call of the module in the forward pass (a module applied twice has ``∇W`` = sum of both).
 
 Padding needs no special care: a padded position's loss is masked, so its ``Δ`` row is zero and
 it adds nothing to ``G`` whatever its input.
 
-Not supported: activation (gradient) checkpointing, which re-runs forwards inside backward;
-models whose batch is not dimension 0; modules whose forward is bypassed (e.g. the ``out_proj``
-of ``nn.MultiheadAttention``, whose weight is used functionally: it contributes zeros).
+Precision: bf16/fp16 models and ``torch.autocast`` work; projections and sums are fp32 (autocast
+is switched off inside the hooks). Activation checkpointing works when non-reentrant
+(``use_reentrant=False``, the PyTorch default since 2.4); reentrant checkpointing is refused.
+Not supported: models whose batch is not dimension 0; modules whose forward is bypassed (e.g.
+the ``out_proj`` of ``nn.MultiheadAttention``, whose weight is used functionally: it
+contributes zeros).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from dataclasses import dataclass
@@ -190,13 +195,38 @@ def model_fingerprint(model: nn.Module, layers: Iterable[LayerInfo]) -> str:
     return digest.hexdigest()
 
 
-class LayerHooks:
-    """Forward hooks on the tracked layers plus one backward for their output gradients.
+def _full_precision(device: torch.device):
+    """Autocast off for our own matmuls: projections and sums must stay fp32 under a task's
+    ``torch.autocast``; devices autocast does not know need nothing."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
-    Subclasses decide what to keep of each call's input (:meth:`_keep_input`, e.g. its
-    projection) and what to make of the (kept input, output gradient) pairs. The gradient is of
-    ``losses.sum()``: row b of each ``Δ`` then depends on example b only, and no parameter's
-    ``.grad`` is touched.
+
+class LayerHooks:
+    """Hooks that hand each tracked layer's (kept input, output gradient) to a subclass, one layer
+    at a time, inside one backward pass.
+
+    The forward hook keeps what the subclass wants of the input (:meth:`_keep_input`, e.g. its
+    projection), and returns ``output + anchor`` -- ``anchor`` a 0-dim zero leaf that requires
+    grad -- with a tensor hook on that sum. :meth:`_backward` then asks autograd for the
+    gradient of ``losses.sum()`` with respect to the anchors only. So that backward
+
+    * passes every tracked output: each one's hook receives its ``Δ = ∂loss/∂output`` as the
+      backward reaches it and hands it to :meth:`_consume`; ``Δ`` is then freed by autograd as
+      usual, so at most about one layer's ``Δ`` is alive at a time (asking autograd for the
+      outputs themselves would keep every layer's ``Δ`` until the end);
+    * computes no parameter gradient and touches no ``.grad``;
+    * gives row b of each ``Δ`` from example b only (the gradient is of a *sum* of per-example
+      losses, as long as no example's loss reads another's).
+
+    Adding a zero leaves the output's values (and dtype: a 0-dim tensor does not promote) as
+    they were. A hook registered before an in-place change of the output still receives the
+    gradient of the value the layer produced, so models that modify it in place are fine.
+    Non-reentrant activation checkpointing re-runs forwards inside the backward: those calls
+    are recognised (they happen while :meth:`_backward` runs) and ignored, since the original
+    forward already kept the inputs. Reentrant checkpointing runs the first forward without
+    grad and is refused, naming the layer.
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[LayerInfo]) -> None:
@@ -220,14 +250,18 @@ class LayerHooks:
                     f"{type(module).__name__} {_features(module, kind) if kind else ''}"
                 )
             self._modules[layer.name] = module
-        # Per layer, one (kept input, output, output._version) triple per call of the module.
-        self._calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
         self._handles: list = []
+        self._in_backward = False
         # layers whose forward never ran or whose output did not reach the loss in the last
         # batch (e.g. nn.MultiheadAttention.out_proj, used functionally): their gradients are 0
         self.unused_layers: list[str] = []
+        self.reset()
 
     def _keep_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _consume(self, name: str, kept: torch.Tensor, delta: torch.Tensor) -> None:
+        """Use one call's kept input and its output gradient ``Δ`` (called inside the backward)."""
         raise NotImplementedError
 
     # -- context manager ------------------------------------------------------------------
@@ -247,16 +281,22 @@ class LayerHooks:
         self.reset()
 
     def reset(self) -> None:
-        """Forget everything captured since the last backward."""
-        self._calls = {name: [] for name in self._modules}
+        """Forget every forward call captured since the last backward."""
+        self._calls: list[_Call] = []
 
     # -- hooks ----------------------------------------------------------------------------
     def _make_hook(self, name: str):
         def hook(module, args, kwargs, output):
-            if args:
-                x = args[0]
-            else:  # called as module(input=x) / module(x=x)
-                x = kwargs.get("input", kwargs.get("x"))
+            if self._in_backward:
+                return None  # a checkpointed forward re-run for its activations: already kept
+            try:
+                return anchor(args, kwargs, output)
+            except Exception:
+                self.reset()  # the forward is aborted: none of its calls may reach a later backward
+                raise
+
+        def anchor(args, kwargs, output):
+            x = args[0] if args else kwargs.get("input", kwargs.get("x"))  # module(input=x) / (x=x)
             if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
                 raise RuntimeError(f"{type(self).__name__}: layer {name!r} was called without a tensor input")
             if x.dim() < 2:
@@ -264,17 +304,34 @@ class LayerHooks:
                     f"{type(self).__name__}: layer {name!r} got an input of shape {tuple(x.shape)}; "
                     "inputs must be batched as (B, ..., I)"
                 )
-            with torch.no_grad():
+            if not output.requires_grad:
+                raise ValueError(
+                    f"the output of layer {name!r} does not require grad: make its parameters "
+                    "require grad, do not run the forward pass under torch.no_grad(), and use "
+                    "non-reentrant activation checkpointing (use_reentrant=False) if any"
+                )
+            with torch.no_grad(), _full_precision(x.device):
                 kept = self._keep_input(name, x.detach())
-            # The version counter lets the backward refuse outputs modified in place, whose
-            # gradient would no longer be the gradient of this layer's output.
-            self._calls[name].append((kept, output, output._version))
+            call = _Call(name, kept, output.shape[0],
+                         torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True))
+            self._calls.append(call)
+            anchored = output + call.anchor
+            anchored.register_hook(self._make_gradient_hook(call))
+            return anchored
 
         return hook
 
+    def _make_gradient_hook(self, call: "_Call"):
+        def on_gradient(delta: torch.Tensor) -> None:
+            with torch.no_grad(), _full_precision(delta.device):
+                self._consume(call.name, call.kept, delta)
+            call.kept = None  # consumed: free it now, not at the end of the backward
+
+        return on_gradient
+
     # -- backward -------------------------------------------------------------------------
-    def _output_gradients(self, losses: torch.Tensor, retain_graph: bool) -> dict[str, list[tuple]]:
-        """Per layer, one ``(kept input, Δ or None)`` pair per call (None: did not reach the loss)."""
+    def _backward(self, losses: torch.Tensor, retain_graph: bool = False) -> None:
+        """Run the backward of ``losses.sum()``, feeding every tracked call to :meth:`_consume`."""
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(f"losses must be a (B,) tensor of per-example losses, got {shape}")
@@ -284,34 +341,32 @@ class LayerHooks:
                 "parameters that require grad"
             )
         B = losses.shape[0]
-        flat: list[torch.Tensor] = []
-        for name, calls in self._calls.items():
-            for _kept, output, version in calls:
-                if output.shape[0] != B:
-                    raise ValueError(
-                        f"layer {name!r} saw a batch of {output.shape[0]} but losses has {B} rows "
-                        "(did an earlier forward pass go without a backward/reset?)"
-                    )
-                if output._version != version:
-                    raise RuntimeError(
-                        f"the output of layer {name!r} was modified in place after the layer ran; "
-                        "its gradient cannot be captured"
-                    )
-                if not output.requires_grad:
-                    raise ValueError(
-                        f"the output of layer {name!r} does not require grad: make its parameters "
-                        "require grad and do not run the forward pass under torch.no_grad()"
-                    )
-                flat.append(output)
-        deltas = iter(
-            torch.autograd.grad(losses.sum(), flat, allow_unused=True, retain_graph=retain_graph)
-            if flat
-            else ()
-        )
-        pairs = {layer.name: [(kept, next(deltas)) for kept, _o, _v in self._calls[layer.name]]
-                 for layer in self.layers}
-        self.unused_layers = [name for name, calls in pairs.items() if all(d is None for _k, d in calls)]
-        return pairs
+        for call in self._calls:
+            if call.batch != B:
+                raise ValueError(
+                    f"layer {call.name!r} saw a batch of {call.batch} but losses has {B} rows "
+                    "(did an earlier forward pass go without a backward/reset?)"
+                )
+        reached: set[str] = set()
+        if self._calls:
+            self._in_backward = True
+            try:
+                anchor_grads = torch.autograd.grad(losses.sum(), [c.anchor for c in self._calls],
+                                                   allow_unused=True, retain_graph=retain_graph)
+            finally:
+                self._in_backward = False
+            reached = {c.name for c, g in zip(self._calls, anchor_grads) if g is not None}
+        self.unused_layers = [l.name for l in self.layers if l.name not in reached]
+
+
+@dataclass
+class _Call:
+    """One forward call of a tracked layer, until the backward has consumed it."""
+
+    name: str
+    kept: torch.Tensor | None
+    batch: int
+    anchor: torch.Tensor
 
 
 class GradientCapture(LayerHooks):
@@ -362,6 +417,21 @@ class GradientCapture(LayerHooks):
         # X P_in, not X: memory scales with d_in instead of I
         return proj.project_in(x)
 
+    def reset(self) -> None:
+        super().reset()
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def _consume(self, name: str, kept: torch.Tensor, delta: torch.Tensor) -> None:
+        proj = self._projections[name]
+        B = delta.shape[0]
+        xp = kept.reshape(B, -1, proj.d_in)
+        dp = proj.project_out(delta).reshape(B, -1, proj.d_out)
+        G = self._sums.get(name)
+        if G is None:
+            G = self._sums[name] = torch.zeros(B, proj.d_out, proj.d_in, dtype=torch.float32, device=dp.device)
+        # Σ_t outer(Δ_t P_out, X_t P_in) over every position of the example (and every call).
+        G.baddbmm_(dp.transpose(1, 2), xp)
+
     def projected_gradients(
         self, losses: torch.Tensor, retain_graph: bool = False
     ) -> dict[str, torch.Tensor]:
@@ -373,22 +443,15 @@ class GradientCapture(LayerHooks):
         was not called) gets zeros. Captured state is cleared afterwards.
         """
         try:
-            pairs = self._output_gradients(losses, retain_graph)
-            return self._project(pairs, losses.shape[0])
+            self._backward(losses, retain_graph)
+            B = losses.shape[0]
+            result = {}
+            for layer in self.layers:
+                G = self._sums.get(layer.name)
+                if G is None:
+                    G = torch.zeros(B, layer.d_out, layer.d_in, dtype=torch.float32,
+                                    device=self._projections[layer.name].device)
+                result[layer.name] = G
+            return result
         finally:
             self.reset()
-
-    @torch.no_grad()
-    def _project(self, pairs: dict[str, list[tuple]], B: int) -> dict[str, torch.Tensor]:
-        result: dict[str, torch.Tensor] = {}
-        for layer in self.layers:
-            proj = self._projections[layer.name]
-            G = torch.zeros(B, layer.d_out, layer.d_in, dtype=torch.float32, device=proj.device)
-            for xp, delta in pairs[layer.name]:
-                if delta is None:
-                    continue
-                dp = proj.project_out(delta).reshape(B, -1, layer.d_out)
-                # Σ_t outer(Δ_t P_out, X_t P_in) over every position of the example.
-                G.baddbmm_(dp.transpose(1, 2), xp.reshape(B, -1, layer.d_in))
-            result[layer.name] = G
-        return result

@@ -96,26 +96,21 @@ class MomentCapture(LayerHooks):
     def accumulate(self, losses: torch.Tensor) -> None:
         """Add the moments of the forward pass(es) since the last call (gradient of ``losses.sum()``)."""
         try:
-            pairs = self._output_gradients(losses, retain_graph=False)
-            self._add(pairs)
+            self._backward(losses)
         finally:
             self.reset()
 
-    @torch.no_grad()
-    def _add(self, pairs: dict[str, list[tuple]]) -> None:
-        for layer in self.layers:
-            for x, delta in pairs[layer.name]:
-                if delta is None:
-                    continue
-                d = delta.reshape(-1, layer.out_features).to(torch.float32)
-                token = d.abs().amax(dim=1) > 0
-                d = d[token]
-                xs = x.reshape(-1, layer.in_features)[token].to(torch.float32)
-                # one fp32 GEMM per batch, summed in fp64: N tokens of positive terms
-                for A, v in ((self.A_in[layer.name], xs), (self.A_out[layer.name], d)):
-                    if A is not None:
-                        A += (v.T @ v).to(A.device, torch.float64)
-                self.tokens[layer.name] += int(token.sum())
+    def _consume(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+        A_in, A_out = self.A_in[name], self.A_out[name]
+        d = delta.reshape(-1, delta.shape[-1]).to(torch.float32)
+        token = d.abs().amax(dim=1) > 0
+        d = d[token]
+        xs = x.reshape(-1, x.shape[-1])[token].to(torch.float32)
+        # one fp32 GEMM per batch, summed in fp64: N tokens of positive terms
+        for A, v in ((A_in, xs), (A_out, d)):
+            if A is not None:
+                A += (v.T @ v).to(A.device, torch.float64)
+        self.tokens[name] += int(token.sum())
 
 
 # ------------------------------------------------------------------------------------ the math

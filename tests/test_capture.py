@@ -7,6 +7,7 @@ The oracle for every gradient is ``torch.func``: ``vmap(grad(per-example loss))`
 from __future__ import annotations
 
 import json
+import weakref
 import math
 
 import pytest
@@ -324,10 +325,8 @@ def test_capture_errors_are_clear():
             cap.projected_gradients(mlp_losses(model, x, y).view(3, 1))
         with pytest.raises(ValueError, match="batch of 3 but losses has 2"):
             cap.projected_gradients(mlp_losses(model, x, y)[:2])
-        with torch.no_grad():
-            losses = mlp_losses(model, x, y)
-        with pytest.raises(ValueError, match="require grad"):
-            cap.projected_gradients(losses)
+        with torch.no_grad(), pytest.raises(ValueError, match="layer '0' does not require grad"):
+            mlp_losses(model, x, y)  # refused at the forward, before any backward
         # after the errors the capture is clean and usable again
         assert cap.projected_gradients(mlp_losses(model, x, y))["0"].shape == (3, 6, 3)
     with pytest.raises(ValueError, match="no projection"):
@@ -403,3 +402,106 @@ def test_gpt2_example_alone_unpadded_equals_its_padded_row(gpt2_batch):
         alone, _ = capture(model, layers, spec, lambda: gpt2_losses(model, ids, mask))
         for layer in layers:
             assert_close_rel(alone[layer.name][0], batched[layer.name][i])
+
+
+# --------------------------------------------------------------------------------------------
+# capture inside the backward: memory, precision, checkpointing, in-place outputs
+
+
+class DeepNet(nn.Module):
+    """Six Linear layers; `checkpoint` wraps the middle blocks in activation checkpointing, and
+    `in_place` scales a layer's output in place after the layer ran."""
+
+    def __init__(self, checkpoint: str | None = None, in_place: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(5, 8)] + [nn.Linear(8, 8) for _ in range(4)] + [nn.Linear(8, 3)])
+        self.checkpoint = checkpoint
+        self.in_place = in_place
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.blocks[0](x)
+        for i, block in enumerate(self.blocks[1:-1]):
+            run = lambda t, b=block: torch.tanh(b(t))  # noqa: E731
+            if self.checkpoint is not None and i in (1, 2):
+                h = checkpoint(run, h, use_reentrant=self.checkpoint == "reentrant")
+            else:
+                h = run(h)
+        out = self.blocks[-1](h)
+        if self.in_place:
+            out.mul_(2.0)  # the layer's output, modified after its hook ran
+        return out
+
+
+def deep_net(**kw) -> DeepNet:
+    torch.manual_seed(21)
+    return DeepNet(**kw).eval()
+
+
+@pytest.mark.parametrize("variant", [{"checkpoint": "non-reentrant"}, {"in_place": True}])
+def test_checkpointed_and_in_place_models_match_torch_func(variant):
+    model = deep_net(**variant)
+    x, y = torch.randn(4, 3, 5), torch.randint(0, 3, (4, 3))
+    layers = tracked_layers(model, None, 2)
+    grads, projections = capture(model, layers, ProjectionSpec(f=2, seed=3), lambda: mlp_losses(model, x, y))
+    # torch.func cannot differentiate through checkpointing: the same weights, checkpoints off
+    oracle = mlp_oracle(deep_net(in_place=model.in_place), x, y)
+    for layer in layers:
+        expected = expected_projected(oracle[f"{layer.name}.weight"], layer, projections[layer.name])
+        assert_close_rel(grads[layer.name], expected)
+
+
+def test_reentrant_checkpointing_is_refused_naming_the_layer():
+    model = deep_net(checkpoint="reentrant")
+    layers = tracked_layers(model, None, 2)
+    projections = make_projections(layers, ProjectionSpec(f=2), "cpu")
+    x, y = torch.randn(4, 3, 5), torch.randint(0, 3, (4, 3))
+    with GradientCapture(model, layers, projections) as cap:
+        with pytest.raises(ValueError, match=r"layer 'blocks.2' does not require grad.*use_reentrant=False"):
+            mlp_losses(model, x, y)
+        assert cap._calls == []  # the aborted forward left nothing behind
+
+
+def test_output_gradients_are_consumed_one_layer_at_a_time():
+    """When a layer's Δ reaches the hook, the Δ of every layer after it has been freed: the
+    capture's extra memory is one layer's Δ, not all of them."""
+    alive: list[int] = []
+
+    class Watching(GradientCapture):
+        def _consume(self, name, kept, delta):
+            alive.append(sum(ref() is not None for ref in seen))
+            seen.append(weakref.ref(delta))
+            super()._consume(name, kept, delta)
+
+    seen: list = []
+    model = deep_net()
+    layers = tracked_layers(model, None, 2)
+    x, y = torch.randn(4, 3, 5), torch.randint(0, 3, (4, 3))
+    with Watching(model, layers, make_projections(layers, ProjectionSpec(f=2), "cpu")) as cap:
+        cap.projected_gradients(mlp_losses(model, x, y))
+    assert len(alive) == len(layers) == 6
+    assert alive == [0] * 6, f"earlier output gradients still alive when the next layer ran: {alive}"
+
+
+@pytest.mark.parametrize("mode", ["bf16-weights", "autocast"])
+def test_low_precision_models_accumulate_in_fp32_and_match_torch_func(mode):
+    model = deep_net()
+    x, y = torch.randn(6, 4, 5), torch.randint(0, 3, (6, 4))
+    oracle = mlp_oracle(model, x, y)  # fp32 weights, fp32 math
+    layers = tracked_layers(model, None, 2)
+    spec = ProjectionSpec(f=2, seed=5)
+    if mode == "bf16-weights":
+        model = model.to(torch.bfloat16)
+        run = lambda: mlp_losses(model, x.to(torch.bfloat16), y)  # noqa: E731
+    else:
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return mlp_losses(model, x, y)
+    grads, projections = capture(model, layers, spec, run)
+    for layer in layers:
+        expected = expected_projected(oracle[f"{layer.name}.weight"], layer, projections[layer.name])
+        assert grads[layer.name].dtype == torch.float32
+        # bf16 keeps 8 bits of mantissa: forward/backward rounding bounds the agreement, not our sums
+        err = (grads[layer.name] - expected).norm() / expected.norm()
+        assert err < 0.05, f"{mode} {layer.name}: relative error {err:.3g}"
