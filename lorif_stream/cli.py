@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import typing
 
 import click
@@ -133,11 +134,37 @@ def cli():
 def build_options(fn):
     """The options of `build` (and of `whiten`, which runs the start of the same build)."""
     fn = click.option("--quiet", is_flag=True, help="no progress bars")(fn)
+    fn = click.option("--modules", default=None, metavar="REGEX",
+                      help="track the layers whose qualified module name matches REGEX (re.search), instead of "
+                           "the task's tracked_modules (default: every Linear / Conv1D)")(fn)
     fn = config_options(cfg.CurvatureConfig)(fn)
     fn = config_options(cfg.BuildConfig, exclude=("curvature",))(fn)
     fn = click.option("--index", required=True, type=click.Path(file_okay=False),
                       help="index directory (created, or resumed)")(fn)
     return task_options(fn)
+
+
+def _with_modules(task, regex: str | None):
+    """The task with its tracked layers chosen by --modules (same meaning as Task.tracked_modules)."""
+    if regex is None:
+        return task
+    try:
+        re.compile(regex)
+    except re.error as e:
+        raise click.BadParameter(f"{regex!r} is not a regular expression ({e})", param_hint="--modules") from None
+    from .task import load_task, resolve_task
+
+    task = resolve_task(load_task(task) if isinstance(task, str) else task)
+    task.tracked_modules = regex
+    return task
+
+
+def _say(message: str) -> None:
+    """The closing line of a command: once per job (rank 0 under torchrun)."""
+    from .distributed import current
+
+    if current().root:
+        click.echo(message)
 
 
 def _build_config(kwargs: dict) -> cfg.BuildConfig:
@@ -152,10 +179,10 @@ def build(index, quiet, **kwargs):
     """Index every training example (resumes an interrupted build with the same settings)."""
     from .build import build as run
 
-    task = _make_task(kwargs)
+    task = _with_modules(_make_task(kwargs), kwargs.pop("modules"))
     result = run(task, index, _build_config(kwargs), progress=not quiet)
-    click.echo(f"indexed {result.new_rows:,} new rows ({result.rows:,} in all) into {result.index} "
-               f"in {result.seconds:.1f}s, {result.bytes_written / 1e6:.1f} MB written")
+    _say(f"indexed {result.new_rows:,} new rows ({result.rows:,} in all) into {result.index} "
+         f"in {result.seconds:.1f}s, {result.bytes_written / 1e6:.1f} MB written")
 
 
 @cli.command()
@@ -170,7 +197,7 @@ def append(index, quiet, **kwargs):
     task = _make_task(kwargs)
     _budget(kwargs)
     result = run(task, index, progress=not quiet, **kwargs)
-    click.echo(f"appended {result.new_rows:,} rows ({result.rows:,} in all) to {result.index} in {result.seconds:.1f}s")
+    _say(f"appended {result.new_rows:,} rows ({result.rows:,} in all) to {result.index} in {result.seconds:.1f}s")
 
 
 @cli.command()
@@ -181,10 +208,10 @@ def whiten(index, quiet, **kwargs):
     `build` with the same options then continues from it; `build` alone runs it first anyway."""
     from .build import whiten as run
 
-    task = _make_task(kwargs)
+    task = _with_modules(_make_task(kwargs), kwargs.pop("modules"))
     result = run(task, index, _build_config(kwargs), progress=not quiet)
-    click.echo(f"whitened the projections of {result.index} in {result.seconds:.1f}s: "
-               f"run `lorif-stream build` with the same options to index the rows")
+    _say(f"whitened the projections of {result.index} in {result.seconds:.1f}s: "
+         f"run `lorif-stream build` with the same options to index the rows")
 
 
 @cli.command()
@@ -199,7 +226,7 @@ def fit(index, device, memory_budget, quiet, **kwargs):
 
     summary = run(index, cfg.CurvatureConfig(**kwargs), device=device, memory_budget=memory_budget, progress=not quiet)
     for name, layer in summary["layers"].items():
-        click.echo(f"{name}: rank {layer['rank']}, λ={layer['damping']:.3g}, captured energy {layer['captured_energy']:.3f}")
+        _say(f"{name}: rank {layer['rank']}, λ={layer['damping']:.3g}, captured energy {layer['captured_energy']:.3f}")
 
 
 @cli.command()
@@ -221,10 +248,13 @@ def query(index, out, scores, quiet, **kwargs):
     _budget(kwargs)
     kwargs["layers"] = tuple(kwargs["layers"]) or None
     result = run(task, index, out, scores, cfg.QueryConfig(**kwargs), progress=not quiet)
-    click.echo(f"scored {len(result.results)} queries against {result.rows:,} rows in {result.seconds:.1f}s -> {out}"
-               + (f", {scores}" if scores else ""))
-    # On a terminal, the first answer right away: each query's top proponent (id, score, text).
-    print_top_proponents(task, result.results)  # sys.stdout, printed only if a TTY
+    _say(f"scored {len(result.results)} queries against {result.rows:,} rows in {result.seconds:.1f}s -> {out}"
+         + (f", {scores}" if scores else ""))
+    from .distributed import current
+
+    if current().root:
+        # On a terminal, the first answer right away: each query's top proponent (id, score, text).
+        print_top_proponents(task, result.results)  # sys.stdout, printed only if a TTY
 
 
 @cli.command()
@@ -312,11 +342,44 @@ def _lmdb_error_line(e: Exception, argv: typing.Sequence[str]) -> str | None:
     return f"index {index} is corrupt: LMDB says {what}; run `lorif-stream verify --index {index}`"
 
 
+# Commands that torchrun spreads over its ranks; the others (info, verify, ...) run on rank 0 alone.
+DISTRIBUTED_COMMANDS = ("build", "whiten", "append", "fit", "query")
+
+
+def _option_value(argv: typing.Sequence[str], name: str) -> str | None:
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def main(argv: typing.Sequence[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit status 1 (LORIF_DEBUG=1 shows tracebacks)."""
+    """Entry point: user errors become one line on stderr and exit status 1 (LORIF_DEBUG=1 shows tracebacks).
+
+    Under torchrun (its RANK / WORLD_SIZE / ... variables set) the distributed commands join the job's
+    process group first; the other commands run on rank 0 and the other ranks exit at once."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
+    from .distributed import init_from_env, launched_by_torchrun, shutdown
+
+    command = next((a for a in args if not a.startswith("-")), None)
+    if launched_by_torchrun():
+        if command not in DISTRIBUTED_COMMANDS:
+            if int(os.environ["RANK"]) != 0:
+                return
+        else:
+            init_from_env(_option_value(args, "--device") or "auto")
+    try:
+        _run_cli(args)
+    finally:
+        shutdown()
+
+
+def _run_cli(args: list[str]) -> None:
     try:
         cli.main(args=args, standalone_mode=False)
     except click.exceptions.Exit as e:
@@ -349,6 +412,68 @@ def main(argv: typing.Sequence[str] | None = None) -> None:
             click.echo(f"lorif-stream: error: {line}", err=True)
             raise SystemExit(1)
         raise
+
+
+
+# ------------------------------------------------------------------------------------ report
+# (defined above the __main__ guard so that `python -m lorif_stream.cli report` has it too)
+
+
+@cli.command()
+@click.option("--results", required=True, type=click.Path(dir_okay=False),
+              help="results.jsonl written by `lorif-stream query`")
+@click.option("--index", required=True, type=click.Path(file_okay=False),
+              help="the index the results were scored against (their rows and ids are checked against it)")
+@click.option("--out", type=click.Path(dir_okay=False), default="report.html", show_default=True,
+              help="the HTML page to write")
+@click.option("--task", "task_spec", default=None,
+              help="texts from a task: path/to/file.py:NAME (its example_text(example) if it has one, else the example)")
+@click.option("--hf-model", type=click.Path(file_okay=False), default=None,
+              help="accepted so that a query command line can be reused as is; texts need no model")
+@click.option("--data", "train_data", type=click.Path(), multiple=True,
+              help="training records, to show the texts: the build's file, then each append's, in that order "
+                   "(repeat --data); .jsonl (one newline scan, then only the wanted lines are parsed), .parquet "
+                   "(only the row groups holding wanted rows), a datasets.save_to_disk folder, or .jsonl.gz "
+                   "(decompressed whole: gzip cannot seek)")
+@click.option("--queries", "query_data", type=click.Path(), default=None,
+              help="query records, to show the queries' texts (the file given to query)")
+@click.option("--text-field", default="text", show_default=True, help="field holding the text")
+@click.option("--id-field", default=None,
+              help="field holding the example id (default: jsonl line number, or parquet/datasets row index)")
+@click.option("--prompt-field", default=None, help="prompt/completion data: field holding the prompt (shown grey)")
+@click.option("--completion-field", default=None, help="prompt/completion data: field holding the completion (shown bold)")
+@click.option("--max-length", type=int, default=None, help="accepted from a query command line; not needed for texts")
+@click.option("--chat-template", is_flag=True, help="accepted from a query command line; texts are shown without it")
+@click.option("--skip-empty", is_flag=True,
+              help="accepted from a query command line; rows shifted by skipped examples are found by id")
+@click.option("--max-chars", type=click.IntRange(0), default=4000, show_default=True,
+              help="clip each text on the page after this many characters (0 = never)")
+@click.option("--title", default=None, help="page title (default: from the results file name)")
+def report(results, index, out, task_spec, hf_model, train_data, query_data, text_field, id_field, prompt_field,
+           completion_field, max_length, chat_template, skip_empty, max_chars, title):
+    """Write one self-contained HTML page of the results: open it in any browser, offline.
+
+    Per query: its text, its proponents and opponents with their texts and score bars, and a
+    search box; then the index summary (`info`) and each layer's curvature and whitening spectrum
+    as inline plots. Only the rows named in the results are read from --data. The page loads
+    nothing (no network, no files) and shows every text escaped.
+
+      lorif-stream report --results results.jsonl --index runs/idx --data train.jsonl --queries q.jsonl --id-field id
+    """
+    from .report import make_report
+
+    if task_spec and (train_data or query_data or hf_model):
+        raise click.UsageError("give either --task or --hf-model/--data/--queries, not both")
+    if (prompt_field is None) != (completion_field is None):
+        raise click.UsageError("give --prompt-field and --completion-field together")
+    path, made = make_report(results, index, out, data=train_data, queries=query_data, task=task_spec,
+                             text_field=text_field, id_field=id_field, prompt_field=prompt_field,
+                             completion_field=completion_field, title=title, max_chars=max_chars)
+    for note in made.notes:
+        click.echo(f"note: {note}", err=True)
+    size = path.stat().st_size
+    click.echo(f"report of {len(made.results)} queries ({len(made.texts):,} training texts shown) -> {path} "
+               f"({size / 1e3:,.0f} kB): open it in a browser")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ What it does, in ``--out DIR`` (default ``./lorif-demo``):
 3. runs the real command line: ``lorif-stream build`` over ``train_a``, ``append`` of
    ``train_b``, ``query`` of the queries, exactly as you would type them (they are printed);
 4. prints, for every query, the training fortunes that helped it most (proponents) and hurt
-   it most (opponents), and where the index and ``results.jsonl`` are.
+   it most (opponents), and where the index and ``results.jsonl`` are;
+5. runs ``lorif-stream report``, which writes ``report.html``: the same results with their texts,
+   a search box and the index's spectra, one self-contained page to open in a browser.
 
 Two queries are reworded copies of one training fortune each (one in the first build, one in
 the appended part): their top proponent is that training twin. Two are held-out fortunes by
@@ -38,7 +40,8 @@ CORPUS_FILE = Path(__file__).resolve().parent / "data" / "fortunes.jsonl.gz"
 CORPUS_SOURCE = "BSD fortune(6) databases, Debian fortunes-min + fortunes 1.99.1 (BSD license)"
 MARKER = ".lorif-demo"          # written first: this folder is the demo's to clean
 FINISHED = "demo.json"          # written last: a finished demo (its summary)
-ARTIFACTS = ("model", "index", "train_a.jsonl", "train_b.jsonl", "queries.jsonl", "results.jsonl", FINISHED)
+ARTIFACTS = ("model", "index", "train_a.jsonl", "train_b.jsonl", "queries.jsonl", "results.jsonl", "report.html",
+             FINISHED)
 EOT = "<|endoftext|>"
 
 
@@ -371,23 +374,31 @@ def run_demo(out_dir: str = "lorif-demo", quick: bool = False, device: str = "au
                   "--top-k", str(top_k), "--out", str(results_file), *quiet], echo)
         timings["query"] = time.perf_counter() - t
 
-    stage(6, "results")
+    t = stage(6, "results, and report.html to open in a browser")
     with results_file.open(encoding="utf-8") as handle:
         results = [json.loads(line) for line in handle if line.strip()]
     texts = {r["id"]: r["text"] for r in train_a + train_b}
     echo(format_results(results, queries, texts, len(train_a), width=min(shutil.get_terminal_size((100, 20)).columns, 120)))
+    echo("")
+    report_file = out / "report.html"
+    _run_cli(["report", "--results", str(results_file), "--index", str(index), "--data", str(files["train_a"]),
+              "--data", str(files["train_b"]), "--queries", str(files["queries"]), "--id-field", "id",
+              "--out", str(report_file)], echo)
+    timings["report"] = time.perf_counter() - t
     seconds = time.perf_counter() - started
     summary = {
         "finished": True, "quick": quick, "seconds": round(seconds, 1), "timings": {k: round(v, 1) for k, v in timings.items()},
         "corpus": {"file": CORPUS_FILE.name, "source": CORPUS_SOURCE, "fortunes": len(rows)},
         "rows": {"train_a": len(train_a), "train_b": len(train_b)}, "queries": len(queries), "top_k": top_k,
-        "model": str(model_dir), "index": str(index), "results": str(results_file),
+        "model": str(model_dir), "index": str(index), "results": str(results_file), "report": str(report_file),
     }
     (out / FINISHED).write_text(json.dumps(summary, indent=2) + "\n")
     echo("")
     echo(f"done in {seconds:.0f}s.")
     echo(f"  index    {index}  ({len(train_a) + len(train_b):,} rows: {len(train_a):,} built + {len(train_b):,} appended)")
     echo(f"  results  {results_file}  (one JSON line per query: id, proponents, opponents as id/row/score)")
+    echo(f"  report   {report_file}  (open it in a browser: every query with its proponents' and opponents' "
+         "texts, a search box, the index's spectra; works offline)")
     echo(f"  model    {model_dir}  (model + tokenizer, save_pretrained)")
     echo("next: inspect the index, or ask your own questions:")
     echo(f"  lorif-stream info --index {shlex.quote(str(index))}")
@@ -399,7 +410,8 @@ def run_demo(out_dir: str = "lorif-demo", quick: bool = False, device: str = "au
 
 @click.command("demo")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="lorif-demo", show_default=True,
-              help="folder for the corpus files, the model, the index and results.jsonl (new, empty, or a previous demo's)")
+              help="folder for the corpus files, the model, the index, results.jsonl and report.html (new, empty, or a "
+                   "previous demo's)")
 @click.option("--quick", is_flag=True, help="reduced size (240 fortunes, a smaller model, 30 training steps): under a minute")
 @click.option("--device", default="auto", show_default=True,
               help="torch device for training and for build/append/query (auto = cuda when available, else cpu)")
@@ -416,9 +428,10 @@ def demo_command(out_dir, quick, device, force, top_k, examples, threads, quiet)
 
     Trains a tiny GPT-2 (and its tokenizer) on fortunes from the BSD fortune databases bundled
     with lorif-stream, then runs `build` on most of them, `append` on the rest and `query` for a
-    few queries, and prints each query's top proponents and opponents with their text. Two
-    queries are reworded copies of training fortunes, so you can check the top proponent is the
-    original. About 1.5 minutes on a 2-core CPU (--quick: under one).
+    few queries, and prints each query's top proponents and opponents with their text; `report`
+    then writes them to report.html, a page to open in a browser. Two queries are reworded
+    copies of training fortunes, so you can check the top proponent is the original. About 1.5
+    minutes on a 2-core CPU (--quick: under one).
     """
     run_demo(out_dir, quick=quick, device=device, force=force, top_k=top_k, examples=examples,
              threads=threads or None, progress=not quiet)

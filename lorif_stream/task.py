@@ -404,10 +404,12 @@ class JsonlRecords(RecordSource):
     Ids default to the 1-based line number. Bad UTF-8, bad JSON and non-objects name the file and
     line; a file changed after opening is refused rather than read at stale offsets.
     ``check(record, where)``, when given, sees every record during that pass (validation
-    before any work, without a second read).
+    before any work, without a second read). ``validate=False`` makes that pass a bare newline
+    scan, for a reader that needs a few rows of a big file; a bad line is then found when read.
     """
 
-    def __init__(self, path: str | os.PathLike, check: Callable[[dict, Callable[[], str]], None] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, check: Callable[[dict, Callable[[], str]], None] | None = None,
+                 validate: bool = True) -> None:
         import array
 
         self.path = Path(path)
@@ -419,11 +421,11 @@ class JsonlRecords(RecordSource):
             with open(self.path, "rb") as handle:
                 offset = 0
                 for lineno, raw in enumerate(handle, start=1):
-                    record = _parse_jsonl_line(raw, self.path, lineno)
+                    record = _parse_jsonl_line(raw, self.path, lineno) if validate else (raw.strip() or None)
                     if record is None:
                         blank += 1
                     else:
-                        if check is not None:
+                        if check is not None and validate:
                             check(record, lambda: f"{self.path}:{lineno}")
                         if blank != (self._blank_before[-1] if self._blank_before else 0):
                             self._blank_at.append(len(self._offsets))
@@ -642,10 +644,11 @@ class DiskDatasetRecords(RecordSource):
 
 
 def open_records(path: str | os.PathLike, columns: Sequence[str] | None = None,
-                 check: Callable[[dict, Callable[[], str]], None] | None = None) -> RecordSource:
+                 check: Callable[[dict, Callable[[], str]], None] | None = None, validate: bool = True) -> RecordSource:
     """Open ``path`` by kind: ``.jsonl`` / ``.jsonl.gz`` (also ``.json`` lines), ``.parquet``, or a
     ``datasets.save_to_disk`` folder. ``columns`` limits what the table formats read; ``check``
-    validates each jsonl record while the file is opened (the table formats check their schema)."""
+    validates each jsonl record while the file is opened (the table formats check their schema);
+    ``validate=False`` opens a plain jsonl file with a newline scan only (see JsonlRecords)."""
     path = Path(path).expanduser()
     if path.is_dir():
         return DiskDatasetRecords(path, columns)
@@ -657,7 +660,7 @@ def open_records(path: str | os.PathLike, columns: Sequence[str] | None = None,
     if name.endswith((".jsonl.gz", ".json.gz", ".ndjson.gz")):
         return GzipJsonlRecords(path, check)
     if name.endswith((".jsonl", ".json", ".ndjson")):
-        return JsonlRecords(path, check)
+        return JsonlRecords(path, check, validate)
     raise TaskLoadError(
         f"{path}: unknown data format (expected .jsonl, .jsonl.gz, .parquet or a datasets.save_to_disk folder)"
     )

@@ -111,6 +111,32 @@ def test_reworded_queries_find_their_training_twin(quick_demo):
         assert train_ids[top["row"]] == q["twin"]
 
 
+def test_demo_writes_a_report_page_and_says_where(quick_demo):
+    import html.parser
+
+    out, proc = quick_demo
+    page_file = out / "report.html"
+    assert page_file.is_file() and "$ lorif-stream report" in proc.stdout
+    assert f"report   {page_file}" in proc.stdout and "open it in a browser" in proc.stdout
+    page = page_file.read_text(encoding="utf-8")
+
+    class Text(html.parser.HTMLParser):
+        text = ""
+
+        def handle_data(self, data):
+            self.text += data
+
+    parser = Text()
+    parser.feed(page)
+    by_id = {r["id"]: r["text"] for r in _jsonl(out / "train_a.jsonl") + _jsonl(out / "train_b.jsonl")}
+    for q, r in zip(_jsonl(out / "queries.jsonl"), _jsonl(out / "results.jsonl")):
+        assert q["id"] in parser.text and q["text"] in parser.text
+        for e in r["proponents"] + r["opponents"]:
+            assert e["id"] in parser.text and by_id[e["id"]] in parser.text  # texts from both data files
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["report"] == str(page_file) and "report" in summary["timings"]
+
+
 def test_finished_demo_is_not_overwritten_without_force(quick_demo):
     out, _ = quick_demo
     proc = _run("--quick", "--out", str(out), timeout=120)
