@@ -18,13 +18,13 @@ newline scan to find its rows, a ``.jsonl.gz`` is decompressed whole, being unse
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import html
 import json
 import math
 import os
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -170,12 +170,12 @@ class ExampleTexts:
 
 class RecordTexts(ExampleTexts):
     """Texts from data files (the HF task's formats), concatenated in the order given: build's
-    file first, then each appended one, as the index numbers its rows. Files are opened lazily
-    (only those holding a wanted row) and read one row at a time."""
+    file first, then each appended one, as the index numbers its rows. Opening reads what a
+    length needs (parquet metadata, a jsonl file's line starts); rows are then read one at a time."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], text_field: str = "text", id_field: str | None = None,
                  prompt_field: str | None = None, completion_field: str | None = None):
-        from .task import open_records
+        from .task import _converter, open_records
 
         if not paths:
             raise ValueError("RecordTexts needs at least one data file")
@@ -186,6 +186,7 @@ class RecordTexts(ExampleTexts):
         columns = list(self.fields.values()) + ([id_field] if id_field else [])
         # a plain jsonl file is opened by a newline scan only: each wanted row is parsed when read
         self.sources = [open_records(p, columns, validate=False) for p in paths]
+        self.converters = [_converter(records, self.fields, id_field) for records in self.sources]
         self.starts = [0]
         for s in self.sources:
             self.starts.append(self.starts[-1] + len(s))
@@ -195,13 +196,9 @@ class RecordTexts(ExampleTexts):
         return self.starts[-1]
 
     def at(self, i: int) -> tuple[str, Text]:
-        import bisect
-
-        from .task import _converter
-
         k = bisect.bisect_right(self.starts, i) - 1
-        records = self.sources[k]
-        example = _converter(records, self.fields, self.id_field)(records[i - self.starts[k]], i - self.starts[k])
+        j = i - self.starts[k]
+        example = self.converters[k](self.sources[k][j], j)
         return example["id"], Text(tuple((key, example[key]) for key in self.fields))
 
 

@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -127,7 +128,7 @@ class Page(html.parser.HTMLParser):
 
 def test_page_holds_every_query_and_entry_with_its_text(run, tmp_path):
     page, output = _report(run, tmp_path / "report.html")
-    assert f"report of 3 queries" in output and str(tmp_path / "report.html") in output
+    assert "report of 3 queries" in output and str(tmp_path / "report.html") in output
     results = read_results(run["results"])
     texts = {r["doc"]: r["text"] for r in run["records"]}
     parsed = Page(page)
@@ -189,13 +190,11 @@ def test_results_from_another_index_or_not_results_are_refused(run, tmp_path):
     with pytest.raises(ReportError, match=r"results file not found: .*missing\.jsonl"):
         read_results(tmp_path / "missing.jsonl")
     # through the CLI: one line, exit status 1, nothing written
-    from lorif_stream.cli import main
-
-    proc = subprocess.run([__import__("sys").executable, "-m", "lorif_stream.cli", "report", "--results",
+    proc = subprocess.run([sys.executable, "-m", "lorif_stream.cli", "report", "--results",
                            str(tmp_path / "wrong_id.jsonl"), "--index", str(run["index"]), "--out",
                            str(tmp_path / "no.html")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "d99" in proc.stderr
-    assert not (tmp_path / "no.html").exists() and callable(main)
+    assert not (tmp_path / "no.html").exists()
 
 
 def test_only_the_rows_in_the_results_are_read(run, tmp_path, monkeypatch):
@@ -301,3 +300,19 @@ def test_page_in_a_headless_browser(run, tmp_path):
     sections = re.findall(r'<section class="query" id="query-(\d)"( hidden="")?', fox)
     assert [(i, bool(h)) for i, h in sections] == [("0", True), ("1", False), ("2", True)]
     assert 'class="entry pro hit"' in fox or 'class="entry con hit"' in fox  # matching entries are marked
+
+
+def test_parquet_data_reads_only_the_row_groups_holding_result_rows(run, tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow not installed (pip install 'lorif-stream[data]')")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(run["records"]), path, row_group_size=2)
+    source = RecordTexts([path], id_field="doc")
+    report = gather_report(run["results"], run["index"], source)
+    rows = {e.row for r in report.results for _, e in r.entries()}
+    texts = {r["doc"]: r["text"] for r in run["records"]}
+    assert {row: t.plain for row, t in report.texts.items()} == {e.row: texts[e.id] for r in report.results
+                                                                 for _, e in r.entries()}
+    groups = {row // 2 for row in rows}
+    assert source.sources[0].group_reads == len(groups) < len(run["records"]) // 2  # read in row order, once each
