@@ -80,7 +80,7 @@ def build(task, index, config: BuildConfig | None = None, *, progress: bool = Tr
     built with the same task and settings is resumed at its first uncommitted row; different
     settings raise SettingsMismatchError naming them. Options are the fields of BuildConfig.
     """
-    return _build(_task(task), Path(index), _config(config, options), progress, whiten_only=False)
+    return _build_here_or_sharded(_task(task), Path(index), _config(config, options), progress, whiten_only=False)
 
 
 def whiten(task, index, config: BuildConfig | None = None, *, progress: bool = True, **options) -> BuildResult:
@@ -89,7 +89,19 @@ def whiten(task, index, config: BuildConfig | None = None, *, progress: bool = T
     config = _config(config, options)
     if config.projection_kind != "whitened":
         raise ValueError(f"whiten needs projection_kind='whitened', got {config.projection_kind!r}")
-    return _build(_task(task), Path(index), config, progress, whiten_only=True)
+    return _build_here_or_sharded(_task(task), Path(index), config, progress, whiten_only=True)
+
+
+def _build_here_or_sharded(task, path: Path, config: BuildConfig, progress: bool, whiten_only: bool) -> BuildResult:
+    """A torchrun job (or a rerun on a sharded index) builds shards (sharded.py); a plain process one environment."""
+    from .distributed import current
+    from .sharded import sharded_build
+    from .store.shards import is_sharded
+
+    comm = current()
+    if comm.active or is_sharded(path):
+        return sharded_build(task, path, config, comm, progress, whiten_only)
+    return _build(task, path, config, progress, whiten_only)
 
 
 def _build(task, path: Path, config: BuildConfig, progress: bool, whiten_only: bool) -> BuildResult:
@@ -196,6 +208,14 @@ def append(task, index, config: BuildConfig | None = None, *, progress: bool = T
     given = set(FACTOR_FIELDS) if config is not None else set(options) & set(FACTOR_FIELDS)
     config = _config(config, options)
     task = _task(task)
+    from .distributed import current
+    from .sharded import sharded_append
+    from .store.shards import is_sharded
+
+    comm = current()
+    if comm.active or is_sharded(index):
+        # new rows go to new shards, one per rank (of this job, or this process)
+        return sharded_append(task, Path(index), config, comm, progress, given)
     writer = IndexWriter.open(index, durability=config.durability)
     return _resume_or_extend(writer, task, config, progress, kind="append", given=given)
 
@@ -514,6 +534,29 @@ def _withdraw_empty_append(writer: IndexWriter) -> None:
 
 def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool) -> BuildResult:
     t0 = time.perf_counter()
+    start_row = writer.rows
+    segment = writer.settings["segments"][-1]
+    bar = Progress(segment["kind"], total=segment["start"] + segment["count"] - start_row, unit="ex", enabled=progress)
+    try:
+        sketches, bytes_written = index_rows(writer, source, task, config, progress, bar)
+    finally:
+        bar.close()
+    pause = float(os.environ.get(PAUSE_BEFORE_FINALIZE_ENV) or 0)
+    if pause > 0:
+        time.sleep(pause)
+    t_final = time.perf_counter()
+    sketches.save(writer)
+    sketches.finalize(writer, config.curvature, config.budget(), progress=progress)
+    # after the curvature switch (a kill in between is recognised by the curvature's row count)
+    _set_last_segment(writer, finalized=True)
+    return BuildResult(str(writer.path), writer.rows, writer.rows - start_row, time.perf_counter() - t0,
+                       bytes_written, sketches.seconds, finalize_seconds=time.perf_counter() - t_final)
+
+
+def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool, bar):
+    """Index the rows of the writer's last segment that are not committed yet, feeding the curvature
+    statistic (caught up first); `bar.update(rows, nbytes=...)` hears of every commit. Returns the
+    statistic (not saved, not finalized) and the bytes written."""
     segment = writer.settings["segments"][-1]
     start_row = writer.rows
     end_row = segment["start"] + segment["count"]
@@ -527,7 +570,6 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
     # the segment so far is non-finite, so that a segment with no finite row at all is refused with
     # nothing written, not stored as an all-zero index.
     held_back: list[str] | None = [] if config.skip_nonfinite and start_row == segment["start"] else None
-    bar = Progress(segment["kind"], total=end_row - start_row, unit="ex", enabled=progress)
     committer = BlockSink(writer, allow_duplicate_ids=bool(writer.settings.get("allow_duplicate_ids")),
                           on_commit=lambda block: bar.update(block.rows, nbytes=block.nbytes))
     pending: list[tuple[list[torch.Tensor], list[torch.Tensor], list[str]]] = []
@@ -611,7 +653,6 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
         committer.drain()
     finally:
         committer.close()
-        bar.close()
         # only rows that were committed: a row stored later is recorded by the run that stores it
         nonfinite = [r for r in nonfinite if r < writer.rows]
         if nonfinite:
@@ -621,16 +662,7 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
             notice(f"{len(nonfinite)} example(s) had non-finite gradients and were stored as zeros "
                    f"(rows {s['nonfinite_rows'][:10]}{'...' if len(s['nonfinite_rows']) > 10 else ''})")
     committer.check()
-    pause = float(os.environ.get(PAUSE_BEFORE_FINALIZE_ENV) or 0)
-    if pause > 0:
-        time.sleep(pause)
-    t_final = time.perf_counter()
-    sketches.save(writer)
-    sketches.finalize(writer, config.curvature, config.budget(), progress=progress)
-    # after the curvature switch (a kill in between is recognised by the curvature's row count)
-    _set_last_segment(writer, finalized=True)
-    return BuildResult(str(writer.path), writer.rows, writer.rows - start_row, time.perf_counter() - t0,
-                       committer.bytes_written, sketches.seconds, finalize_seconds=time.perf_counter() - t_final)
+    return sketches, committer.bytes_written
 
 
 def _add(pending: list, grads: list[torch.Tensor], ids: list[str], c: int, storage: torch.dtype) -> None:

@@ -28,6 +28,7 @@ from .device import notice, resolve_device
 from .progress import Progress
 from .sketch import DENSE_MAX_D, LayerSketch
 from .store import IndexWriter, Snapshot
+from .store.shards import is_sharded
 from .whitening import WHITENING_META, load_eigenbases, tokens_per_example
 
 SKETCH_META = "sketch"
@@ -213,22 +214,30 @@ class EkfacSet:
         """Store each layer's Λ and damping as a new curvature generation (queries switch atomically)."""
         self.catch_up(writer, progress)
         self.save(writer)
-        old = writer.get_state_meta(CURVATURE_META) or {}
-        generation = int(old.get("generation", 0)) + 1
-        policy = _policy(config)
-        arrays, layers = {}, {}
-        for i, stats in self.stats.items():
-            layer = self.layout.layers[i]
-            eig = stats.sums.to(torch.float32)
-            trace = float(stats.sums.sum())
-            damping = policy.value(eig.flatten(), trace, layer.D)
-            arrays[_array_name(f"curvature/{generation}", layer.name, "ekfac")] = eig.cpu().numpy()
-            top = torch.topk(eig.flatten(), min(8, layer.D)).values.tolist()
-            layers[layer.name] = {"rank": layer.D, "damping": damping, "trace": trace, "captured_energy": 1.0,
-                                  "rows": stats.rows, "top_eigenvalues": top}
-        summary = {"generation": generation, "config": asdict(config), "rows": writer.rows, "layers": layers}
-        writer.put_state(arrays, {CURVATURE_META: summary}, drop=_stale_generation(old))
-        return summary
+        return store_ekfac_curvature(writer, {i: (s.sums, s.rows) for i, s in self.stats.items()}, writer.rows, config)
+
+
+def store_ekfac_curvature(writer: IndexWriter, totals: dict[int, tuple[torch.Tensor, int]], rows: int,
+                          config: CurvatureConfig) -> dict:
+    """Store each layer's Λ (`totals[layer] = (sums, rows covered)`) and damping as a new curvature
+    generation of `writer`'s index, covering `rows` rows (queries switch atomically)."""
+    layout = writer.layout
+    old = writer.get_state_meta(CURVATURE_META) or {}
+    generation = int(old.get("generation", 0)) + 1
+    policy = _policy(config)
+    arrays, layers = {}, {}
+    for i, (sums, covered) in totals.items():
+        layer = layout.layers[i]
+        eig = sums.to(torch.float32)
+        trace = float(sums.sum())
+        damping = policy.value(eig.flatten(), trace, layer.D)
+        arrays[_array_name(f"curvature/{generation}", layer.name, "ekfac")] = eig.cpu().numpy()
+        top = torch.topk(eig.flatten(), min(8, layer.D)).values.tolist()
+        layers[layer.name] = {"rank": layer.D, "damping": damping, "trace": trace, "captured_energy": 1.0,
+                              "rows": int(covered), "top_eigenvalues": top}
+    summary = {"generation": generation, "config": asdict(config), "rows": int(rows), "layers": layers}
+    writer.put_state(arrays, {CURVATURE_META: summary}, drop=_stale_generation(old))
+    return summary
 
 
 class NoStatistics:
@@ -250,13 +259,18 @@ class NoStatistics:
         pass
 
     def finalize(self, writer: IndexWriter, config: CurvatureConfig, budget: int, progress: bool = True) -> dict:
-        old = writer.get_state_meta(CURVATURE_META) or {}
-        layers = {l.name: {"rank": 0, "damping": 1.0, "trace": 0.0, "captured_energy": 0.0, "rows": writer.rows,
-                           "top_eigenvalues": []} for l in writer.layout.layers}
-        summary = {"generation": int(old.get("generation", 0)) + 1, "config": asdict(config), "rows": writer.rows,
-                   "layers": layers}
-        writer.put_state({}, {CURVATURE_META: summary}, drop=_stale_generation(old))
-        return summary
+        return store_no_curvature(writer, writer.rows, config)
+
+
+def store_no_curvature(writer: IndexWriter, rows: int, config: CurvatureConfig) -> dict:
+    """The `none` preconditioner's curvature generation: a summary that says so, covering `rows` rows."""
+    old = writer.get_state_meta(CURVATURE_META) or {}
+    layers = {l.name: {"rank": 0, "damping": 1.0, "trace": 0.0, "captured_energy": 0.0, "rows": int(rows),
+                       "top_eigenvalues": []} for l in writer.layout.layers}
+    summary = {"generation": int(old.get("generation", 0)) + 1, "config": asdict(config), "rows": int(rows),
+               "layers": layers}
+    writer.put_state({}, {CURVATURE_META: summary}, drop=_stale_generation(old))
+    return summary
 
 
 def curvature_statistics(writer: IndexWriter, device: torch.device, config: CurvatureConfig, budget: int):
@@ -393,7 +407,18 @@ def fit(index, config: CurvatureConfig | None = None, *, device: str = "auto", m
         raise TypeError("pass either a CurvatureConfig or keyword options, not both")
     config = config or CurvatureConfig(**options)
     budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget()
-    dev = resolve_device(device)
+    from .distributed import current
+
+    comm = current()
+    if comm.on_root(lambda: is_sharded(index)):
+        from .sharded import sharded_fit
+
+        return sharded_fit(Path(index), config, comm, device, budget, progress)
+    # one environment has one writer: under torchrun, rank 0 fits it and the other ranks wait
+    return comm.on_root(lambda: _fit_environment(index, config, resolve_device(device), budget, progress))
+
+
+def _fit_environment(index, config: CurvatureConfig, dev: torch.device, budget: int, progress: bool) -> dict:
     with IndexWriter.open(Path(index)) as writer:
         settings = dict(writer.settings)
         config = config.resolved(factor_key_of_index(settings["factors"])["projection_kind"],

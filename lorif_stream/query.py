@@ -31,7 +31,8 @@ from .fit import CURVATURE_META, load_preconditioner
 from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
 from .progress import Progress
 from .projection import ProjectionSpec
-from .store import BlockBuffers, BlockDecoder, IndexReader, Snapshot
+from .store import BlockBuffers, BlockDecoder, Snapshot
+from .store.shards import open_index
 from .whitening import load_projections
 
 
@@ -257,8 +258,20 @@ def query(task, index, out: str | os.PathLike | None = None, scores: str | os.Pa
     from .task import load_task, resolve_task
 
     task = resolve_task(load_task(task) if isinstance(task, str) else task)
+    from .distributed import current
+
+    comm = current()
+    if comm.active:
+        from .query_shards import query_across_ranks
+
+        return query_across_ranks(task, Path(index), out, scores, config, comm, progress, t0)
+    return query_in_process(task, index, out, scores, config, progress, t0)
+
+
+def query_in_process(task, index, out, scores, config: QueryConfig, progress: bool, t0: float) -> QueryResult:
+    """The query in this process alone (a sharded index is read through all of its shards)."""
     device = resolve_device(config.device)
-    with IndexReader(index) as reader, reader.snapshot() as snap:
+    with open_index(index) as reader, reader.snapshot() as snap:
         settings = reader.settings
         source = _open_source(task, settings, snap, device, Path(index))
         queries = task.query_examples()
@@ -280,7 +293,7 @@ def query(task, index, out: str | os.PathLike | None = None, scores: str | os.Pa
             notice(f"{len(queries)} queries are scored in batches of {q_batch} (one index pass each) to fit the memory budget")
         results: list[dict] = []
         stats = {"read_seconds": 0.0, "score_seconds": 0.0, "bytes_read": 0, "curvature_rows": covered}
-        writer = _ScoreWriter(scores, len(queries), snap.rows) if scores is not None else None
+        writer = _ScoreWriter(scores, len(queries), snap.rows, create=True) if scores is not None else None
         try:
             for q0 in range(0, len(queries), q_batch):
                 q1 = min(len(queries), q0 + q_batch)
@@ -290,13 +303,18 @@ def query(task, index, out: str | os.PathLike | None = None, scores: str | os.Pa
         finally:
             if writer is not None:
                 writer.close()
-        if out is not None:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            with open(out, "w") as fh:
-                for r in results:
-                    fh.write(json.dumps(r) + "\n")
+        write_results(out, results)
         return QueryResult(results, snap.rows, time.perf_counter() - t0, None if out is None else str(out),
                            None if scores is None else str(scores), stats)
+
+
+def write_results(out, results: list[dict]) -> None:
+    if out is None:
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as fh:
+        for r in results:
+            fh.write(json.dumps(r) + "\n")
 
 
 def _open_source(task, settings: dict, snap: Snapshot, device: torch.device, index: Path) -> GradientSource:
@@ -334,11 +352,12 @@ def _preconditioned_queries(source: GradientSource, queries, q_ids, q0: int, q1:
 
 
 def _stream_scores(snap: Snapshot, H: list[torch.Tensor], layers: list[int], device: torch.device,
-                   config: QueryConfig, writer, q0: int, stats: dict, progress: bool) -> TopK:
+                   config: QueryConfig, writer, q0: int, stats: dict, progress: bool, bar=None) -> TopK:
+    """Score every row `snap` holds against H; `bar` (default: a bar over snap.rows) hears of each block."""
     Q = H[0].shape[0]
     top = TopK(Q, config.top_k, device)
     loader = BlockLoader(snap, layers, device, buffers=config.buffers, threads=config.loader_threads)
-    with Progress("query", total=snap.rows, unit="rows", enabled=progress) as bar:
+    with bar or Progress("query", total=snap.rows, unit="rows", enabled=progress) as bar:
         read_before = 0
         for first_row, n, factors in loader:
             t = time.perf_counter()
@@ -371,15 +390,23 @@ class _ScoreWriter:
     """The dense (queries x rows) float32 .npy, written block by block with positional writes
     (never memory-mapped whole: RSS stays bounded whatever its size)."""
 
-    def __init__(self, path, Q: int, N: int):
+    def __init__(self, path, Q: int, N: int, create: bool):
+        """`create` writes the header and sizes the file; the other ranks of a torchrun query open the
+        file rank 0 created and write their own columns into it."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.N = N
         header = {"descr": "<f4", "fortran_order": False, "shape": (Q, N)}
-        with open(self.path, "wb") as fh:
-            np.lib.format.write_array_header_1_0(fh, header)
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "wb") as fh:
+                np.lib.format.write_array_header_1_0(fh, header)
+                fh.truncate(fh.tell() + Q * N * 4)
+        with open(self.path, "rb") as fh:
+            np.lib.format.read_magic(fh)
+            shape, _, _ = np.lib.format.read_array_header_1_0(fh)
             self.offset = fh.tell()
-            fh.truncate(self.offset + Q * N * 4)
+        if shape != (Q, N):
+            raise ValueError(f"scores file {self.path} has shape {shape}, this query writes {(Q, N)}")
         self.fd = os.open(self.path, os.O_WRONLY)
 
     def write(self, q0: int, first_row: int, block: np.ndarray) -> None:

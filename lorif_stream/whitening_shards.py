@@ -1,0 +1,106 @@
+"""The whitening pre-pass of a torchrun build: token moments summed across ranks, whitened once.
+
+Each rank runs its share of the (global, evenly spaced) whitening sample through the model; the
+fp64 moments and token counts of each layer group are all-reduced, rank 0 eigendecomposes
+(whitening.whiten_layer) and broadcasts the whitened projections, and every shard stores them, so
+that each shard is a complete index whose rows were projected with the index's P'.
+
+Unlike the single-process pre-pass this one keeps no mid-group checkpoint: a killed job redoes the
+unfinished layer group (its share of at most `whiten_examples` examples per rank); finished groups
+are stored and never redone.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from .device import notice, to_device
+from .distributed import Comm, GlobalProgress
+from .projection import LayerProjection, make_projections
+from .whitening import (
+    MAX_WHITENED_SIDE, WHITENING_META, MomentCapture, array_name, load_projections, moment_groups, sample_indices,
+    whiten_layer, whitened_sides,
+)
+
+_FIELDS = ("P_in", "P_out", "q_in", "q_out")
+
+
+def ensure_whitening_sharded(comm: Comm, writers: list, head, source, task, config,
+                             progress: bool = True) -> dict[str, LayerProjection]:
+    """The index's whitened projections, computed across the ranks if the head shard lacks some, and
+    stored into every shard in `writers` that lacks them. `head` is rank 0's writer of shard 0
+    (None on the other ranks); `task` is the whole task (the sample spans all shards)."""
+    meta = comm.on_root(lambda: head.get_state_meta(WHITENING_META) or {})
+    todo = [l for l in source.layers if l.name not in set(meta.get("layers", {}))]
+    if todo:
+        meta = _prepass(comm, writers, head, source, task, config, todo, meta, progress)
+    _copy_to_shards(comm, writers, head, source.layers, meta)
+    return load_projections(writers[0].get_array, source.layers, source.device)
+
+
+def _prepass(comm: Comm, writers: list, head, source, task, config, todo, meta: dict, progress: bool) -> dict:
+    wide = [l.name for l in todo if not all(whitened_sides(l))]
+    if wide and comm.root:
+        notice(f"whitening: {len(wide)} layer(s) have a side wider than {MAX_WHITENED_SIDE:,} ({', '.join(wide[:3])}"
+               f"{'...' if len(wide) > 3 else ''}); that side keeps its plain random projection")
+    examples = task.train_examples()
+    indices = sample_indices(len(examples), config.whiten_examples)
+    mine = indices[comm.rank::comm.world]
+    meta = {"examples": int(len(indices)), "rho": config.whiten_damping, "layers": dict(meta.get("layers", {})),
+            "partial": None}
+    groups = moment_groups(todo, config.budget())
+    if progress and comm.root:
+        passes = f"{len(groups)} passes (layer groups within the memory budget)" if len(groups) > 1 else "one pass"
+        print(f"[lorif-stream] whitening: token moments of {len(todo)} layers over {len(indices):,} training "
+              f"examples on {comm.world} ranks, {passes}", flush=True, file=sys.stderr)
+    base = make_projections(source.layers, source.spec, "cpu")
+    for group in groups:
+        capture = MomentCapture(source.model, group, source.device)
+        with capture, GlobalProgress(comm, "whiten", total=len(indices), unit="ex", enabled=progress) as bar:
+            for b0 in range(0, len(mine), config.batch_size):
+                rows = mine[b0:b0 + config.batch_size]
+                batch = to_device(task.collate([examples[int(i)] for i in rows]), source.device)
+                with torch.enable_grad():
+                    losses = task.loss(source.model, batch)
+                    finite = torch.isfinite(losses.detach())
+                    if not bool(finite.all()):
+                        bad = [int(rows[j]) for j in torch.nonzero(~finite).flatten().tolist()]
+                        notice(f"whitening: skipped {len(bad)} sample example(s) with a non-finite loss (rows {bad[:5]})")
+                        capture.reset()
+                        continue
+                    capture.accumulate(losses)
+                bar.update(len(rows))
+        arrays = {}
+        for layer in group:
+            A_in, A_out = capture.A_in[layer.name], capture.A_out[layer.name]
+            for A in (A_in, A_out):
+                if A is not None:
+                    comm.sum_(A)
+            tokens = comm.sum_int(capture.tokens[layer.name])
+            if comm.root:  # the eigendecompositions run once
+                w = whiten_layer(A_in, A_out, tokens, base[layer.name], config.whiten_damping)
+                arrays.update({array_name(layer.name, f): getattr(w, f).numpy() for f in _FIELDS})
+                meta["layers"][layer.name] = w.summary
+        del capture
+        arrays, meta = comm.broadcast((arrays, meta) if comm.root else None)
+        for writer in writers:  # rank 0's writers include the head shard during a build
+            writer.put_state(arrays, {WHITENING_META: meta})
+        if head is not None and head not in writers:
+            head.put_state(arrays, {WHITENING_META: meta})
+    return meta
+
+
+def _copy_to_shards(comm: Comm, writers: list, head, layers, meta: dict) -> None:
+    """Shards that lack the index's projections (those of an append, or one killed before it stored
+    them) get rank 0's copy from the head shard."""
+    names = set(meta.get("layers", {}))
+    lacking = any(set((w.get_state_meta(WHITENING_META) or {}).get("layers", {})) != names for w in writers)
+    if not any(comm.gather(lacking)):
+        return
+    arrays = comm.on_root(lambda: {array_name(l.name, f): np.array(head.get_array(array_name(l.name, f)))
+                                   for l in layers for f in _FIELDS})
+    for writer in writers:
+        if set((writer.get_state_meta(WHITENING_META) or {}).get("layers", {})) != names:
+            writer.put_state(arrays, {WHITENING_META: meta})

@@ -1,0 +1,266 @@
+"""Scale-out with torchrun: sharded indexes built, appended, fitted and queried by 2 gloo ranks on the CPU.
+
+The oracle is the single-process engine: a 2-rank build must store the same ids and (to fp32
+round-off: moments and statistics are summed in another order) the same factors and curvature as
+a single-process build of the same data, and a 2-rank query must return exactly what a single
+process returns reading the same sharded index. Every torchrun launch has a timeout, so a hang
+fails instead of blocking CI.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lorif_stream as ls
+from lorif_stream.build import SettingsMismatchError
+from lorif_stream.store import IndexReader, WriteRefusedError
+from lorif_stream.store.shards import open_index, read_manifest
+
+ROOT = Path(__file__).parents[1]
+TASKS = ROOT / "tests" / "tasks"
+MLP = f"{TASKS / 'mlp_task.py'}"
+sys.path.insert(0, str(TASKS))
+sys.path.insert(0, str(ROOT / "tests"))
+import mlp_task  # noqa: E402
+from helpers_index import assert_same_factors_and_ids  # noqa: E402
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# fp32 storage: a factor computed from projections that differ in the last bits must not round to
+# another bf16 value; EK-FAC: its statistic is a sum over rows, all-reduced across the ranks
+BUILD = dict(f=1, rank=1, dtype="fp32", preconditioner="ekfac", device="cpu", batch_size=4, block_size=8)
+BUILD_ARGS = ["--f", "1", "--rank", "1", "--dtype", "fp32", "--preconditioner", "ekfac", "--device", "cpu",
+              "--batch-size", "4", "--block-size", "8", "--quiet"]
+QUERY_ARGS = ["--device", "cpu", "--top-k", "5", "--quiet"]
+TIMEOUT = 180
+
+# One torchrun job runs several commands (each torchrun start costs seconds on a small CPU box):
+# the CLI's own entry, with the process group joined once.
+JOB = textwrap.dedent("""
+    import json, sys
+    from lorif_stream import cli
+    from lorif_stream.distributed import init_from_env, shutdown
+    init_from_env("cpu")
+    try:
+        for args in json.loads(sys.argv[1]):
+            cli._run_cli(args)
+    finally:
+        shutdown()
+""")
+
+
+def torchrun_job(tmp: Path, commands: list[list[str]]) -> subprocess.CompletedProcess:
+    script = tmp / "job.py"
+    script.write_text(JOB)
+    proc = subprocess.run([*TORCHRUN, str(script), json.dumps(commands)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_same_index(sharded, single, rtol=1e-5, atol=1e-6):
+    """Same ids and rows; factors and the EK-FAC curvature equal to fp32 round-off."""
+    with open_index(sharded) as a, IndexReader(single) as b, a.snapshot() as sa, b.snapshot() as sb:
+        assert sa.rows == sb.rows
+        assert sa.ids(0, sa.rows) == sb.ids(0, sb.rows)
+        for (ra, na, fa), (rb, nb, fb) in zip(_rows(sa), _rows(sb)):
+            assert (ra, na) == (rb, nb)
+            for (La, Ra), (Lb, Rb) in zip(fa, fb):
+                np.testing.assert_allclose(La, Lb, rtol=rtol, atol=atol)
+                np.testing.assert_allclose(Ra, Rb, rtol=rtol, atol=atol)
+        ca, cb = sa.state_meta("curvature"), sb.state_meta("curvature")
+        assert ca["rows"] == cb["rows"] == sa.rows
+        for name in ca["layers"]:
+            assert ca["layers"][name]["rows"] == cb["layers"][name]["rows"]
+            np.testing.assert_allclose(ca["layers"][name]["damping"], cb["layers"][name]["damping"], rtol=1e-5)
+            np.testing.assert_allclose(sa.array(f"curvature/{ca['generation']}/{name}/ekfac"),
+                                       sb.array(f"curvature/{cb['generation']}/{name}/ekfac"), rtol=1e-4, atol=1e-7)
+
+
+def _rows(snap):
+    for first, n, factors in snap.blocks(0, snap.rows):
+        for j in range(n):  # row by row: the two indexes cut their blocks at other rows
+            yield first + j, 1, [(L[j].copy(), R[j].copy()) for L, R in factors]
+
+
+def results_of(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """One 2-rank job: a build of all examples and its query; a build of the first 30, a 2-rank
+    append of the rest and a query of that; the single-process references beside them."""
+    tmp = tmp_path_factory.mktemp("dist")
+    full, grown = tmp / "full", tmp / "grown"
+    commands = [
+        ["build", "--task", f"{MLP}:full", "--index", str(full), *BUILD_ARGS],
+        ["query", "--task", f"{MLP}:full", "--index", str(full), "--out", str(tmp / "full2.jsonl"),
+         "--scores", str(tmp / "full2.npy"), *QUERY_ARGS],
+        ["build", "--task", f"{MLP}:first", "--index", str(grown), *BUILD_ARGS],
+        ["append", "--task", f"{MLP}:second", "--index", str(grown), "--device", "cpu", "--batch-size", "4", "--quiet"],
+        ["query", "--task", f"{MLP}:full", "--index", str(grown), "--out", str(tmp / "grown2.jsonl"),
+         "--scores", str(tmp / "grown2.npy"), *QUERY_ARGS],
+    ]
+    started = time.perf_counter()
+    torchrun_job(tmp, commands)
+    seconds = time.perf_counter() - started
+    ls.build(mlp_task.full(), tmp / "full_ref", progress=False, **BUILD)
+    ls.build(mlp_task.first(), tmp / "grown_ref", progress=False, **BUILD)
+    ls.append(mlp_task.second(), tmp / "grown_ref", device="cpu", batch_size=4, progress=False)
+    return {"tmp": tmp, "full": full, "grown": grown, "seconds": seconds}
+
+
+def test_two_rank_build_equals_single_process_build(job):
+    manifest = read_manifest(job["full"])
+    assert [(s.start, s.count) for s in manifest.shards] == [(0, 24), (24, 24)]
+    assert manifest.segments[-1]["finalized"]
+    assert not (job["full"] / "data.mdb").exists()  # an older reader refuses it instead of reading one shard
+    assert_same_index(job["full"], job["tmp"] / "full_ref")
+    with open_index(job["full"]) as reader:
+        assert reader.settings["curvature"]["preconditioner"] == "ekfac"
+        assert reader.settings["segments"] == [{"kind": "build", "start": 0, "count": 48, "finalized": True}]
+
+
+def test_two_rank_query_equals_one_process_query_of_the_same_index(job):
+    tmp = job["tmp"]
+    one = ls.query(mlp_task.full(), job["full"], out=tmp / "full1.jsonl", scores=tmp / "full1.npy", device="cpu",
+                   top_k=5, progress=False)
+    assert one.rows == 48
+    assert results_of(tmp / "full2.jsonl") == results_of(tmp / "full1.jsonl")  # global rows, same ids and scores
+    np.testing.assert_array_equal(np.load(tmp / "full2.npy"), np.load(tmp / "full1.npy"))
+    # and both agree with the single-process build's own query to fp32 round-off
+    ref = ls.query(mlp_task.full(), tmp / "full_ref", scores=tmp / "ref.npy", device="cpu", top_k=5, progress=False)
+    np.testing.assert_allclose(np.load(tmp / "full1.npy"), np.load(tmp / "ref.npy"), rtol=1e-4, atol=1e-6)
+    assert [[p["row"] for p in r["proponents"]] for r in one.results] == \
+           [[p["row"] for p in r["proponents"]] for r in ref.results]
+
+
+def test_append_to_a_sharded_index_adds_shards_and_equals_single_process(job):
+    manifest = read_manifest(job["grown"])
+    assert [(s.start, s.count) for s in manifest.shards] == [(0, 15), (15, 15), (30, 9), (39, 9)]
+    assert [(s["kind"], s["shards"]) for s in manifest.segments] == [("build", [0, 2]), ("append", [2, 4])]
+    assert_same_index(job["grown"], job["tmp"] / "grown_ref")
+    ref = ls.query(mlp_task.full(), job["tmp"] / "grown_ref", scores=job["tmp"] / "gref.npy", device="cpu", top_k=5,
+                   progress=False)
+    np.testing.assert_allclose(np.load(job["tmp"] / "grown2.npy"), np.load(job["tmp"] / "gref.npy"), rtol=1e-4, atol=1e-6)
+    assert [[p["id"] for p in r["proponents"]] for r in results_of(job["tmp"] / "grown2.jsonl")] == \
+           [[p["id"] for p in r["proponents"]] for r in ref.results]
+
+
+def test_single_process_append_fit_info_on_a_sharded_index(job, tmp_path):
+    index = tmp_path / "idx"
+    shutil.copytree(job["grown"], index)
+    extra = mlp_task.MLPTask(rows=(0, 6))  # the same examples under new ids
+    extra.example_id = lambda example, i: f"extra{i}"
+    result = ls.append(extra, index, device="cpu", progress=False)
+    assert (result.new_rows, result.rows) == (6, 54)
+    assert [(s.start, s.count) for s in read_manifest(index).shards][-1] == (48, 6)  # one new shard
+    # a rerun of the same append is recognised, nothing is added twice
+    assert ls.append(extra, index, device="cpu", progress=False).new_rows == 0
+    summary = ls.fit(index, preconditioner="ekfac", damping=0.3, device="cpu", progress=False)
+    assert summary["rows"] == 54 and all(l["damping"] == 0.3 for l in summary["layers"].values())
+    info = ls.info(index)
+    assert (info["rows"], info["shards"], len(info["segments"])) == (54, 5, 3)
+    assert ls.verify(index, progress=False).ok
+    with open_index(index) as reader, reader.snapshot() as snap:
+        assert snap.id_of(50) == "extra2" and snap.row_of("extra2") == 50 and snap.row_of("ex17") == 17
+
+
+def test_append_of_an_existing_id_is_withdrawn(job, tmp_path):
+    index = tmp_path / "idx"
+    shutil.copytree(job["full"], index)
+    with pytest.raises(WriteRefusedError, match=r"example id 'ex3' \(row 48\) is already in the index at row 3.*withdrawn"):
+        ls.append(mlp_task.MLPTask(rows=(3, 5)), index, device="cpu", progress=False)
+    assert len(read_manifest(index).shards) == 2 and not (index / "shard-00002").exists()
+    assert ls.verify(index, progress=False).ok
+
+
+def test_verify_names_a_corrupted_shard_and_a_missing_one(job, tmp_path):
+    index = tmp_path / "idx"
+    shutil.copytree(job["full"], index)
+    with IndexReader(index / "shard-00001") as reader, reader.snapshot() as snap:
+        value = bytes(snap.value_at(0, 8))
+    data = bytearray((index / "shard-00001" / "data.mdb").read_bytes())
+    at = data.find(value)
+    assert at > 0
+    data[at + len(value) // 2] ^= 0xFF
+    (index / "shard-00001" / "data.mdb").write_bytes(bytes(data))
+    report = ls.verify(index, progress=False)
+    assert not report.ok
+    assert any(e.startswith("shard shard-00001: ") and "row 8" in e for e in report.errors), report.errors
+    assert not any("shard-00000" in e for e in report.errors)
+    shutil.rmtree(index / "shard-00001")
+    report = ls.verify(index, progress=False)
+    assert any("shard shard-00001 (rows 24..47) is missing" in e for e in report.errors), report.errors
+    with pytest.raises(Exception, match="shard shard-00001 is missing"):
+        ls.query(mlp_task.full(), index, device="cpu", progress=False)
+
+
+def test_killed_rank_resumes_to_the_same_index(tmp_path):
+    """SIGKILL one rank mid-build: torchrun stops the job; the same command, rerun, finishes every shard
+    at its first missing row; another world size is refused in one line."""
+    index = tmp_path / "idx"
+    cmd = [*TORCHRUN, "-m", "lorif_stream", "build", "--task", f"{MLP}:slow", "--index", str(index), *BUILD_ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLP_TASK_DELAY": "0.25"}  # 0.25 s a batch of 4
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        victim = _wait_for_rows(index / "shard-00001", 8, proc)
+        os.kill(victim, signal.SIGKILL)
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    with IndexReader(index / "shard-00001") as reader:
+        assert 8 <= reader.rows < 24
+    with pytest.raises(SettingsMismatchError, match="resume it with 2 ranks, not 1"):
+        ls.build(mlp_task.full(), index, progress=False, **BUILD)
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "indexed" in rerun.stdout
+    ls.build(mlp_task.full(), tmp_path / "ref", progress=False, **BUILD)
+    assert_same_index(index, tmp_path / "ref")
+    assert ls.verify(index, progress=False).ok
+
+
+def _wait_for_rows(shard: Path, rows: int, proc) -> int:
+    """The pid of the process writing `shard` (from its writer.lock) once it has committed `rows` rows."""
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        try:
+            pid = (shard / "writer.lock").read_text().strip()
+            with IndexReader(shard) as reader:
+                if pid and reader.rows >= rows:
+                    return int(pid)
+        except Exception:  # not created yet
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{shard} never reached {rows} rows")
+
+
+def test_modules_option_tracks_exactly_the_matching_layers(tmp_path):
+    from lorif_stream.cli import main
+
+    main(["build", "--task", f"{MLP}:full", "--index", str(tmp_path / "cli"), "--modules", "^2$", *BUILD_ARGS])
+    task = mlp_task.full()
+    task.tracked_modules = "^2$"
+    ls.build(task, tmp_path / "api", progress=False, **BUILD)
+    with IndexReader(tmp_path / "cli") as a, IndexReader(tmp_path / "api") as b:
+        assert [l.name for l in a.layout.layers] == ["2"]
+        assert a.settings["tracked_modules"] == "^2$"
+        assert a.layout == b.layout and a.settings["layers"] == b.settings["layers"]
+    assert_same_factors_and_ids(tmp_path / "cli", tmp_path / "api")
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--task", f"{MLP}:full", "--index", str(tmp_path / "bad"), "--modules", "(", *BUILD_ARGS])
+    assert e.value.code != 0
