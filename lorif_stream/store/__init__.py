@@ -13,9 +13,11 @@ from .format import (
 )
 from .layout import IndexLayout, LayerShape
 from .lmdb_store import BlockBuffers, IndexReader, IndexWriter, PendingBlock, Snapshot, VerifyReport
+from .shards import ShardedReader, is_sharded, open_index
 
 __all__ = [
     "BlockBuffers", "BlockDecoder", "BlockEncoder", "CorruptBlockError", "FORMAT_VERSION", "IndexCorruptError",
     "IndexFormatError", "IndexLayout", "IndexReader", "IndexWriteError", "IndexWriter", "LayerShape", "NotAnIndexError",
-    "PendingBlock", "Snapshot", "UnsupportedVersionError", "VerifyReport", "WriterBusyError", "WriteRefusedError",
+    "PendingBlock", "ShardedReader", "Snapshot", "UnsupportedVersionError", "VerifyReport", "WriterBusyError",
+    "WriteRefusedError", "is_sharded", "open_index",
 ]
