@@ -269,7 +269,8 @@ def info(index, as_json):
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"index     {report['index']}")
-    click.echo(f"rows      {report['rows']:,}   segments {len(report['segments'] or [])}   "
+    shards = f"shards {report['shards']}   " if report.get("shards") else ""
+    click.echo(f"rows      {report['rows']:,}   segments {len(report['segments'] or [])}   {shards}"
                f"non-finite rows {report['nonfinite_rows']}")
     p = report["projection"]
     click.echo(f"format    version {report['format_version']}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,11 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 # how long a collective may wait for the other ranks (a dead rank is noticed by torchrun sooner)
 TIMEOUT_ENV = "LORIF_DIST_TIMEOUT"
 _DEFAULT_TIMEOUT_S = 1800
+
+
+# What this process spent in all-reduces (moments, sketches, sums; waiting for the slowest rank
+# included): benchmarks/bench_distributed.py reports it as a share of the build.
+REDUCE_STATS = {"seconds": 0.0, "bytes": 0, "calls": 0}
 
 
 class RankFailedError(RuntimeError):
@@ -71,12 +77,16 @@ class Comm:
             return t
         import torch.distributed as dist
 
+        started = time.perf_counter()
         if t.device == self.device:
             dist.all_reduce(t)
-            return t
-        moved = t.to(self.device)
-        dist.all_reduce(moved)
-        t.copy_(moved)
+        else:
+            moved = t.to(self.device)
+            dist.all_reduce(moved)
+            t.copy_(moved)
+        REDUCE_STATS["seconds"] += time.perf_counter() - started
+        REDUCE_STATS["bytes"] += t.numel() * t.element_size()
+        REDUCE_STATS["calls"] += 1
         return t
 
     def sum_int(self, n: int) -> int:

@@ -19,7 +19,7 @@ from .device import notice, resolve_device
 from .distributed import Comm, GlobalProgress
 from .fit import CURVATURE_META, load_preconditioner
 from .query import (
-    QueryResult, _format, _open_source, _preconditioned_queries, _ScoreWriter, _stream_scores, query_in_process,
+    QueryResult, TopK, _format, _open_source, _preconditioned_queries, _ScoreWriter, _stream_scores, query_in_process,
     write_results,
 )
 from .store.shards import ShardedReader, ShardManifest, is_sharded, read_manifest
@@ -55,7 +55,8 @@ def query_across_ranks(task, path: Path, out, scores, config: QueryConfig, comm:
                     H = [h.to(device) for h in H]
                     bar = GlobalProgress(comm, "query", total=rows, unit="rows", enabled=progress)
                     top = comm.together(lambda: _stream_scores(snap, H, plan["layers"], device, config, writer, q0,
-                                                               stats, progress, bar=_Unclosed(bar)))
+                                                               stats, progress, bar=_Unclosed(bar))
+                                         if snap.held_rows else TopK(q1 - q0, config.top_k, device))
                     bar.close(synced=True)
                     parts = comm.gather(_format(snap, plan["q_ids"][q0:q1], top))
                     if comm.root:

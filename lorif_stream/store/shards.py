@@ -211,8 +211,11 @@ class ShardedReader:
         self.problems: list[str] = []
         self._stack = ExitStack()
         self.readers: dict[int, IndexReader] = {}
+        # the head shard's index-wide state is read by whole-index readers; a rank's reader (shards
+        # given) may not see shard 0 at all, on another node
+        wanted = set(self.positions) | ({0} if shards is None else set())
         try:
-            for i in sorted(set(self.positions) | {0}):
+            for i in sorted(wanted):
                 entry = self.manifest.shards[i]
                 shard_path = self.path / entry.name
                 if not (shard_path / DATA_FILE).exists():
@@ -223,15 +226,16 @@ class ShardedReader:
                 reader = self._stack.enter_context(IndexReader(shard_path, strict=strict))
                 self._check_shard(i, reader)
                 self.readers[i] = reader
-            if 0 not in self.readers:
+            if shards is None and 0 not in self.readers:
                 raise CorruptBlockError(f"index {self.path}: its head shard {self.manifest.shards[0].name} is missing")
         except BaseException:
             self._stack.close()
             raise
-        head = self.readers[0]
-        self.layout: IndexLayout = head.layout
-        self.format_version = head.format_version
-        self.settings = self._global_settings()
+        # a rank may hold no shard at all (more ranks than shards): it reads nothing
+        head = self.readers.get(0) or next(iter(self.readers.values()), None)
+        self.layout: IndexLayout | None = head.layout if head else None
+        self.format_version = head.format_version if head else None
+        self.settings = self._global_settings(head) if head else {}
 
     def _segment_of(self, shard: int) -> dict:
         return next(s for s in self.manifest.segments if s["shards"][0] <= shard < s["shards"][1])
@@ -244,11 +248,13 @@ class ShardedReader:
             raise CorruptBlockError(f"index {self.path}: shard {entry.name} holds rows {own.get('start')}.. "
                                     f"(+{own.get('count')}) but {MANIFEST_FILE} lists it for rows "
                                     f"{entry.start}.. (+{entry.count}): a shard from another index or run")
-        if i and self.readers.get(0) is not None and reader.layout != self.readers[0].layout:
-            raise CorruptBlockError(f"index {self.path}: shard {entry.name} has another layout than the head shard")
+        first = next(iter(self.readers.values()), None)
+        if first is not None and reader.layout != first.layout:
+            raise CorruptBlockError(f"index {self.path}: shard {entry.name} has another layout than shard "
+                                    f"{first.path.name}")
 
-    def _global_settings(self) -> dict:
-        settings = dict(self.readers[0].settings)
+    def _global_settings(self, head: IndexReader) -> dict:
+        settings = dict(head.settings)
         settings.pop("shard", None)
         segments = []
         for seg in self.manifest.segments:
@@ -394,14 +400,19 @@ class ShardedSnapshot:
         return None
 
     # -- the index-wide state: the head shard's
+    def _head(self):
+        if 0 not in self._snaps:
+            raise ValueError(f"this reader of index {self._reader.path} does not hold its head shard (shard 0)")
+        return self._snaps[0]
+
     def array(self, name: str):
-        return self._snaps[0].array(name)
+        return self._head().array(name)
 
     def state_meta(self, name: str):
-        return self._snaps[0].state_meta(name)
+        return self._head().state_meta(name)
 
     def manifest(self):
-        return self._snaps[0].manifest()
+        return self._head().manifest()
 
 
 @dataclass
