@@ -11,6 +11,7 @@ Builds: the engine's default (whitened projections + EK-FAC, f=4, c=1, bf16) and
 
     python benchmarks/bench_build.py --quick     # tiny N = 2k / 10k, gpt2-small N = 32
     python benchmarks/bench_build.py             # tiny N = 10k / 100k, gpt2-small N = 128
+    python benchmarks/bench_build.py --gpu-quick # CUDA: tiny N = 2k, gpt2-small N = 256 (benchmarks/gpu_check.sh)
 Writes benchmarks/results/build[_quick].json.
 """
 from __future__ import annotations
@@ -232,11 +233,16 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-scaling", action="store_true", help="skip the RSS / append / q0-vs-q3 part")
+    ap.add_argument("--gpu-quick", action="store_true", help="CUDA: tiny N=2k and gpt2-small N=256, no scaling part")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.gpu_quick:
+        args.device, args.no_scaling = "cuda", True
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = {"tiny": (2_000, 10_000), "gpt2-small": 32} if args.quick else {"tiny": (10_000, 100_000), "gpt2-small": 128}
+    if args.gpu_quick:
+        sizes = {"tiny": (2_000, 10_000), "gpt2-small": 256}
     device = torch.device(args.device)
     common = dict(f=4, rank=1, dtype="bf16", device=args.device, progress=False)
     root = Path(tempfile.mkdtemp(prefix="lorif-bb-"))
@@ -250,7 +256,8 @@ def main():
             res["scaling"] = tiny_scaling(*sizes["tiny"], root, device, common)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    out = Path(args.out or Path(__file__).parent / "results" / f"build{'_quick' if args.quick else ''}.json")
+    suffix = "_gpu_quick" if args.gpu_quick else "_quick" if args.quick else ""
+    out = Path(args.out or Path(__file__).parent / "results" / f"build{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     report(res)

@@ -7,7 +7,8 @@ grows with N (query gradients and preconditioning cost the same for every method
 
     python benchmarks/bench_query.py                  # N = 100k (LoRIF), dense compared at 10k rows
     python benchmarks/bench_query.py --quick
-Writes benchmarks/results/query.json.
+    python benchmarks/bench_query.py --gpu-quick      # --quick on CUDA, plus the scorer's GEMM efficiency
+Writes benchmarks/results/query.json (query_gpu_quick.json for --gpu-quick).
 """
 from __future__ import annotations
 
@@ -70,10 +71,31 @@ def warm(path: Path):
 def time_lorif(path: Path, H, k: int = 10, **opts) -> tuple[float, dict]:
     with IndexReader(path) as r, r.snapshot() as snap:
         stats = {"read_seconds": 0.0, "score_seconds": 0.0, "bytes_read": 0}
-        cfg = QueryConfig(top_k=k, device="cpu", **opts)
+        cfg = QueryConfig(top_k=k, device=DEV.type, **opts)
+        H = [h.to(DEV) for h in H]
+        _sync()
         t = time.perf_counter()
         _stream_scores(snap, H, list(range(len(GPT2_LAYERS))), DEV, cfg, None, 0, stats, progress=False)
+        _sync()
         return time.perf_counter() - t, stats
+
+
+def _sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize(DEV)
+
+
+def peak_matmul_flops(n: int = 8192) -> float:
+    """Achieved fp32 FLOP/s of one large square matmul on DEV: the device's practical peak."""
+    a = torch.randn(n, n, device=DEV)
+    for _ in range(2):
+        a @ a
+    _sync()
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    _sync()
+    return 5 * 2 * n ** 3 / (time.perf_counter() - t)
 
 
 def time_loader_only(path: Path) -> float:
@@ -93,10 +115,13 @@ def time_score_only(path: Path, H) -> float:
             if len(blocks) >= 8:
                 break
         rows_seen = sum(b[1] for b in blocks)
+        H = [h.to(DEV) for h in H]
         top = TopK(H[0].shape[0], 10, DEV)
+        _sync()
         t = time.perf_counter()
         for first, n, factors in blocks:
             top.update(sum(score_layer(h, L, R) for h, (L, R) in zip(H, factors)), first)
+        _sync()
         return (time.perf_counter() - t) * snap.rows / rows_seen
 
 
@@ -136,13 +161,22 @@ def main():
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--dense-rows", type=int, default=10_000)
     ap.add_argument("--quick", action="store_true", help="20k rows, dense 2k, fewer configurations")
+    ap.add_argument("--gpu-quick", action="store_true", help="--quick on CUDA, plus GEMM efficiency of the scorer")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (LoRIF streaming and scoring; the dense and "
+                    "train-side baselines stay on the CPU)")
     ap.add_argument("--dir", default=None)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "query.json"))
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    global DEV
+    if args.gpu_quick:
+        args.quick, args.device = True, "cuda"
+    DEV = torch.device(args.device)
+    args.out = args.out or str(Path(__file__).parent / "results" / ("query_gpu_quick.json" if args.gpu_quick else "query.json"))
     if args.quick:
         args.rows, args.dense_rows = 20_000, 2_000
     root = Path(tempfile.mkdtemp(prefix="lorif-bq-", dir=args.dir))
-    res: dict = {"rows": args.rows, "dense_rows": args.dense_rows}
+    res: dict = {"rows": args.rows, "dense_rows": args.dense_rows, "device": str(DEV),
+                 "gpu": torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else None}
     try:
         small, big = root / "small", root / "big"
         write_index(small, args.dense_rows)
@@ -177,7 +211,14 @@ def main():
         t_score = time_score_only(big, H)
         t_wall, stats = time_lorif(big, H)
         res["overlap"] = {"load_decode_s": t_load, "score_s": t_score, "wall_s": t_wall,
-                          "wall_over_max": t_wall / max(t_load, t_score)}
+                          "wall_over_max": t_wall / max(t_load, t_score),
+                          "read_GBps_compressed": stats["bytes_read"] / t_load / 1e9 if stats.get("bytes_read") else None}
+        if args.gpu_quick:
+            # factored scoring does 2·Q·c·(d_out·d_in) flops per row and layer (H R, then with L)
+            flops = 2 * 64 * 1 * sum(o * i for _, o, i in GPT2_LAYERS) * args.rows
+            peak = peak_matmul_flops()
+            res["gemm"] = {"score_TFLOPs": flops / t_score / 1e12, "peak_matmul_TFLOPs": peak / 1e12,
+                           "efficiency": flops / t_score / peak}
         # (d) RSS as N grows 10x
         res["rss"] = {}
         for name, path, n in (("N", small, args.dense_rows), ("10N", big, args.rows)):
@@ -197,6 +238,10 @@ def main():
     o = res["overlap"]
     print(f"(c) load+decode {o['load_decode_s']:.2f}s, score {o['score_s']:.2f}s, together {o['wall_s']:.2f}s "
           f"= {o['wall_over_max']:.2f} x max")
+    if "gemm" in res:
+        g = res["gemm"]
+        print(f"(e) scoring {g['score_TFLOPs']:.2f} TFLOP/s = {g['efficiency']:.1%} of a large fp32 matmul's "
+              f"{g['peak_matmul_TFLOPs']:.1f} TFLOP/s on {res['gpu']}")
     print(f"(d) RSS peak {res['rss']['N']['peak_MB']:.0f} MB at {res['rss']['N']['rows']:,} rows, "
           f"{res['rss']['10N']['peak_MB']:.0f} MB at {res['rss']['10N']['rows']:,} rows")
 

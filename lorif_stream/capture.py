@@ -9,8 +9,9 @@ formed. Instead, per example,
 
 How the pieces are collected (:class:`LayerHooks` has the details):
 
-* a forward hook keeps ``X P_in`` (projected at once, under no_grad, in fp32, from the detached
-  input: memory scales with ``d_in``, not ``I``);
+* a forward hook keeps the layer's input: an alias of the tensor autograd saves anyway to form
+  the weight gradient (no extra memory), or, where autograd does not keep it (a frozen weight,
+  activation checkpointing), its projection ``X P_in`` in fp32 (memory scales with ``d_in``);
 * :meth:`GradientCapture.projected_gradients` takes the per-example losses ``(B,)`` and runs one
   backward of their *sum*, which makes row b of each ``Δ`` depend on example b only (as long as
   no example's loss reads another's: eval mode, no batch norm in train mode). A tensor hook on
@@ -203,6 +204,22 @@ def _full_precision(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _autograd_keeps_input(module: nn.Module) -> bool:
+    """Whether autograd saves this call's input itself (to form the weight gradient), so that
+    keeping an alias of it costs no memory.
+
+    Not when the weight is frozen, nor under saved-tensor hooks (activation checkpointing,
+    offloading), which exist to *not* keep it. Those hooks are only visible through a private
+    torch function; where it is missing the answer is "no", which costs memory, never results.
+    """
+    if not (torch.is_grad_enabled() and module.weight.requires_grad):
+        return False
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+
+
 class LayerHooks:
     """Hooks that hand each tracked layer's (kept input, output gradient) to a subclass, one layer
     at a time, inside one backward pass.
@@ -359,6 +376,13 @@ class LayerHooks:
         self.unused_layers = [l.name for l in self.layers if l.name not in reached]
 
 
+@dataclass(frozen=True)
+class _Unprojected:
+    """A layer input kept as it is, to be projected when its output gradient arrives."""
+
+    x: torch.Tensor
+
+
 @dataclass
 class _Call:
     """One forward call of a tracked layer, until the backward has consumed it."""
@@ -414,6 +438,8 @@ class GradientCapture(LayerHooks):
         if proj.device != x.device:
             # Models sharded over devices: keep each layer's projection where its input is.
             proj = self._projections[name] = proj.to(x.device)
+        if _autograd_keeps_input(self._modules[name]):
+            return _Unprojected(x)  # an alias of what autograd saved anyway: projected in the backward
         # X P_in, not X: memory scales with d_in instead of I
         return proj.project_in(x)
 
@@ -424,7 +450,8 @@ class GradientCapture(LayerHooks):
     def _consume(self, name: str, kept: torch.Tensor, delta: torch.Tensor) -> None:
         proj = self._projections[name]
         B = delta.shape[0]
-        xp = kept.reshape(B, -1, proj.d_in)
+        xp = proj.project_in(kept.x) if isinstance(kept, _Unprojected) else kept
+        xp = xp.reshape(B, -1, proj.d_in)
         dp = proj.project_out(delta).reshape(B, -1, proj.d_out)
         G = self._sums.get(name)
         if G is None:
