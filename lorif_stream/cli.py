@@ -430,7 +430,7 @@ def _run_cli(args: list[str]) -> None:
 @click.option("--task", "task_spec", default=None,
               help="texts from a task: path/to/file.py:NAME (its example_text(example) if it has one, else the example)")
 @click.option("--hf-model", type=click.Path(file_okay=False), default=None,
-              help="accepted so that a query command line can be reused as is; texts need no model")
+              help="accepted so that query's task options can be reused as they are; texts need no model")
 @click.option("--data", "train_data", type=click.Path(), multiple=True,
               help="training records, to show the texts: the build's file, then each append's, in that order "
                    "(repeat --data); .jsonl (one newline scan, then only the wanted lines are parsed), .parquet "
@@ -443,10 +443,10 @@ def _run_cli(args: list[str]) -> None:
               help="field holding the example id (default: jsonl line number, or parquet/datasets row index)")
 @click.option("--prompt-field", default=None, help="prompt/completion data: field holding the prompt (shown grey)")
 @click.option("--completion-field", default=None, help="prompt/completion data: field holding the completion (shown bold)")
-@click.option("--max-length", type=int, default=None, help="accepted from a query command line; not needed for texts")
-@click.option("--chat-template", is_flag=True, help="accepted from a query command line; texts are shown without it")
+@click.option("--max-length", type=int, default=None, help="accepted with query's task options; not needed for texts")
+@click.option("--chat-template", is_flag=True, help="accepted with query's task options; texts are shown without it")
 @click.option("--skip-empty", is_flag=True,
-              help="accepted from a query command line; rows shifted by skipped examples are found by id")
+              help="accepted with query's task options; rows shifted by skipped examples are found by id")
 @click.option("--max-chars", type=click.IntRange(0), default=4000, show_default=True,
               help="clip each text on the page after this many characters (0 = never)")
 @click.option("--title", default=None, help="page title (default: from the results file name)")
@@ -459,7 +459,9 @@ def report(results, index, out, task_spec, hf_model, train_data, query_data, tex
     as inline plots. Only the rows named in the results are read from --data. The page loads
     nothing (no network, no files) and shows every text escaped.
 
-      lorif-stream report --results results.jsonl --index runs/idx --data train.jsonl --queries q.jsonl --id-field id
+    \b
+      lorif-stream report --results results.jsonl --index runs/idx \\
+        --data train.jsonl --data appended.jsonl --queries q.jsonl --id-field id
     """
     from .report import make_report
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import html.parser
 import json
 import re
@@ -316,3 +317,32 @@ def test_parquet_data_reads_only_the_row_groups_holding_result_rows(run, tmp_pat
                                                                  for _, e in r.entries()}
     groups = {row // 2 for row in rows}
     assert source.sources[0].group_reads == len(groups) < len(run["records"]) // 2  # read in row order, once each
+
+
+def test_rows_shifted_by_skip_empty_are_found_by_id(run, tmp_path):
+    records = [{"doc": f"p{i}", "prompt": r["text"][:12], "completion": "" if i in (1, 4) else r["text"][12:]}
+               for i, r in enumerate(run["records"][:10])]
+    data = _jsonl(tmp_path / "pc.jsonl", records)
+    pc = ["--hf-model", str(run["model"]), "--id-field", "doc", "--prompt-field", "prompt", "--completion-field",
+          "completion", "--max-length", "32", "--skip-empty", "--index", str(tmp_path / "idx")]
+    runner = CliRunner()
+    for args in (["build", *pc, "--data", str(data), "--device", "cpu", "--quiet"],
+                 ["query", *pc, "--queries", str(data), "--top-k", "2", "--out", str(tmp_path / "r.jsonl"),
+                  "--device", "cpu", "--quiet"]):
+        done = runner.invoke(cli, args)
+        assert done.exit_code == 0, done.output
+    # the task options of the query command line, reused as they are
+    done = runner.invoke(cli, ["report", *pc, "--data", str(data), "--queries", str(data), "--results",
+                               str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "r.html")])
+    assert done.exit_code == 0, done.output
+    assert "looked up by id in one pass" in done.output  # rows after p1 and p4 sit 1-2 lines later in the file
+    made = gather_report(tmp_path / "r.jsonl", tmp_path / "idx", RecordTexts([data], id_field="doc",
+                                                                             prompt_field="prompt",
+                                                                             completion_field="completion"))
+    by_id = {r["doc"]: r for r in records}
+    assert len(made.texts) == len({e.row for r in made.results for _, e in r.entries()})
+    for r in made.results:
+        for _, e in r.entries():
+            assert made.texts[e.row].parts == (("prompt", by_id[e.id]["prompt"]), ("completion", by_id[e.id]["completion"]))
+    page = (tmp_path / "r.html").read_text()
+    assert all(by_id[e.id]["completion"] in html.unescape(page) for r in made.results for _, e in r.entries())
