@@ -373,12 +373,12 @@ def gather_report(results_path: str | os.PathLike, index: str | os.PathLike, tra
                   max_chars: int = DEFAULT_MAX_CHARS) -> Report:
     """Read the results, check them against the index, and fetch only the texts they name."""
     from .inspect_index import info
-    from .store import IndexReader
+    from .store import open_index
 
     results_path = str(results_path)
     results = read_results(results_path)
     summary = info(index)
-    with IndexReader(index) as reader, reader.snapshot() as snap:
+    with open_index(index) as reader, reader.snapshot() as snap:  # one index or a sharded one, global rows
         check_against_index(results, snap.id_of, snap.rows, results_path, str(index))
         spectra = layer_spectra(snap)
     notes: list[str] = []
