@@ -76,7 +76,9 @@ def sharded_build(task, path: Path, config: BuildConfig, comm: Comm, progress: b
     manifest = ShardManifest.from_dict(plan["manifest"])
     segment = manifest.segments[-1]
     if plan["complete"]:
-        notice(f"index {path}: the build of {n:,} rows is already complete ({len(manifest.shards)} shards); nothing to do")
+        if comm.root:
+            notice(f"index {path}: the build of {n:,} rows is already complete ({len(manifest.shards)} shards); "
+                   f"nothing to do")
         return BuildResult(str(path), manifest.planned_rows, 0, 0.0, 0)
     layout = IndexLayout.from_dict(plan["layout"])
     with ExitStack() as stack:
@@ -317,7 +319,8 @@ def sharded_append(task, path: Path, config: BuildConfig, comm: Comm, progress: 
         stack.callback(lambda: [w.close() for w in writers.values()])
         manifest, resumed = _plan_append_segment(comm, path, manifest, task, n, writers)
         if manifest is None:
-            notice(f"index {path}: the append of {n:,} rows is already complete; nothing to do")
+            if comm.root:
+                notice(f"index {path}: the append of {n:,} rows is already complete; nothing to do")
             return BuildResult(str(path), resumed, 0, 0.0, 0)
         segment = manifest.segments[-1]
         position = segment["shards"][0] + comm.rank
