@@ -243,6 +243,20 @@ def test_append_of_an_existing_id_is_withdrawn(job, tmp_path):
     assert ls.verify(index, progress=False).ok
 
 
+def test_a_manifest_of_an_unknown_version_or_damaged_is_refused(job, tmp_path):
+    from lorif_stream.store import CorruptBlockError, UnsupportedVersionError
+
+    index = tmp_path / "idx"
+    shutil.copytree(job["full"], index)
+    body = json.loads((index / "shards.json").read_text())
+    (index / "shards.json").write_text(json.dumps(dict(body, version=2)))
+    with pytest.raises(UnsupportedVersionError, match="has shard manifest version 2; this lorif-stream reads versions \\[1\\]"):
+        ls.info(index)
+    (index / "shards.json").write_text(json.dumps(dict(body, segments=[dict(body["segments"][0], count=47)])))
+    with pytest.raises(CorruptBlockError, match="shards.json checksum mismatch"):
+        ls.query(mlp_task.full(), index, device="cpu", progress=False)
+
+
 def test_verify_names_a_corrupted_shard_and_a_missing_one(job, tmp_path):
     index = tmp_path / "idx"
     shutil.copytree(job["full"], index)
