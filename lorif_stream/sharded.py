@@ -76,6 +76,9 @@ def sharded_build(task, path: Path, config: BuildConfig, comm: Comm, progress: b
     manifest = ShardManifest.from_dict(plan["manifest"])
     segment = manifest.segments[-1]
     if plan["complete"]:
+        if not all(comm.gather(comm.together(lambda: _holds_task(comm, path, manifest, segment, task)))):
+            raise SettingsMismatchError(f"index {path} holds a complete build of other examples; use `append` to add "
+                                        f"examples or a new --index")
         if comm.root:
             notice(f"index {path}: the build of {n:,} rows is already complete ({len(manifest.shards)} shards); "
                    f"nothing to do")
@@ -111,8 +114,7 @@ def _plan_build(path: Path, n: int, comm: Comm, config: BuildConfig, source, pro
         first = manifest.segments[0]
         if len(manifest.segments) > 1 or last.get("finalized"):
             if len(manifest.segments) == 1 and first["count"] == n:
-                # a rerun of a complete build (its data checked shard by shard would need the whole job:
-                # the same row count and a finished curvature is what this rerun can tell)
+                # a rerun of a complete build: its shards' data are checked by the ranks that hold them
                 return {"manifest": manifest.to_dict(), "complete": True, "layout": None}
             raise SettingsMismatchError(f"index {path} already holds a complete build of {manifest.planned_rows:,} "
                                         f"rows; use `append` to add examples or a new --index")
@@ -368,7 +370,7 @@ def _plan_append_segment(comm: Comm, path: Path, manifest: ShardManifest, task, 
                                         f"task has {n:,}: resume it with the same task")
         return manifest, None
     if last["kind"] == "append" and last["count"] == n:
-        same = comm.together(lambda: _same_append(comm, path, manifest, last, task))
+        same = comm.together(lambda: _holds_task(comm, path, manifest, last, task))
         if all(comm.gather(same)):
             return None, manifest.planned_rows
     if n < comm.world:
@@ -378,8 +380,9 @@ def _plan_append_segment(comm: Comm, path: Path, manifest: ShardManifest, task, 
     return new, None
 
 
-def _same_append(comm: Comm, path: Path, manifest: ShardManifest, segment: dict, task) -> bool:
-    """Whether the shards of `segment` that this rank holds hold the task's examples there."""
+def _holds_task(comm: Comm, path: Path, manifest: ShardManifest, segment: dict, task) -> bool:
+    """Whether the shards of `segment` that this rank holds hold the task's examples there (ids, and
+    content digests of a sample: segments.task_mismatch)."""
     for position in manifest.segment_shards(segment):
         if not comm.owns(position):
             continue

@@ -303,6 +303,16 @@ def test_killed_rank_resumes_to_the_same_index(tmp_path):
     ls.build(mlp_task.full(), tmp_path / "ref", progress=False, **BUILD)
     assert_same_index(index, tmp_path / "ref")
     assert ls.verify(index, progress=False).ok
+    # a rerun of the finished build: nothing to do with the same data, refused with other data
+    assert ls.build(mlp_task.full(), index, progress=False, **BUILD).new_rows == 0
+    with pytest.raises(SettingsMismatchError, match="holds a complete build of other examples"):
+        ls.build(_renamed(), index, progress=False, **BUILD)
+
+
+def _renamed():
+    task = mlp_task.full()
+    task.example_id = lambda example, i: f"other{i}"
+    return task
 
 
 def _wait_for_rows(shard: Path, rows: int, proc) -> int:
