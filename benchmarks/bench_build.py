@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _memory import PeakRSS  # noqa: E402
 
 import lorif_stream as ls  # noqa: E402
+from lorif_stream.capture import GradientCapture  # noqa: E402
 from lorif_stream.factorize import factorize  # noqa: E402
 from lorif_stream.gradients import GradientSource  # noqa: E402
-from lorif_stream.projection import ProjectionSpec  # noqa: E402
+from lorif_stream.projection import ProjectionSpec, make_projections  # noqa: E402
 
 MODELS = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, vocab=512, seq=64, batch=32, tracked=None),
@@ -113,20 +114,51 @@ def plain_loop(task: TokensTask, n: int, batch_size: int, device) -> float:
     return time.perf_counter() - t
 
 
-def capture_loop(task: TokensTask, n: int, batch_size: int, device) -> float:
-    """Forward/backward with the capture hooks and rank-1 factorization, nothing stored (random projections)."""
+class _TimedCapture(GradientCapture):
+    """The product's capture, with the time spent in its hooks (projections, per-example products) summed."""
+
+    hook_seconds = 0.0
+
+    def _keep_input(self, name, x):
+        t = time.perf_counter()
+        try:
+            return super()._keep_input(name, x)
+        finally:
+            _TimedCapture.hook_seconds += time.perf_counter() - t
+
+    def _consume(self, name, kept, delta):
+        t = time.perf_counter()
+        try:
+            super()._consume(name, kept, delta)
+        finally:
+            _TimedCapture.hook_seconds += time.perf_counter() - t
+
+
+def capture_loop(task: TokensTask, n: int, batch_size: int, device) -> dict:
+    """The build's producer without the index: forward/backward with the capture hooks, then the
+    rank-1 factorisation, nothing stored (random projections). Returns seconds per stage (CPU: the
+    stages run in this thread; CUDA: synchronised around each)."""
     source = GradientSource.open(task, ProjectionSpec(f=4, min_side=32), device)
     examples = task.train_examples()
+    projections = make_projections(source.layers, source.spec, device)
+    _TimedCapture.hook_seconds = 0.0
+    factorize_s = 0.0
     t = time.perf_counter()
-    with source.capture() as cap:
+    with _TimedCapture(source.model, source.layers, projections) as cap:
         for s in range(0, n, batch_size):
             batch = [examples[i] for i in range(s, min(n, s + batch_size))]
             grads, _ = source.projected_gradients(cap, batch, [str(i) for i in range(len(batch))])
+            _sync(device)
+            t_f = time.perf_counter()
             for G in grads:
                 L, R = factorize(G, 1)
                 L.to(torch.bfloat16), R.to(torch.bfloat16)
+            _sync(device)
+            factorize_s += time.perf_counter() - t_f
     _sync(device)
-    return time.perf_counter() - t
+    total = time.perf_counter() - t
+    return {"total_s": total, "hooks_s": _TimedCapture.hook_seconds, "factorize_s": factorize_s,
+            "forward_backward_s": total - factorize_s - _TimedCapture.hook_seconds}
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -152,8 +184,19 @@ def time_model(shape: str, n: int, root: Path, device, common: dict) -> dict:
     default = ls.build(TokensTask(shape, n), root / f"{shape}-default", **opts)
     paper = ls.build(TokensTask(shape, n), root / f"{shape}-paper", **opts, **PAPER)
     info = ls.info(root / f"{shape}-default")
+    rows_s = default.seconds - default.whiten_seconds - default.finalize_seconds
+    stages = {  # where the default build's time goes, in seconds (a plain forward+backward = floor_s)
+        "forward_backward_with_hooks": capture["forward_backward_s"],
+        "hooks_projection_products": capture["hooks_s"],
+        "factorisation": capture["factorize_s"],
+        "statistics": default.sketch_seconds,
+        "store_and_rest": max(0.0, rows_s - capture["total_s"] - default.sketch_seconds),
+        "whitening_prepass": default.whiten_seconds,
+        "finalisation": default.finalize_seconds,
+    }
     out = {"N": n, "batch": batch, "floor_s": floor, "floor_examples_per_s": n / floor,
-           "capture_factorize_s": capture, "capture_ratio_to_floor": capture / floor,
+           "capture_factorize_s": capture["total_s"], "capture_ratio_to_floor": capture["total_s"] / floor,
+           "stages_s": stages,
            "default": build_row(default, floor, n), "paper": build_row(paper, floor, n),
            "default_bytes_per_example": info["bytes_per_example"],
            "default_state_bytes": info["disk_bytes"] - info["factor_bytes"],
@@ -209,6 +252,8 @@ def report(res: dict) -> None:
             continue
         print(f"{shape} (N={m['N']:,}, batch {m['batch']}): plain forward+backward {m['floor_s']:.1f}s "
               f"({m['floor_examples_per_s']:.0f} ex/s); capture+factorize loop {m['capture_ratio_to_floor']:.2f}x")
+        print("  default build by stage: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}s ({v / m['floor_s']:.2f})"
+                                                      for k, v in m["stages_s"].items()) + "  (x floor in brackets)")
         for name in ("default", "paper"):
             b = m[name]
             print(f"  {name:8s} build {b['build_s']:.1f}s = {b['ratio_to_floor']:.2f}x the floor "
