@@ -553,10 +553,12 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
                        bytes_written, sketches.seconds, finalize_seconds=time.perf_counter() - t_final)
 
 
-def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool, bar):
+def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool, bar,
+               row_offset: int = 0):
     """Index the rows of the writer's last segment that are not committed yet, feeding the curvature
     statistic (caught up first); `bar.update(rows, nbytes=...)` hears of every commit. Returns the
-    statistic (not saved, not finalized) and the bytes written."""
+    statistic (not saved, not finalized) and the bytes written. `row_offset` is the index's number
+    of the writer's row 0 (a shard's first row), for the rows that messages name."""
     segment = writer.settings["segments"][-1]
     start_row = writer.rows
     end_row = segment["start"] + segment["count"]
@@ -624,10 +626,10 @@ def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildC
                             pending_rows += ok
                         emit()
                         committer.drain()
-                        kept = (f"rows 0..{block_first - 1} are committed and valid" if block_first
-                                else "no rows are committed yet")
+                        kept = (f"rows {row_offset}..{row_offset + block_first - 1} are committed and valid"
+                                if block_first else "no rows are committed yet")
                         raise NonFiniteGradientError(
-                            f"{describe_nonfinite(ids, rows, finite)}; {kept} "
+                            f"{describe_nonfinite(ids, [row_offset + r for r in rows], finite)}; {kept} "
                             f"(rerun with --skip-nonfinite to store zero factors for such examples)"
                         )
                     nonfinite.extend(r for r, ok in zip(rows, finite.tolist()) if not ok)
@@ -646,7 +648,7 @@ def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildC
             if held_back:
                 raise NonFiniteGradientError(
                     f"every one of the {segment['count']:,} examples of this {segment['kind']} has a non-finite loss "
-                    f"or gradient (the first: {held_back[0]!r}, row {segment['start']}); nothing was stored: "
+                    f"or gradient (the first: {held_back[0]!r}, row {row_offset + segment['start']}); nothing was stored: "
                     f"check the model and the loss (--skip-nonfinite is for a few bad examples)"
                 )
             emit()

@@ -239,7 +239,8 @@ def _write_segment(comm: Comm, path: Path, manifest: ShardManifest, writers: dic
     before = comm.sum_int(writer.rows)
     bar = GlobalProgress(comm, segment["kind"], total=segment["count"] - before, unit="ex", enabled=progress)
     try:
-        statistic, written = comm.together(lambda: index_rows(writer, source, view, config, progress and comm.root, bar))
+        statistic, written = comm.together(lambda: index_rows(writer, source, view, config, progress and comm.root, bar,
+                                                              row_offset=manifest.shards[_position(writers, writer)].start))
     except BaseException:
         bar.close()
         raise
@@ -263,6 +264,10 @@ def _write_segment(comm: Comm, path: Path, manifest: ShardManifest, writers: dic
     return BuildResult(str(path), rows, new_rows, time.perf_counter() - t0, comm.sum_int(written),
                        comm.sum_float(statistic.seconds) / comm.world, whiten_seconds=whiten_s,
                        finalize_seconds=time.perf_counter() - t_final)
+
+
+def _position(writers: dict[int, IndexWriter], writer: IndexWriter) -> int:
+    return next(p for p, w in writers.items() if w is writer)
 
 
 def _duplicate(comm: Comm, manifest: ShardManifest, writers: dict[int, IndexWriter]):

@@ -309,6 +309,21 @@ def test_killed_rank_resumes_to_the_same_index(tmp_path):
         ls.build(_renamed(), index, progress=False, **BUILD)
 
 
+def test_a_failing_rank_stops_the_job_in_one_line_each(tmp_path):
+    """A non-finite example in rank 1's rows: rank 1 names it by its global row, rank 0 says rank 1
+    failed, both exit (no rank is left waiting in a collective)."""
+    (tmp_path / "nan_task.py").write_text(f"import sys\nsys.path.insert(0, {str(TASKS)!r})\n"
+                                          f"from mlp_task import MLPTask\n\ndef nan30():\n    return MLPTask(nan_row=30)\n")
+    proc = subprocess.run([*TORCHRUN, "-m", "lorif_stream", "build", "--task", f"{tmp_path / 'nan_task.py'}:nan30",
+                           "--index", str(tmp_path / "idx"), *BUILD_ARGS], cwd=ROOT, capture_output=True, text=True,
+                          timeout=TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("lorif-stream: error:")]
+    assert any("non-finite loss or gradient for example 'ex30' (row 30); rows 24..29 are committed" in l
+               for l in errors), proc.stderr[-3000:]
+    assert any("rank 1 failed: NonFiniteGradientError" in l for l in errors), proc.stderr[-3000:]
+
+
 def _renamed():
     task = mlp_task.full()
     task.example_id = lambda example, i: f"other{i}"
