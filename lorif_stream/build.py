@@ -662,7 +662,8 @@ def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildC
             s["nonfinite_rows"] = sorted(set(s.get("nonfinite_rows", [])) | set(nonfinite))
             writer.update_settings(s)
             notice(f"{len(nonfinite)} example(s) had non-finite gradients and were stored as zeros "
-                   f"(rows {s['nonfinite_rows'][:10]}{'...' if len(s['nonfinite_rows']) > 10 else ''})")
+                   f"(rows {[row_offset + r for r in s['nonfinite_rows'][:10]]}"
+                   f"{'...' if len(s['nonfinite_rows']) > 10 else ''})")
     committer.check()
     return sketches, committer.bytes_written
 
