@@ -104,6 +104,23 @@ class Comm:
         dist.broadcast_object_list(box, src=src, device=self.device)
         return box[0]
 
+    def broadcast_tensors(self, tensors: list[torch.Tensor] | None, specs: list[tuple]) -> list[torch.Tensor]:
+        """Rank 0's `tensors` on every rank (on `self.device`), sent as tensors, not pickled;
+        `specs` = [(shape, dtype name)] of each, known to every rank."""
+        if not self.active or self.world == 1:
+            return list(tensors)
+        import torch.distributed as dist
+
+        out = []
+        for i, (shape, dtype) in enumerate(specs):
+            if self.root:
+                t = tensors[i].to(self.device).contiguous()
+            else:
+                t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            dist.broadcast(t, src=0)
+            out.append(t)
+        return out
+
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
         if not self.active or self.world == 1:

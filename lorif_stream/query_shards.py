@@ -49,10 +49,8 @@ def query_across_ranks(task, path: Path, out, scores, config: QueryConfig, comm:
             try:
                 for q0 in range(0, plan["Q"], plan["q_batch"]):
                     q1 = min(plan["Q"], q0 + plan["q_batch"])
-                    H = comm.on_root(lambda: [h.cpu() for h in _preconditioned_queries(
-                        context["source"], context["queries"], plan["q_ids"], q0, q1, plan["layers"], context["curv"],
-                        config.batch_size)])
-                    H = [h.to(device) for h in H]
+                    specs = comm.on_root(lambda: _query_gradients(context, plan, q0, q1, config.batch_size))
+                    H = [h.to(device) for h in comm.broadcast_tensors(context.get("H"), specs)]
                     bar = GlobalProgress(comm, "query", total=rows, unit="rows", enabled=progress)
                     top = comm.together(lambda: _stream_scores(snap, H, plan["layers"], device, config, writer, q0,
                                                                stats, progress, bar=_Unclosed(bar))
@@ -71,6 +69,13 @@ def query_across_ranks(task, path: Path, out, scores, config: QueryConfig, comm:
         write_results(out, results)
     return QueryResult(results, rows, time.perf_counter() - t0, None if out is None else str(out),
                        None if scores is None else str(scores), stats)
+
+
+def _query_gradients(context: dict, plan: dict, q0: int, q1: int, batch_size: int) -> list[tuple]:
+    """Rank 0: the preconditioned gradients of queries q0..q1 (kept in `context`); their shapes and dtypes."""
+    context["H"] = _preconditioned_queries(context["source"], context["queries"], plan["q_ids"], q0, q1, plan["layers"],
+                                           context["curv"], batch_size)
+    return [(tuple(h.shape), str(h.dtype).removeprefix("torch.")) for h in context["H"]]
 
 
 class _Unclosed:
