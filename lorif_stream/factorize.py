@@ -10,9 +10,13 @@ The best rank-c approximation (Eckart-Young) is the truncated SVD; two ways to g
   ``OVERSAMPLE`` extra columns, then a Rayleigh-Ritz step (a ``c + OVERSAMPLE`` square
   eigenproblem) -- batched matmuls, orthonormalisations of tall thin blocks, tiny eigh.
 
-A gradient of a T-token example has rank <= T and its spectrum decays fast, so the iteration
-counts (8 for c=1, 16 for c>1, as in the paper) with oversampling reach the optimum to a
-fraction of a percent (measured below).
+A gradient of a T-token example has rank <= T and its spectrum decays fast, so few iterations
+with oversampling reach the optimum: 4 for c=1 and 16 for c>1 (the paper used 8 and 16). Measured
+as the worst per-example excess Frobenius error over the SVD optimum, relative to ``|G|``, on the
+trained demo GPT-2 (fortunes, 256 examples, 9 layers, f=4) and a random GPT-2-small shape (256
+tokens, 16 of its 48 layers): c=1 at 4 iterations 6.8e-6 / 8.1e-8 (at 3: 1.2e-4 / 1.2e-7); c=4
+at 8 iterations 1.3e-7 / 1.2e-4, at 16 7.7e-8 / 3.7e-6. bf16 storage then rounds every value by
+up to 4e-3, so c=1 stops at 4, which makes the default build's factorisation ~40% cheaper.
 
 Conventions (both methods): ``L`` absorbs the singular values; ``R``'s columns are orthonormal
 (for components with a non-zero singular value; the others are arbitrary and carry ``L = 0``);
@@ -23,7 +27,8 @@ result is exact (SVD, zero columns appended when ``c`` exceeds the smaller dimen
 batch-mates (the power-iteration start is a fixed seeded matrix, not drawn from the batch).
 
 Timings (this repository's shared 2-core CPU, torch 2.13, fp32, ONE thread to dampen the noise
-of other jobs, best of 3-7 runs; ms per batch, "svd / power"; gradient-like G = sum of 64 token
+of other jobs, best of 3-7 runs; ms per batch, "svd / power" with power at 8 iterations for c=1, so c=1
+now costs about 60% of its column; gradient-like G = sum of 64 token
 outer products with a 100x decaying scale):
 
     d_out x d_in    B    c=1            c=8            c=16           c=32
@@ -68,8 +73,8 @@ OVERSAMPLE = 4
 
 
 def power_iterations(c: int) -> int:
-    """Power-iteration steps used for rank ``c``: 8 for c=1, 16 for c>1."""
-    return 8 if c == 1 else 16
+    """Power-iteration steps used for rank ``c``: 4 for c=1, 16 for c>1 (measured: module docstring)."""
+    return 4 if c == 1 else 16
 
 
 def _start_block(d_out: int, k: int, device: torch.device) -> torch.Tensor:
