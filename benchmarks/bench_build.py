@@ -32,10 +32,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _memory import PeakRSS  # noqa: E402
 
 import lorif_stream as ls  # noqa: E402
-from lorif_stream.capture import GradientCapture  # noqa: E402
 from lorif_stream.factorize import factorize  # noqa: E402
 from lorif_stream.gradients import GradientSource  # noqa: E402
-from lorif_stream.projection import ProjectionSpec, make_projections  # noqa: E402
+from lorif_stream.projection import ProjectionSpec  # noqa: E402
 
 MODELS = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, vocab=512, seq=64, batch=32, tracked=None),
@@ -114,37 +113,15 @@ def plain_loop(task: TokensTask, n: int, batch_size: int, device) -> float:
     return time.perf_counter() - t
 
 
-class _TimedCapture(GradientCapture):
-    """The product's capture, with the time spent in its hooks (projections, per-example products) summed."""
-
-    hook_seconds = 0.0
-
-    def _keep_input(self, name, x):
-        t = time.perf_counter()
-        try:
-            return super()._keep_input(name, x)
-        finally:
-            _TimedCapture.hook_seconds += time.perf_counter() - t
-
-    def _consume(self, name, kept, delta):
-        t = time.perf_counter()
-        try:
-            super()._consume(name, kept, delta)
-        finally:
-            _TimedCapture.hook_seconds += time.perf_counter() - t
-
-
 def capture_loop(task: TokensTask, n: int, batch_size: int, device) -> dict:
     """The build's producer without the index: forward/backward with the capture hooks, then the
     rank-1 factorisation, nothing stored (random projections). Returns seconds per stage (CPU: the
     stages run in this thread; CUDA: synchronised around each)."""
     source = GradientSource.open(task, ProjectionSpec(f=4, min_side=32), device)
     examples = task.train_examples()
-    projections = make_projections(source.layers, source.spec, device)
-    _TimedCapture.hook_seconds = 0.0
     factorize_s = 0.0
     t = time.perf_counter()
-    with _TimedCapture(source.model, source.layers, projections) as cap:
+    with source.capture() as cap:
         for s in range(0, n, batch_size):
             batch = [examples[i] for i in range(s, min(n, s + batch_size))]
             grads, _ = source.projected_gradients(cap, batch, [str(i) for i in range(len(batch))])
@@ -157,8 +134,8 @@ def capture_loop(task: TokensTask, n: int, batch_size: int, device) -> dict:
             factorize_s += time.perf_counter() - t_f
     _sync(device)
     total = time.perf_counter() - t
-    return {"total_s": total, "hooks_s": _TimedCapture.hook_seconds, "factorize_s": factorize_s,
-            "forward_backward_s": total - factorize_s - _TimedCapture.hook_seconds}
+    return {"total_s": total, "hooks_s": cap.hook_seconds, "factorize_s": factorize_s,
+            "forward_backward_s": total - factorize_s - cap.hook_seconds}
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -272,6 +273,8 @@ class LayerHooks:
         # layers whose forward never ran or whose output did not reach the loss in the last
         # batch (e.g. nn.MultiheadAttention.out_proj, used functionally): their gradients are 0
         self.unused_layers: list[str] = []
+        # host seconds spent inside the hooks since creation (kernel launches only on CUDA)
+        self.hook_seconds = 0.0
         self.reset()
 
     def _keep_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -327,8 +330,10 @@ class LayerHooks:
                     "require grad, do not run the forward pass under torch.no_grad(), and use "
                     "non-reentrant activation checkpointing (use_reentrant=False) if any"
                 )
+            start = time.perf_counter()
             with torch.no_grad(), _full_precision(x.device):
                 kept = self._keep_input(name, x.detach())
+            self.hook_seconds += time.perf_counter() - start
             call = _Call(name, kept, output.shape[0],
                          torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True))
             self._calls.append(call)
@@ -340,9 +345,11 @@ class LayerHooks:
 
     def _make_gradient_hook(self, call: "_Call"):
         def on_gradient(delta: torch.Tensor) -> None:
+            start = time.perf_counter()
             with torch.no_grad(), _full_precision(delta.device):
                 self._consume(call.name, call.kept, delta)
             call.kept = None  # consumed: free it now, not at the end of the backward
+            self.hook_seconds += time.perf_counter() - start
 
         return on_gradient
 

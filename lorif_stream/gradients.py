@@ -6,6 +6,7 @@ so a query gradient is projected exactly like the stored ones.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -33,6 +34,11 @@ class GradientSource:
     fingerprint: str
     # the index's whitened projections; None = the seeded random ones of `spec`
     projections: dict[str, LayerProjection] | None = None
+    # host seconds in the task's forward + backward (hooks excluded), and when the first step began:
+    # wall time since then over model time is what the engine costs on top of the model (CPU; on
+    # CUDA only kernel launches would be timed, so it is not reported there)
+    model_seconds: float = 0.0
+    first_step_at: float | None = None
 
     @classmethod
     def open(cls, task, spec: ProjectionSpec, device: torch.device, layers: Sequence[LayerInfo] | None = None):
@@ -79,6 +85,9 @@ class GradientSource:
                             objective: str = "loss") -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per layer (B, d_out, d_in) fp32 projected gradients of `objective` for `examples`,
         and a (B,) bool mask of the examples whose objective and gradients are all finite."""
+        start, hooks_before = time.perf_counter(), capture.hook_seconds
+        if self.first_step_at is None:
+            self.first_step_at = start
         batch = to_device(self.task.collate(examples), self.device)
         with torch.enable_grad():
             fn = self.task.loss if objective == "loss" else self.task.measurement
@@ -88,6 +97,7 @@ class GradientSource:
                 raise ValueError(f"task.{objective}() must return a ({len(examples)},) tensor of per-example values, got {shape}")
             finite = torch.isfinite(values.detach())
             grads = capture.projected_gradients(values)
+        self.model_seconds += time.perf_counter() - start - (capture.hook_seconds - hooks_before)
         if capture.unused_layers:
             notice(f"{len(capture.unused_layers)} tracked layer(s) never reached the {objective} "
                    f"({', '.join(capture.unused_layers[:3])}{'...' if len(capture.unused_layers) > 3 else ''}): "
@@ -96,6 +106,14 @@ class GradientSource:
         for G in out:
             finite &= torch.isfinite(G).flatten(1).all(dim=1)
         return out, finite
+
+
+    def overhead_text(self) -> str:
+        """E.g. ``"1.31x fwd+bwd"``: wall time since the first step over the time the task's own
+        forward+backward took, for a progress bar (empty before a step, and on CUDA)."""
+        if self.first_step_at is None or self.model_seconds <= 0 or self.device.type != "cpu":
+            return ""
+        return f"{(time.perf_counter() - self.first_step_at) / self.model_seconds:.2f}x fwd+bwd"
 
 
 def describe_nonfinite(ids: Sequence[str], rows: Sequence[int], finite: torch.Tensor) -> str:

@@ -20,8 +20,9 @@ class Progress:
     """
 
     def __init__(self, desc: str, total: int | None = None, unit: str = "it", enabled: bool = True,
-                 log_every: float = 10.0, stream=None):
+                 log_every: float = 10.0, stream=None, detail=None):
         self.desc, self.total, self.unit, self.enabled = desc, total, unit, enabled
+        self.detail = detail  # optional () -> str appended to the line, e.g. the cost over the model
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.interval = 0.1 if self.tty else log_every
@@ -46,6 +47,8 @@ class Progress:
         parts.append(f"{rate:,.1f} {self.unit}/s")
         if self.nbytes:
             parts.append(f"{self.nbytes / 1e6:,.1f} MB ({self.nbytes / 1e6 / elapsed:,.1f} MB/s)")
+        if self.detail is not None and (extra := self.detail()):
+            parts.append(extra)
         if self.total and rate > 0 and self.count < self.total:
             parts.append(f"ETA {_fmt_duration((self.total - self.count) / rate)}")
         else:

@@ -509,3 +509,33 @@ def test_low_precision_models_accumulate_in_fp32_and_match_torch_func(mode):
         # bf16 keeps 8 bits of mantissa: forward/backward rounding bounds the agreement, not our sums
         err = (grads[layer.name] - expected).norm() / expected.norm()
         assert err < 0.05, f"{mode} {layer.name}: relative error {err:.3g}"
+
+
+def test_the_engine_cost_over_the_model_is_timed_for_the_progress_bar():
+    import io
+    import re as _re
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    from lorif_stream.gradients import GradientSource
+    from lorif_stream.progress import Progress
+
+    _sys.path.insert(0, str(_Path(__file__).parent / "tasks"))
+    import mlp_task
+
+    task = mlp_task.full()
+    source = GradientSource.open(task, ProjectionSpec(f=2), torch.device("cpu"))
+    assert source.overhead_text() == ""  # nothing timed yet
+    examples = task.train_examples()
+    with source.capture() as cap:
+        for b in range(0, 24, 8):
+            source.projected_gradients(cap, [examples[i] for i in range(b, b + 8)], [str(i) for i in range(8)])
+        assert cap.hook_seconds > 0
+    assert 0 < source.model_seconds
+    text = source.overhead_text()
+    assert _re.fullmatch(r"\d+\.\d\dx fwd\+bwd", text) and float(text.split("x")[0]) >= 1.0
+    stream = io.StringIO()
+    bar = Progress("build", total=24, unit="ex", stream=stream, detail=source.overhead_text)
+    bar.update(24)
+    bar.close()
+    assert "x fwd+bwd" in stream.getvalue()
