@@ -536,7 +536,8 @@ def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConf
     t0 = time.perf_counter()
     start_row = writer.rows
     segment = writer.settings["segments"][-1]
-    bar = Progress(segment["kind"], total=segment["start"] + segment["count"] - start_row, unit="ex", enabled=progress)
+    bar = Progress(segment["kind"], total=segment["start"] + segment["count"] - start_row, unit="ex", enabled=progress,
+                   detail=source.overhead_text)
     try:
         sketches, bytes_written = index_rows(writer, source, task, config, progress, bar)
     finally:

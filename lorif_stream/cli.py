@@ -68,6 +68,10 @@ def _budget(kwargs: dict) -> None:
 
 
 def task_options(fn):
+    fn = click.option("--hf-dtype", "model_dtype", type=click.Choice(["fp32", "bf16", "fp16", "auto"]), default="fp32",
+                      show_default=True,
+                      help="HF task: dtype of the loaded weights (auto = the checkpoint's); bf16/fp16 halve the model's "
+                           "memory, projections stay fp32; build and query must use the same")(fn)
     fn = click.option("--skip-empty", is_flag=True,
                       help="HF task, prompt/completion: skip (not refuse) examples with no completion token left "
                            "after truncation; the count and first ids go to stderr")(fn)
@@ -88,8 +92,9 @@ def task_options(fn):
     fn = click.option("--queries", "query_data", type=click.Path(), default=None,
                       help="HF task: query records: .jsonl, .jsonl.gz, .parquet or a datasets.save_to_disk folder")(fn)
     fn = click.option("--data", "train_data", type=click.Path(), default=None,
-                      help="HF task: training records: .jsonl, .jsonl.gz, .parquet (read lazily by row group) or a "
-                           "datasets.save_to_disk folder (needs the data extra)")(fn)
+                      help="HF task: training records: .jsonl (read lazily by line), .jsonl.gz (read whole: gzip "
+                           "cannot seek), .parquet (read lazily by row group) or a datasets.save_to_disk folder "
+                           "(needs the data extra)")(fn)
     fn = click.option("--hf-model", type=click.Path(file_okay=False), default=None,
                       help="built-in HF causal-LM task: a save_pretrained folder (model + tokenizer), local only")(fn)
     fn = click.option("--task", "task_spec", default=None, help=_TASK_HELP)(fn)
@@ -99,7 +104,7 @@ def task_options(fn):
 def _make_task(kwargs: dict):
     spec = kwargs.pop("task_spec")
     hf = {k: kwargs.pop(k) for k in ("hf_model", "train_data", "query_data", "text_field", "id_field", "max_length",
-                                     "prompt_field", "completion_field", "chat_template", "skip_empty")}
+                                     "prompt_field", "completion_field", "chat_template", "skip_empty", "model_dtype")}
     if spec and hf["hf_model"]:
         raise click.UsageError("give either --task or --hf-model, not both")
     if spec:
@@ -447,11 +452,12 @@ def _run_cli(args: list[str]) -> None:
 @click.option("--chat-template", is_flag=True, help="accepted with query's task options; texts are shown without it")
 @click.option("--skip-empty", is_flag=True,
               help="accepted with query's task options; rows shifted by skipped examples are found by id")
+@click.option("--hf-dtype", "model_dtype", default=None, help="accepted with query's task options; not needed for texts")
 @click.option("--max-chars", type=click.IntRange(0), default=4000, show_default=True,
               help="clip each text on the page after this many characters (0 = never)")
 @click.option("--title", default=None, help="page title (default: from the results file name)")
 def report(results, index, out, task_spec, hf_model, train_data, query_data, text_field, id_field, prompt_field,
-           completion_field, max_length, chat_template, skip_empty, max_chars, title):
+           completion_field, max_length, chat_template, skip_empty, model_dtype, max_chars, title):
     """Write one self-contained HTML page of the results: open it in any browser, offline.
 
     Per query: its text, its proponents and opponents with their texts and score bars, and a

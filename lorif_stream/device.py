@@ -10,7 +10,10 @@ _NOTICES: set[str] = set()
 
 
 def notice(message: str) -> None:
-    """Say a fallback once per process (never degrade silently, never nag)."""
+    """Say a fallback once per job (never degrade silently, never nag): once per process, and
+    under torch.distributed by rank 0 only, which speaks for the job."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
     if message not in _NOTICES:
         _NOTICES.add(message)
         print(f"[lorif-stream] {message}", file=sys.stderr, flush=True)

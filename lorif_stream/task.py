@@ -722,6 +722,10 @@ def _converter(records: RecordSource, fields: dict[str, str], id_field: str | No
     return convert
 
 
+# --hf-dtype -> from_pretrained's torch_dtype ("auto": the dtype the checkpoint was saved in)
+MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
+
+
 class HFCausalLMTask(Task):
     """Attribute a Hugging Face causal LM's next-token loss to training texts, all from local files.
 
@@ -747,6 +751,11 @@ class HFCausalLMTask(Task):
             has none.
         skip_empty: skip (instead of refusing) examples with no scored completion token after
             truncation; their ids are in ``skipped_ids["train" | "query"]``.
+        model_dtype: the weights' dtype once loaded: ``"fp32"`` (default), ``"bf16"``, ``"fp16"``
+            or ``"auto"`` (the checkpoint's own). Half precision halves the model's memory (a
+            7B model: 14 GB instead of 28); projections and sums stay fp32 either way. Build and
+            query must use the same dtype (it changes the gradients; the model fingerprint
+            tells them apart).
 
     The loss of an example is the SUM over its tokens of the next-token cross-entropy, padding
     masked; batches are right-padded, so real tokens never see padding (causal attention) and
@@ -780,6 +789,7 @@ class HFCausalLMTask(Task):
         completion_field: str | None = None,
         chat_template: bool = False,
         skip_empty: bool = False,
+        model_dtype: str = "fp32",
     ) -> None:
         self.model_dir = Path(model_dir).expanduser()
         if not self.model_dir.is_dir():
@@ -806,6 +816,9 @@ class HFCausalLMTask(Task):
             raise TaskLoadError("chat_template (--chat-template) needs prompt_field and completion_field")
         if skip_empty and prompt_field is None:
             raise TaskLoadError("skip_empty (--skip-empty) needs prompt_field and completion_field")
+        if model_dtype not in MODEL_DTYPES:
+            raise TaskLoadError(f"model_dtype (--hf-dtype) must be one of {sorted(MODEL_DTYPES)}, got {model_dtype!r}")
+        self.model_dtype = model_dtype
         self.text_field = text_field
         self.id_field = id_field
         self.max_length = max_length
@@ -834,7 +847,8 @@ class HFCausalLMTask(Task):
         from transformers import AutoModelForCausalLM
 
         try:
-            return AutoModelForCausalLM.from_pretrained(self.model_dir, local_files_only=True)
+            return AutoModelForCausalLM.from_pretrained(self.model_dir, local_files_only=True,
+                                                        torch_dtype=MODEL_DTYPES[self.model_dtype])
         except Exception as exc:  # noqa: BLE001
             raise TaskLoadError(f"cannot load a causal LM from {self.model_dir}: {type(exc).__name__}: {exc}") from exc
 

@@ -72,3 +72,30 @@ def test_cli_help_and_bad_inputs(hf_files, tmp_path):
     (tmp_path / "junk").mkdir()
     bad = cli("verify", "--index", tmp_path / "junk", check=False)
     assert bad.returncode == 1 and "not a lorif-stream index" in bad.stderr
+
+
+def test_hf_dtype_bf16_builds_and_queries_and_a_mismatched_dtype_is_refused(hf_files):
+    import numpy as np
+    import torch
+
+    from lorif_stream.task import HFCausalLMTask, TaskLoadError
+
+    d, model = hf_files
+    assert HFCausalLMTask(model, None, model_dtype="bf16").model().dtype == torch.bfloat16
+    assert HFCausalLMTask(model, None).model().dtype == torch.float32  # the default keeps fp32
+    with pytest.raises(TaskLoadError, match="'int8'"):
+        HFCausalLMTask(model, None, model_dtype="int8")
+    idx, out, scores = d / "idx-bf16", d / "r-bf16.jsonl", d / "s-bf16.npy"
+    common = ["--hf-model", model, "--id-field", "doc", "--max-length", 16, "--hf-dtype", "bf16"]
+    cli("build", *common, "--data", d / "train.jsonl", "--index", idx, "--device", "cpu", "--quiet")
+    cli("query", *common, "--queries", d / "queries.jsonl", "--index", idx, "--out", out, "--scores", scores,
+        "--device", "cpu", "--quiet")
+    s = np.load(scores)
+    assert np.isfinite(s).all() and s.std() > 0
+    for r in (json.loads(l) for l in out.read_text().splitlines()):  # each query's own copies first
+        assert {p["row"] % len(CORPUS) for p in r["proponents"][:3]} == {int(r["id"][1:])}
+    # the same weights in fp32 give other gradients: the fingerprint refuses them, in one line
+    bad = cli("query", *common[:-2], "--queries", d / "queries.jsonl", "--index", idx, "--out", d / "x.jsonl",
+              "--device", "cpu", "--quiet", check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "model" in bad.stderr.lower()
