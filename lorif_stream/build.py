@@ -394,7 +394,7 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
         if source.fingerprint != settings["fingerprint"]:
             raise SettingsMismatchError(
                 f"the task's model differs from the one index {writer.path} was built with "
-                f"(fingerprint {source.fingerprint[:12]} vs {settings['fingerprint'][:12]}): different weights or layers"
+                f"(fingerprint {source.fingerprint[:12]} vs {settings['fingerprint'][:12]}): different weights, weight dtype or layers"
             )
         segments = settings["segments"]
         last = segments[-1]

@@ -328,7 +328,7 @@ def _open_source(task, settings: dict, snap: Snapshot, device: torch.device, ind
     if source.fingerprint != settings["fingerprint"]:
         raise ModelMismatchError(
             f"the task's model differs from the one index {index} was built with "
-            f"(fingerprint {source.fingerprint[:12]} vs {settings['fingerprint'][:12]}): different weights"
+            f"(fingerprint {source.fingerprint[:12]} vs {settings['fingerprint'][:12]}): different weights or weight dtype"
         )
     if factors["projection_kind"] == "whitened":
         # queries are projected exactly like the stored rows: with the index's whitened projections

@@ -847,8 +847,13 @@ class HFCausalLMTask(Task):
         from transformers import AutoModelForCausalLM
 
         try:
+            import transformers
+
+            # transformers 4.56 renamed torch_dtype to dtype (and warns about the old name)
+            major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+            key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
             return AutoModelForCausalLM.from_pretrained(self.model_dir, local_files_only=True,
-                                                        torch_dtype=MODEL_DTYPES[self.model_dtype])
+                                                        **{key: MODEL_DTYPES[self.model_dtype]})
         except Exception as exc:  # noqa: BLE001
             raise TaskLoadError(f"cannot load a causal LM from {self.model_dir}: {type(exc).__name__}: {exc}") from exc
 
