@@ -5,7 +5,8 @@
 #   2. bench_capture on the GPU (peak device memory and time of capture vs a plain forward+backward);
 #   3. bench_build --gpu-quick (build vs the plain forward+backward floor, examples/s);
 #   4. bench_query --gpu-quick (read+decode GB/s, load-vs-score overlap, GEMM efficiency vs peak).
-# JSON lands in benchmarks/results/*_cuda*.json / *gpu_quick*.json; the log in gpu_check.log.
+# JSON lands in benchmarks/results/*_cuda*.json / *gpu_quick*.json, the log in gpu_check.log
+# (not tracked by git); with $OUT set (a remote runner's collection folder) they are copied there.
 #
 #   bash benchmarks/gpu_check.sh            # uses .venv/bin/python if present, else python3
 # Needs: a CUDA torch, and the package's dependencies importable (tools/setup.sh sets them up).
@@ -41,4 +42,8 @@ step "bench_capture (GPT-2-small shape, cuda)" 120 "$PY" benchmarks/bench_captur
 step "bench_build --gpu-quick" 150 "$PY" benchmarks/bench_build.py --gpu-quick
 step "bench_query --gpu-quick" 120 "$PY" benchmarks/bench_query.py --gpu-quick
 echo "== done ($(date +%T)): $([ $status -eq 0 ] && echo all steps passed || echo some steps FAILED, see $log)" | tee -a "$log"
+# a remote runner that collects files from $OUT gets the JSON and the log
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+    cp "$log" benchmarks/results/*_cuda*.json benchmarks/results/*gpu_quick*.json "$OUT"/ 2>/dev/null || true
+fi
 exit $status
