@@ -89,7 +89,7 @@ class _Lazy:
 def worker(n: int, out: Path, workdir: Path) -> None:
     """One rank of the job: build and query every mode, then rank 0 writes what every rank measured."""
     import lorif_stream as ls
-    from lorif_stream.distributed import REDUCE_STATS, init_from_env, shutdown
+    from lorif_stream.shards.comm import REDUCE_STATS, init_from_env, shutdown
 
     comm = init_from_env("cpu")
     task = TokensTask(n)

@@ -93,9 +93,9 @@ def whiten(task, index, config: BuildConfig | None = None, *, progress: bool = T
 
 
 def _build_here_or_sharded(task, path: Path, config: BuildConfig, progress: bool, whiten_only: bool) -> BuildResult:
-    """A torchrun job (or a rerun on a sharded index) builds shards (sharded.py); a plain process one environment."""
-    from .distributed import current
-    from .sharded import sharded_build
+    """A torchrun job (or a rerun on a sharded index) builds shards (shards/build.py); a plain process one environment."""
+    from .shards.comm import current
+    from .shards.build import sharded_build
     from .store.shards import is_sharded
 
     comm = current()
@@ -208,8 +208,8 @@ def append(task, index, config: BuildConfig | None = None, *, progress: bool = T
     given = set(FACTOR_FIELDS) if config is not None else set(options) & set(FACTOR_FIELDS)
     config = _config(config, options)
     task = _task(task)
-    from .distributed import current
-    from .sharded import sharded_append
+    from .shards.comm import current
+    from .shards.build import sharded_append
     from .store.shards import is_sharded
 
     comm = current()

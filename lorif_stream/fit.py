@@ -407,11 +407,11 @@ def fit(index, config: CurvatureConfig | None = None, *, device: str = "auto", m
         raise TypeError("pass either a CurvatureConfig or keyword options, not both")
     config = config or CurvatureConfig(**options)
     budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget()
-    from .distributed import current
+    from .shards.comm import current
 
     comm = current()
     if comm.on_root(lambda: is_sharded(index)):
-        from .sharded import sharded_fit
+        from .shards.build import sharded_fit
 
         return sharded_fit(Path(index), config, comm, device, budget, progress)
     # one environment has one writer: under torchrun, rank 0 fits it and the other ranks wait

@@ -258,11 +258,11 @@ def query(task, index, out: str | os.PathLike | None = None, scores: str | os.Pa
     from .task import load_task, resolve_task
 
     task = resolve_task(load_task(task) if isinstance(task, str) else task)
-    from .distributed import current
+    from .shards.comm import current
 
     comm = current()
     if comm.active:
-        from .query_shards import query_across_ranks
+        from .shards.query import query_across_ranks
 
         return query_across_ranks(task, Path(index), out, scores, config, comm, progress, t0)
     return query_in_process(task, index, out, scores, config, progress, t0)

@@ -2,10 +2,10 @@
 
 Every shard keeps its own running statistic over its own rows (the EK-FAC sums Λ or the lowrank
 sketches Y = AΩ with their traces and row counts), saved in the shard and caught up from its
-blocks exactly like a single index's (fit.py), so a killed rank resumes from its own shard. To
-finalize, a rank adds up the statistics of the shards it holds, the ranks all-reduce them, and
-rank 0 alone turns the totals into a curvature generation (Nyström eigenpairs or Λ and damping)
-stored in the head shard, where queries read it.
+blocks exactly like a single index's (lorif_stream/fit.py), so a killed rank resumes from its own
+shard. To finalize, a rank adds up the statistics of the shards it holds, the ranks all-reduce
+them, and rank 0 alone turns the totals into a curvature generation (Nyström eigenpairs or Λ and
+damping) stored in the head shard, where queries read it.
 """
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from dataclasses import asdict
 
 import torch
 
-from .config import CurvatureConfig
-from .distributed import Comm
-from .fit import (
+from ..config import CurvatureConfig
+from ..fit import (
     CURVATURE_META, EkfacSet, SketchSet, _finalize_layer, _stale_generation, sketch_memory_bytes, sketch_seed,
     store_ekfac_curvature, store_no_curvature,
 )
-from .sketch import LayerSketch
+from ..sketch import LayerSketch
+from .comm import Comm
 
 
 class ShardedRefineError(ValueError):

@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 
 
-from .config import QueryConfig
-from .device import notice, resolve_device
-from .distributed import Comm, GlobalProgress
-from .fit import CURVATURE_META, load_preconditioner
-from .query import (
+from ..config import QueryConfig
+from ..device import notice, resolve_device
+from ..fit import CURVATURE_META, load_preconditioner
+from ..query import (
     QueryResult, TopK, _format, _open_source, _preconditioned_queries, _ScoreWriter, _stream_scores, query_in_process,
     write_results,
 )
-from .store.shards import ShardedReader, ShardManifest, is_sharded, read_manifest
+from ..store.shards import ShardedReader, ShardManifest, is_sharded, read_manifest
+from .comm import Comm, GlobalProgress
 
 
 def query_across_ranks(task, path: Path, out, scores, config: QueryConfig, comm: Comm, progress: bool,

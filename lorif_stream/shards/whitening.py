@@ -1,9 +1,9 @@
 """The whitening pre-pass of a torchrun build: token moments summed across ranks, whitened once.
 
 Each rank runs its share of the (global, evenly spaced) whitening sample through the model; the
-fp64 moments and token counts of each layer group are all-reduced, rank 0 eigendecomposes
-(whitening.whiten_layer) and broadcasts the whitened projections, and every shard stores them, so
-that each shard is a complete index whose rows were projected with the index's P'.
+fp64 moments and token counts of each layer group are all-reduced, rank 0 eigendecomposes (the
+single-process whiten_layer) and broadcasts the whitened projections, and every shard stores them,
+so that each shard is a complete index whose rows were projected with the index's P'.
 
 Unlike the single-process pre-pass this one keeps no mid-group checkpoint: a killed job redoes the
 unfinished layer group (its share of at most `whiten_examples` examples per rank); finished groups
@@ -16,13 +16,13 @@ import sys
 import numpy as np
 import torch
 
-from .device import notice, to_device
-from .distributed import Comm, GlobalProgress
-from .projection import LayerProjection, make_projections
-from .whitening import (
+from ..device import notice, to_device
+from ..projection import LayerProjection, make_projections
+from ..whitening import (
     MAX_WHITENED_SIDE, WHITENING_META, MomentCapture, array_name, load_projections, moment_groups, sample_indices,
     whiten_layer, whitened_sides,
 )
+from .comm import Comm, GlobalProgress
 
 _FIELDS = ("P_in", "P_out", "q_in", "q_out")
 

@@ -3,11 +3,11 @@
 The index directory holds `shards.json` and one shard per rank per segment (store/shards.py). A
 segment (the build, then each append) is split into one contiguous run of rows per rank; rank r
 writes shard `first + r` of it with the single-process pipeline (build.index_rows) over a view of
-its rows (shard_task.py). What is shared is computed once: rank 0 plans the segment and writes the
+its rows (task_view.py). What is shared is computed once: rank 0 plans the segment and writes the
 manifest, the whitening moments and the curvature statistics are all-reduced and finalized on
-rank 0 (whitening_shards.py, curvature_reduce.py), ids are checked unique across shards
-(shard_ids.py). Rank 0 alone writes the manifest and the head shard's index-wide state; a rank
-opens only the shards it writes or holds (shard s is held by rank s % world), so shards may sit on
+rank 0 (whitening.py, curvature.py of this package), ids are checked unique across shards
+(ids.py). Rank 0 alone writes the manifest and the head shard's index-wide state; a rank opens
+only the shards it writes or holds (shard s is held by rank s % world), so shards may sit on
 node-local disks.
 
 A rerun of the same command resumes: every shard continues at its first missing row. The world
@@ -23,25 +23,25 @@ from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .build import (
+from ..build import (
     PAUSE_BEFORE_FINALIZE_ENV, BuildResult, SettingsMismatchError, _announce, _check_budget, _check_disk,
     _check_new_directory, _check_resumed_segment, _clamp_rank, _default_block_size, _diff, _resolve_preconditioner,
     _set_last_segment, _spec, index_rows,
 )
-from .capture import LayerInfo
-from .config import FACTOR_FIELDS, BuildConfig, CurvatureConfig, factor_key_of_index, factor_options
-from .curvature_reduce import check_sharded_curvature, reduce_curvature
-from .device import notice, resolve_device
-from .distributed import Comm, GlobalProgress
-from .gradients import GradientSource
-from .segments import segment_check, store_check, task_mismatch
-from .shard_ids import first_duplicate
-from .shard_task import ShardTask
-from .store import IndexLayout, IndexWriter, WriteRefusedError
-from .store.format import DATA_FILE
-from .store.shards import ShardManifest, ShardEntry, is_sharded, read_manifest, shard_name, split_rows, write_manifest
-from .whitening import WHITENING_META, tokens_per_example
-from .whitening_shards import ensure_whitening_sharded
+from ..capture import LayerInfo
+from ..config import FACTOR_FIELDS, BuildConfig, CurvatureConfig, factor_key_of_index, factor_options
+from ..device import notice, resolve_device
+from ..gradients import GradientSource
+from ..segments import segment_check, store_check, task_mismatch
+from ..store import IndexLayout, IndexWriter, WriteRefusedError
+from ..store.format import DATA_FILE
+from ..store.shards import ShardManifest, ShardEntry, is_sharded, read_manifest, shard_name, split_rows, write_manifest
+from ..whitening import WHITENING_META, tokens_per_example
+from .comm import Comm, GlobalProgress
+from .curvature import check_sharded_curvature, reduce_curvature
+from .ids import first_duplicate
+from .task_view import ShardTask
+from .whitening import ensure_whitening_sharded
 
 
 def _rank_budget(config: BuildConfig, comm: Comm) -> BuildConfig:
@@ -151,7 +151,7 @@ def _new_layout(source, config: BuildConfig) -> IndexLayout:
 
 def _started_layout(path: Path, manifest: ShardManifest) -> IndexLayout | None:
     """The layout of a started sharded index, from whichever of its shards rank 0 can see."""
-    from .store import IndexReader
+    from ..store import IndexReader
 
     for entry in manifest.shards:
         if (path / entry.name / DATA_FILE).exists():
@@ -346,7 +346,7 @@ def sharded_append(task, path: Path, config: BuildConfig, comm: Comm, progress: 
 
 def _plan_append_head(path: Path) -> dict:
     """Rank 0: the manifest, and the settings and layout that new shards copy from the head shard."""
-    from .store import IndexReader
+    from ..store import IndexReader
 
     if not is_sharded(path):
         if (path / DATA_FILE).exists():
@@ -419,7 +419,7 @@ def sharded_fit(path: Path, config: CurvatureConfig, comm: Comm, device, budget:
         if not manifest.segments[-1].get("finalized"):
             last = manifest.segments[-1]
             raise ValueError(f"index {path} has an unfinished {last['kind']}: rerun it before `fit`")
-        from .store import IndexReader
+        from ..store import IndexReader
 
         with IndexReader(path / manifest.shards[0].name) as head:
             resolved = config.resolved(factor_key_of_index(head.settings["factors"])["projection_kind"],

@@ -11,7 +11,7 @@ import hashlib
 
 import numpy as np
 
-from .distributed import Comm
+from .comm import Comm
 
 _CHUNK = 1 << 16
 
