@@ -30,60 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _memory import PeakRSS  # noqa: E402
+from bench_build import MODELS, PAPER, TokensTask  # noqa: E402
 
-MODES = {
-    "default": dict(),
-    "paper": dict(projection_kind="random", min_side=1, sketch_rank=64),
-}
-SHAPE = dict(n_layer=2, n_embd=128, n_head=4, vocab=512, seq=64)
-
-
-class TokensTask:
-    """Random token sequences (seeded per example) through a random tiny GPT-2."""
-
-    tracked_modules = None
-
-    def __init__(self, n: int, n_queries: int = 16):
-        self.n, self.n_queries = n, n_queries
-
-    def model(self):
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        torch.manual_seed(0)
-        return GPT2LMHeadModel(GPT2Config(n_layer=SHAPE["n_layer"], n_embd=SHAPE["n_embd"], n_head=SHAPE["n_head"],
-                                          vocab_size=SHAPE["vocab"], n_positions=SHAPE["seq"],
-                                          attn_implementation="eager"))
-
-    def _tokens(self, i: int):
-        return torch.randint(0, SHAPE["vocab"], (SHAPE["seq"],), generator=torch.Generator().manual_seed(1000003 * i + 7))
-
-    def train_examples(self):
-        return _Lazy(self.n, self._tokens)
-
-    def query_examples(self):
-        return _Lazy(self.n_queries, lambda j: self._tokens(-1 - j))
-
-    def collate(self, examples):
-        return torch.stack(examples)
-
-    def loss(self, model, batch):
-        logits = model(input_ids=batch).logits[:, :-1]
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                               reduction="none")
-        return ce.view(batch.shape[0], -1).sum(1)
-
-
-class _Lazy:
-    def __init__(self, n, fn):
-        self.n, self.fn = n, fn
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.fn(i)
+MODES = {"default": dict(), "paper": PAPER}
+SHAPE = "tiny"  # bench_build's tiny GPT-2; its own batch size is not this benchmark's
 
 
 def worker(n: int, out: Path, workdir: Path) -> None:
@@ -92,7 +42,7 @@ def worker(n: int, out: Path, workdir: Path) -> None:
     from lorif_stream.shards.comm import REDUCE_STATS, init_from_env, shutdown
 
     comm = init_from_env("cpu")
-    task = TokensTask(n)
+    task = TokensTask(SHAPE, n)
     report = {}
     try:
         for mode, options in MODES.items():
@@ -131,7 +81,8 @@ def main() -> None:
         worker(int(args.worker[0]), Path(args.worker[1]), Path(args.worker[2]))
         return
     n = 1024 if args.quick else 4096
-    results = {"n": n, "model": SHAPE, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+    model = {k: MODELS[SHAPE][k] for k in ("n_layer", "n_embd", "n_head", "vocab", "seq")}
+    results = {"n": n, "model": model, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                                    "torch": torch.__version__}, "worlds": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for world in [int(w) for w in args.worlds.split(",")]:

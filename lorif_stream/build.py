@@ -135,12 +135,29 @@ def _build(task, path: Path, config: BuildConfig, progress: bool, whiten_only: b
         raise ValueError("the task has no training examples (train_examples() is empty)")
     # everything that can refuse the build does so before the index exists
     _check_budget(source.layers, config)
-    layout = IndexLayout(source.layout_layers(), c=config.rank, dtype=config.dtype,
-                         block_size=config.block_size or _default_block_size(source, config), zstd_level=config.zstd_level)
+    layout = new_layout(source, config)
     _check_disk(path, layout, source.layers, n, config)
     if progress:
         _announce(layout, source.layers, n, config)
-    settings = {
+    settings = new_settings(task, source, config, n)
+    writer = IndexWriter.create(path, layout, settings, durability=config.durability)
+    try:
+        store_check(writer, settings["segments"][0], segment_check(task, examples, n))
+    except BaseException:
+        writer.close()
+        raise
+    return _run(writer, source, task, config, progress, whiten_only)
+
+
+def new_layout(source: GradientSource, config: BuildConfig) -> IndexLayout:
+    """The layout of a new index (a sharded one's is decided once, by rank 0, for every shard)."""
+    return IndexLayout(source.layout_layers(), c=config.rank, dtype=config.dtype,
+                       block_size=config.block_size or _default_block_size(source, config), zstd_level=config.zstd_level)
+
+
+def new_settings(task, source: GradientSource, config: BuildConfig, n: int) -> dict:
+    """The settings of a new index whose build segment holds `n` rows (a shard's add its `shard` record)."""
+    return {
         "factors": config.factor_key(),
         "layers": [l.to_dict() for l in source.layers],
         "fingerprint": source.fingerprint,
@@ -150,13 +167,6 @@ def _build(task, path: Path, config: BuildConfig, progress: bool, whiten_only: b
         "segments": [{"kind": "build", "start": 0, "count": n}],
         "nonfinite_rows": [],
     }
-    writer = IndexWriter.create(path, layout, settings, durability=config.durability)
-    try:
-        store_check(writer, settings["segments"][0], segment_check(task, examples, n))
-    except BaseException:
-        writer.close()
-        raise
-    return _run(writer, source, task, config, progress, whiten_only)
 
 
 def _changed_empty_build(writer: IndexWriter, task, config: BuildConfig):

@@ -32,6 +32,21 @@ def default_memory_budget() -> int:
     return int(psutil.virtual_memory().available * 0.5)
 
 
+def budget_groups(sizes: list[int], share: int) -> list[list[int]]:
+    """Positions of `sizes` in order, cut into runs whose sizes add up to at most `share` (one pass
+    over the data per run); an item larger than `share` is a run of its own."""
+    groups: list[list[int]] = []
+    used = 0
+    for i, need in enumerate(sizes):
+        if groups and used + need <= share:
+            groups[-1].append(i)
+            used += need
+        else:
+            groups.append([i])
+            used = need
+    return groups
+
+
 PROJECTION_KINDS = ("whitened", "random")
 PRECONDITIONERS = ("ekfac", "lowrank", "none")
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .capture import LayerHooks, LayerInfo
+from .config import budget_groups
 from .device import notice, to_device
 from .progress import Progress
 from .projection import LayerProjection, make_projections
@@ -198,21 +199,13 @@ def whiten_layer(A_in: torch.Tensor | None, A_out: torch.Tensor | None, tokens: 
 
 def moment_groups(layers: Sequence[LayerInfo], budget: int) -> list[list[LayerInfo]]:
     """Layers in order, grouped so each group's fp64 accumulators fit half the budget."""
-    groups: list[list[LayerInfo]] = []
-    used = 0
-    for layer in layers:
-        need = moment_bytes(layer)
+    needs = [moment_bytes(layer) for layer in layers]
+    for layer, need in zip(layers, needs):
         if need > budget // 2:
             raise MemoryError(f"memory budget {budget / 1e6:.0f} MB is too small to whiten layer {layer.name!r} "
                               f"({layer.in_features}x{layer.out_features}: {need / 1e6:.0f} MB of moments); "
                               f"raise --memory-budget or use --projection-kind random")
-        if groups and used + need <= budget // 2:
-            groups[-1].append(layer)
-            used += need
-        else:
-            groups.append([layer])
-            used = need
-    return groups
+    return [[layers[i] for i in group] for group in budget_groups(needs, budget // 2)]
 
 
 def ensure_whitening(writer, source, task, config, progress: bool = True) -> dict[str, LayerProjection]:

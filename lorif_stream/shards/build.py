@@ -25,8 +25,8 @@ from pathlib import Path
 
 from ..build import (
     PAUSE_BEFORE_FINALIZE_ENV, BuildResult, SettingsMismatchError, _announce, _check_budget, _check_disk,
-    _check_new_directory, _check_resumed_segment, _clamp_rank, _default_block_size, _diff, _resolve_preconditioner,
-    _set_last_segment, _spec, index_rows,
+    _check_new_directory, _check_resumed_segment, _clamp_rank, _diff, _resolve_preconditioner, _set_last_segment,
+    _spec, index_rows, new_layout, new_settings,
 )
 from ..capture import LayerInfo
 from ..config import FACTOR_FIELDS, BuildConfig, CurvatureConfig, factor_key_of_index, factor_options
@@ -88,7 +88,7 @@ def sharded_build(task, path: Path, config: BuildConfig, comm: Comm, progress: b
         position = segment["shards"][0] + comm.rank
         entry = manifest.shards[position]
         view = ShardTask(task, entry.start - segment["start"], entry.count)
-        settings = _build_settings(task, config, source, entry, position)
+        settings = dict(new_settings(task, source, config, entry.count), shard=_shard_record(entry, position))
         writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config,
                                                          source, "build"))
         stack.callback(writer.close)
@@ -118,18 +118,12 @@ def _plan_build(path: Path, n: int, comm: Comm, config: BuildConfig, source, pro
                 return {"manifest": manifest.to_dict(), "complete": True, "layout": None}
             raise SettingsMismatchError(f"index {path} already holds a complete build of {manifest.planned_rows:,} "
                                         f"rows; use `append` to add examples or a new --index")
-        shards = last["shards"][1] - last["shards"][0]
-        if shards != comm.world:
-            raise SettingsMismatchError(f"index {path} has an unfinished build of {shards} shards (one per rank): resume "
-                                        f"it with {shards} ranks, not {comm.world}")
-        if last["count"] != n:
-            raise SettingsMismatchError(f"index {path} has an unfinished build of {last['count']:,} examples; this task "
-                                        f"has {n:,}: resume it with the same task")
-        layout = _started_layout(path, manifest) or _new_layout(source, config)
+        _check_resumable(path, last, comm, n)
+        layout = _started_layout(path, manifest) or new_layout(source, config)
         return {"manifest": manifest.to_dict(), "complete": False, "layout": layout.to_dict()}
     _check_new_directory(path)
     counts = split_rows(n, comm.world)
-    layout = _new_layout(source, config)
+    layout = new_layout(source, config)
     if progress:
         _announce(layout, source.layers, n, config)
     shards, start = [], 0
@@ -143,10 +137,16 @@ def _plan_build(path: Path, n: int, comm: Comm, config: BuildConfig, source, pro
     return {"manifest": manifest.to_dict(), "complete": False, "layout": layout.to_dict()}
 
 
-def _new_layout(source, config: BuildConfig) -> IndexLayout:
-    """Decided by rank 0 for every shard: the default block size depends on the rank's memory budget."""
-    return IndexLayout(source.layout_layers(), c=config.rank, dtype=config.dtype,
-                       block_size=config.block_size or _default_block_size(source, config), zstd_level=config.zstd_level)
+def _check_resumable(path: Path, segment: dict, comm: Comm, n: int) -> None:
+    """An unfinished segment (build or append) resumes only with its world size (a shard is one
+    rank's) and its number of examples."""
+    kind, shards = segment["kind"], segment["shards"][1] - segment["shards"][0]
+    if shards != comm.world:
+        raise SettingsMismatchError(f"index {path} has an unfinished {kind} of {shards} shards (one per rank): resume "
+                                    f"it with {shards} ranks, not {comm.world}")
+    if segment["count"] != n:
+        raise SettingsMismatchError(f"index {path} has an unfinished {kind} of {segment['count']:,} examples; this "
+                                    f"task has {n:,}: resume it with the same task")
 
 
 def _started_layout(path: Path, manifest: ShardManifest) -> IndexLayout | None:
@@ -160,18 +160,9 @@ def _started_layout(path: Path, manifest: ShardManifest) -> IndexLayout | None:
     return None
 
 
-def _build_settings(task, config: BuildConfig, source, entry: ShardEntry, position: int) -> dict:
-    return {
-        "factors": config.factor_key(),
-        "layers": [l.to_dict() for l in source.layers],
-        "fingerprint": source.fingerprint,
-        "tracked_modules": getattr(task, "tracked_modules", None),
-        "curvature": asdict(config.curvature),
-        "allow_duplicate_ids": config.allow_duplicate_ids,
-        "segments": [{"kind": "build", "start": 0, "count": entry.count}],
-        "nonfinite_rows": [],
-        "shard": {"number": position, "start": entry.start, "count": entry.count},
-    }
+def _shard_record(entry: ShardEntry, position: int) -> dict:
+    """A shard's place in the index, in its settings (checked against the manifest on every open)."""
+    return {"number": position, "start": entry.start, "count": entry.count}
 
 
 def _open_or_create(path: Path, entry: ShardEntry, position: int, layout: IndexLayout, settings: dict, view,
@@ -334,7 +325,7 @@ def sharded_append(task, path: Path, config: BuildConfig, comm: Comm, progress: 
         entry = manifest.shards[position]
         view = ShardTask(task, entry.start - segment["start"], entry.count)
         settings = dict(plan["settings"], segments=[{"kind": "append", "start": 0, "count": entry.count}],
-                        nonfinite_rows=[], shard={"number": position, "start": entry.start, "count": entry.count},
+                        nonfinite_rows=[], shard=_shard_record(entry, position),
                         allow_duplicate_ids=bool(plan["settings"].get("allow_duplicate_ids") or config.allow_duplicate_ids))
         layout = IndexLayout.from_dict(plan["layout"])
         writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config,
@@ -366,13 +357,7 @@ def _plan_append_segment(comm: Comm, path: Path, manifest: ShardManifest, task, 
     if not last.get("finalized"):
         if last["kind"] != "append":
             raise SettingsMismatchError(f"index {path} has an unfinished {last['kind']}: run `{last['kind']}` to resume it")
-        shards = last["shards"][1] - last["shards"][0]
-        if shards != comm.world:
-            raise SettingsMismatchError(f"index {path} has an unfinished append of {shards} shards (one per rank): "
-                                        f"resume it with {shards} ranks, not {comm.world}")
-        if last["count"] != n:
-            raise SettingsMismatchError(f"index {path} has an unfinished append of {last['count']:,} examples; this "
-                                        f"task has {n:,}: resume it with the same task")
+        _check_resumable(path, last, comm, n)
         return manifest, None
     if last["kind"] == "append" and last["count"] == n:
         same = comm.together(lambda: _holds_task(comm, path, manifest, last, task))

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from ..config import CurvatureConfig
+from ..config import CurvatureConfig, budget_groups
 from ..fit import (
     CURVATURE_META, EkfacSet, SketchSet, _finalize_layer, _stale_generation, sketch_memory_bytes, sketch_seed,
     store_ekfac_curvature, store_no_curvature,
@@ -76,7 +76,7 @@ def _reduce_lowrank(comm: Comm, head, writers, layout, config, device, budget: i
     # a rank adds each shard's sketch into a running total: room for two of each layer
     share = budget // 2 // (2 if len(writers) > 1 else 1)
     layers: dict[str, dict] = {}
-    for group in _groups(layout, config, share):
+    for group in budget_groups([sketch_memory_bytes(l.D, config.sketch_width) for l in layout.layers], share):
         totals: dict[int, LayerSketch] = {}
         for w in writers:
             sketches = SketchSet(w, config, device)
@@ -100,17 +100,3 @@ def _reduce_lowrank(comm: Comm, head, writers, layout, config, device, budget: i
     summary = {"generation": generation, "config": asdict(config), "rows": rows, "layers": layers}
     head.put_state({}, {CURVATURE_META: summary}, drop=_stale_generation(old))
     return summary
-
-
-def _groups(layout, config: CurvatureConfig, share: int) -> list[list[int]]:
-    groups: list[list[int]] = []
-    used = 0
-    for i, layer in enumerate(layout.layers):
-        need = sketch_memory_bytes(layer.D, config.sketch_width)
-        if groups and used + need <= share:
-            groups[-1].append(i)
-            used += need
-        else:
-            groups.append([i])
-            used = need
-    return groups
