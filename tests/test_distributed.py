@@ -260,13 +260,7 @@ def test_a_manifest_of_an_unknown_version_or_damaged_is_refused(job, tmp_path):
 def test_verify_names_a_corrupted_shard_and_a_missing_one(job, tmp_path):
     index = tmp_path / "idx"
     shutil.copytree(job["full"], index)
-    with IndexReader(index / "shard-00001") as reader, reader.snapshot() as snap:
-        value = bytes(snap.value_at(0, 8))
-    data = bytearray((index / "shard-00001" / "data.mdb").read_bytes())
-    at = data.find(value)
-    assert at > 0
-    data[at + len(value) // 2] ^= 0xFF
-    (index / "shard-00001" / "data.mdb").write_bytes(bytes(data))
+    _damage_row(index / "shard-00001", 8)
     report = ls.verify(index, progress=False)
     assert not report.ok
     assert any(e.startswith("shard shard-00001: ") and "row 8" in e for e in report.errors), report.errors
@@ -276,6 +270,38 @@ def test_verify_names_a_corrupted_shard_and_a_missing_one(job, tmp_path):
     assert any("shard shard-00001 (rows 24..47) is missing" in e for e in report.errors), report.errors
     with pytest.raises(Exception, match="shard shard-00001 is missing"):
         ls.query(mlp_task.full(), index, device="cpu", progress=False)
+
+
+def test_ranks_holding_other_numbers_of_shards_refit_in_the_same_passes(job, tmp_path):
+    """3 shards on 2 ranks: rank 0 sums two shards' sketches (half the room per layer), rank 1 one.
+    Both must cut the layers into the same groups (8000 bytes: one 1920-byte and one 960-byte sketch
+    per group for rank 0's share, both in one for rank 1's), or their per-group exchanges mismatch."""
+    index, ref = tmp_path / "idx", tmp_path / "ref"
+    shutil.copytree(job["tmp"] / "lowrank", index)
+    extra = mlp_task.MLPTask(rows=(0, 6))
+    extra.example_id = lambda example, i: f"extra{i}"
+    ls.append(extra, index, device="cpu", progress=False)
+    shutil.copytree(index, ref)
+    torchrun_job(tmp_path, [["fit", "--index", str(index), "--preconditioner", "lowrank", "--sketch-rank", "2",
+                             "--memory-budget", "8000", "--device", "cpu", "--quiet"]])
+    one = ls.fit(ref, preconditioner="lowrank", sketch_rank=2, memory_budget=8000, device="cpu", progress=False)
+    with open_index(index) as reader, reader.snapshot() as snap:
+        two = snap.state_meta("curvature")
+    assert two["rows"] == one["rows"] == 54
+    for name in ("0", "2"):
+        np.testing.assert_allclose(two["layers"][name]["top_eigenvalues"], one["layers"][name]["top_eigenvalues"],
+                                   rtol=1e-4)
+
+
+def _damage_row(shard: Path, row: int) -> None:
+    """Flip a byte inside the stored block of layer 0 that holds `row` of `shard`."""
+    with IndexReader(shard) as reader, reader.snapshot() as snap:
+        value = bytes(snap.value_at(0, row))
+    data = bytearray((shard / "data.mdb").read_bytes())
+    at = data.find(value)
+    assert at > 0
+    data[at + len(value) // 2] ^= 0xFF
+    (shard / "data.mdb").write_bytes(bytes(data))
 
 
 def test_killed_rank_resumes_to_the_same_index(tmp_path):
@@ -309,19 +335,97 @@ def test_killed_rank_resumes_to_the_same_index(tmp_path):
         ls.build(_renamed(), index, progress=False, **BUILD)
 
 
+def failing_job(args: list[str]) -> list[str]:
+    """The error lines of a 2-rank CLI command that must fail; a hang (a rank left waiting in a
+    collective) fails the test at the timeout instead."""
+    proc = subprocess.run([*TORCHRUN, "-m", "lorif_stream", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    return [l for l in proc.stderr.splitlines() if l.startswith("lorif-stream: error:")]
+
+
 def test_a_failing_rank_stops_the_job_in_one_line_each(tmp_path):
     """A non-finite example in rank 1's rows: rank 1 names it by its global row, rank 0 says rank 1
     failed, both exit (no rank is left waiting in a collective)."""
     (tmp_path / "nan_task.py").write_text(f"import sys\nsys.path.insert(0, {str(TASKS)!r})\n"
                                           f"from mlp_task import MLPTask\n\ndef nan30():\n    return MLPTask(nan_row=30)\n")
-    proc = subprocess.run([*TORCHRUN, "-m", "lorif_stream", "build", "--task", f"{tmp_path / 'nan_task.py'}:nan30",
-                           "--index", str(tmp_path / "idx"), *BUILD_ARGS], cwd=ROOT, capture_output=True, text=True,
-                          timeout=TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode != 0
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("lorif-stream: error:")]
+    errors = failing_job(["build", "--task", f"{tmp_path / 'nan_task.py'}:nan30", "--index", str(tmp_path / "idx"),
+                          *BUILD_ARGS])
     assert any("non-finite loss or gradient for example 'ex30' (row 30); rows 24..29 are committed" in l
-               for l in errors), proc.stderr[-3000:]
-    assert any("rank 1 failed: NonFiniteGradientError" in l for l in errors), proc.stderr[-3000:]
+               for l in errors), errors
+    assert any("rank 1 failed: NonFiniteGradientError" in l for l in errors), errors
+
+
+UNREADABLE_TASK = """
+import sys
+sys.path.insert(0, {tasks!r})
+from mlp_task import MLPTask
+
+
+class Unreadable(MLPTask):
+    def train_examples(self):
+        rows = list(super().train_examples())
+        rows[31] = (None, rows[31][1])
+        return rows
+
+    def collate(self, examples):
+        if any(x is None for x, _ in examples):
+            raise RuntimeError("cannot read example 31")
+        return super().collate(examples)
+
+
+def unreadable31():
+    return Unreadable()
+"""
+
+
+def test_a_rank_failing_in_the_whitening_pre_pass_is_named_by_the_other(tmp_path):
+    """Example 31 is in rank 1's share of the whitening sample: rank 0, done with its share, must
+    hear that rank 1 failed (it used to meet a closed connection in the next all-reduce)."""
+    (tmp_path / "bad_task.py").write_text(UNREADABLE_TASK.format(tasks=str(TASKS)))
+    errors = failing_job(["build", "--task", f"{tmp_path / 'bad_task.py'}:unreadable31", "--index",
+                          str(tmp_path / "idx"), *BUILD_ARGS])
+    assert sorted(errors) == ["lorif-stream: error: cannot read example 31  (LORIF_DEBUG=1 shows the traceback)",
+                              "lorif-stream: error: rank 1 failed: RuntimeError: cannot read example 31  "
+                              "(LORIF_DEBUG=1 shows the traceback)"], errors
+
+
+def test_a_rank_failing_in_the_curvature_step_does_not_hang_the_job(job, tmp_path):
+    """A damaged block in rank 1's shard fails its EK-FAC sums inside `fit`: rank 0 was left in the
+    all-reduce of the sums while rank 1 waited to say it failed (a hang until the timeout)."""
+    index = tmp_path / "idx"
+    shutil.copytree(job["full"], index)
+    _damage_row(index / "shard-00001", 8)
+    errors = failing_job(["fit", "--index", str(index), "--preconditioner", "ekfac", "--device", "cpu", "--quiet"])
+    assert any("rank 1 failed: CorruptBlockError: layer '0' block at row 8" in l for l in errors), errors
+    assert any(l.startswith("lorif-stream: error: layer '0' block at row 8") for l in errors), errors
+
+
+BUDGET_JOB = """
+import sys
+sys.path.insert(0, {tasks!r})
+import mlp_task
+import lorif_stream as ls
+from lorif_stream.shards.comm import init_from_env, shutdown
+
+comm = init_from_env("cpu")
+try:
+    ls.build(mlp_task.full(), sys.argv[1], memory_budget=[2000, 1200][comm.rank], progress=False, **{build!r})
+finally:
+    shutdown()
+"""
+
+
+def test_ranks_with_other_memory_budgets_run_the_same_whitening_passes(tmp_path):
+    """Each rank's default budget is its own share of its node's free RAM, so ranks may differ: with
+    2000 bytes rank 0 fits both layers' moments (760 bytes) in one pass, with 1200 rank 1 needs two.
+    Every rank must run the same passes (the smallest budget's), or their all-reduces mismatch (a hang)."""
+    (tmp_path / "job.py").write_text(BUDGET_JOB.format(tasks=str(TASKS), build=BUILD))
+    proc = subprocess.run([*TORCHRUN, str(tmp_path / "job.py"), str(tmp_path / "idx")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ls.build(mlp_task.full(), tmp_path / "ref", memory_budget=1200, progress=False, **BUILD)
+    assert_same_index(tmp_path / "idx", tmp_path / "ref")
 
 
 def _renamed():

@@ -45,10 +45,10 @@ from .whitening import ensure_whitening_sharded
 
 
 def _rank_budget(config: BuildConfig, comm: Comm) -> BuildConfig:
-    """The default budget (half the RAM) is the node's: its ranks share it."""
-    if config.memory_budget is not None or comm.local_world <= 1:
-        return config
-    return replace(config, memory_budget=max(config.budget() // comm.local_world, 1))
+    """The default budget (half the RAM) is the node's: its ranks share it. The smallest rank's is
+    every rank's, so that all plan the same passes (whitening groups), hence the same collectives."""
+    budget = config.budget() if config.memory_budget is not None else max(config.budget() // comm.local_world, 1)
+    return replace(config, memory_budget=min(comm.gather(budget)))
 
 
 def _single_process_index(path: Path, what: str) -> SettingsMismatchError:
@@ -65,9 +65,8 @@ def sharded_build(task, path: Path, config: BuildConfig, comm: Comm, progress: b
     check_sharded_curvature(config.curvature)
     config = _rank_budget(config, comm)
     device = comm.device_for(resolve_device(config.device))
-    source = GradientSource.open(task, _spec(config), device)
+    source, n = comm.together(lambda: (GradientSource.open(task, _spec(config), device), len(task.train_examples())))
     config = _clamp_rank(config, source.layers)
-    n = len(task.train_examples())
     _same_everywhere(comm, n, source.fingerprint)
     if n == 0:
         raise ValueError("the task has no training examples (train_examples() is empty)")
@@ -215,8 +214,8 @@ def _write_segment(comm: Comm, path: Path, manifest: ShardManifest, writers: dic
     ordered = [writers[p] for p in sorted(writers)]
     t_whiten = time.perf_counter()
     if config.projection_kind == "whitened":
-        source.projections = comm.together(lambda: ensure_whitening_sharded(
-            comm, [writer], head if comm.root else None, source, task, config, progress))
+        source.projections = ensure_whitening_sharded(comm, [writer], head if comm.root else None, source, task, config,
+                                                      progress)
         # decided (and said) once: every shard stores the choice
         curvature = comm.on_root(lambda: _resolve_preconditioner(writer, config).curvature)
         config = replace(config, curvature=curvature)
@@ -239,15 +238,15 @@ def _write_segment(comm: Comm, path: Path, manifest: ShardManifest, writers: dic
     comm.together(lambda: statistic.save(writer))
     duplicate = None
     if not writer.settings.get("allow_duplicate_ids"):
-        duplicate = comm.together(lambda: _duplicate(comm, manifest, writers))
+        duplicate = _duplicate(comm, manifest, writers)
     if duplicate is not None:
         _refuse_duplicate(comm, path, manifest, writers, writer, duplicate)
     pause = float(os.environ.get(PAUSE_BEFORE_FINALIZE_ENV) or 0)
     if pause > 0:
         time.sleep(pause)
     t_final = time.perf_counter()
-    comm.together(lambda: reduce_curvature(comm, head if comm.root else None, ordered, writer.layout,
-                                             config.curvature, source.device, config.budget(), progress and comm.root))
+    reduce_curvature(comm, head if comm.root else None, ordered, writer.layout, config.curvature, source.device,
+                     config.budget(), progress and comm.root)
     comm.together(lambda: _set_last_segment(writer, finalized=True))
     comm.on_root(lambda: write_manifest(path, manifest.with_last_segment(finalized=True)))
     rows = comm.sum_int(sum(w.rows for w in ordered))
@@ -263,10 +262,8 @@ def _position(writers: dict[int, IndexWriter], writer: IndexWriter) -> int:
 
 def _duplicate(comm: Comm, manifest: ShardManifest, writers: dict[int, IndexWriter]):
     with ExitStack() as stack:
-        sources = []
-        for position, w in sorted(writers.items()):
-            snap = stack.enter_context(w.reader().snapshot())
-            sources.append((manifest.shards[position].start, snap))
+        sources = comm.together(lambda: [(manifest.shards[position].start, stack.enter_context(w.reader().snapshot()))
+                                         for position, w in sorted(writers.items())])
         return first_duplicate(comm, sources)
 
 
@@ -293,7 +290,6 @@ def sharded_append(task, path: Path, config: BuildConfig, comm: Comm, progress: 
                    given: set[str] = frozenset(FACTOR_FIELDS)) -> BuildResult:
     t0 = time.perf_counter()
     config = _rank_budget(config, comm)
-    n = len(task.train_examples())
     plan = comm.on_root(lambda: _plan_append_head(path))
     manifest = ShardManifest.from_dict(plan["manifest"])
     stored = factor_key_of_index(plan["settings"]["factors"])
@@ -307,11 +303,12 @@ def sharded_append(task, path: Path, config: BuildConfig, comm: Comm, progress: 
     check_sharded_curvature(config.curvature)
     device = comm.device_for(resolve_device(config.device))
     layers = [LayerInfo.from_dict(d) for d in plan["settings"]["layers"]]
-    source = GradientSource.open(task, _spec(config), device, layers=layers)
+    source, n = comm.together(lambda: (GradientSource.open(task, _spec(config), device, layers=layers),
+                                       len(task.train_examples())))
+    _same_everywhere(comm, n, source.fingerprint)
     if source.fingerprint != plan["settings"]["fingerprint"]:
         raise SettingsMismatchError(f"the task's model differs from the one index {path} was built with "
                                     f"(fingerprint {source.fingerprint[:12]} vs {plan['settings']['fingerprint'][:12]})")
-    _same_everywhere(comm, n, source.fingerprint)
     with ExitStack() as stack:
         writers: dict[int, IndexWriter] = {}
         stack.callback(lambda: [w.close() for w in writers.values()])
@@ -363,8 +360,6 @@ def _plan_append_segment(comm: Comm, path: Path, manifest: ShardManifest, task, 
         same = comm.together(lambda: _holds_task(comm, path, manifest, last, task))
         if all(comm.gather(same)):
             return None, manifest.planned_rows
-    if n < comm.world:
-        raise ValueError(f"{n:,} examples cannot be split into {comm.world} shards (one per rank): use at most {n} ranks")
     new = manifest.with_segment({"kind": "append", "start": manifest.planned_rows, "count": n}, split_rows(n, comm.world))
     comm.on_root(lambda: write_manifest(path, new))
     return new, None
@@ -431,9 +426,8 @@ def sharded_fit(path: Path, config: CurvatureConfig, comm: Comm, device, budget:
         comm.together(open_mine)
         ordered = [writers[p] for p in sorted(writers)]
         layout = comm.on_root(lambda: writers[0].layout.to_dict())
-        return comm.together(lambda: reduce_curvature(
-            comm, writers.get(0) if comm.root else None, ordered, IndexLayout.from_dict(layout), config, dev, budget,
-            progress and comm.root, fresh=config.preconditioner == "ekfac"))
+        return reduce_curvature(comm, writers.get(0) if comm.root else None, ordered, IndexLayout.from_dict(layout),
+                                config, dev, budget, progress and comm.root, fresh=config.preconditioner == "ekfac")
 
 
 def _whitening_meta(reader):

@@ -146,7 +146,8 @@ class Comm:
                 raise RankFailedError(f"rank {rank} failed: {message}")
 
     def together(self, fn):
-        """fn() on every rank; if it fails on any, it fails on all (no rank is left in a collective)."""
+        """fn() on every rank; if it fails on any, it fails on all (no rank is left in a collective).
+        fn itself must use no collective: a rank failing before one would leave the others in it."""
         result, error = None, None
         try:
             result = fn()
@@ -156,7 +157,8 @@ class Comm:
         return result
 
     def on_root(self, fn):
-        """fn() on rank 0, its result broadcast to every rank; an error there is raised on all ranks."""
+        """fn() on rank 0, its result broadcast to every rank; an error there is raised on all ranks.
+        fn uses no collective (the other ranks are already waiting for its result)."""
         result, error = None, None
         if self.root:
             try:

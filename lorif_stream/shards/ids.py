@@ -31,12 +31,12 @@ def _chunks(sources):
 def first_duplicate(comm: Comm, sources: list[tuple[int, object]]) -> tuple[str, int, int] | None:
     """The first id (by its later row) that two rows of the index share, as (id, row, earlier row),
     or None. `sources` are this rank's (global start row, snapshot of one shard) pairs; every rank
-    of the job calls it."""
+    of the job calls it; a rank that cannot read its ids fails it on every rank."""
     rounds = max(comm.gather(sum(-(-snap.rows // _CHUNK) for _, snap in sources)))
     chunks = _chunks(sources)
     kept_rows, kept_hashes = [np.zeros(0, np.int64)], [np.zeros((0, 2), np.uint64)]
     for _ in range(rounds):
-        for part in comm.gather(next(chunks, None)):
+        for part in comm.gather(comm.together(lambda: next(chunks, None))):
             if part is None:
                 continue
             rows, hashes = part
@@ -58,6 +58,6 @@ def first_duplicate(comm: Comm, sources: list[tuple[int, object]]) -> tuple[str,
     if not candidates:
         return None
     row, earlier = min(candidates)
-    names = [snap.id_of(row - start) for start, snap in sources if start <= row < start + snap.rows]
+    names = comm.together(lambda: [snap.id_of(row - start) for start, snap in sources if start <= row < start + snap.rows])
     name = next(n for part in comm.gather(names) for n in part)
     return name, row, earlier

@@ -52,11 +52,15 @@ def query_across_ranks(task, path: Path, out, scores, config: QueryConfig, comm:
                     specs = comm.on_root(lambda: _query_gradients(context, plan, q0, q1, config.batch_size))
                     H = [h.to(device) for h in comm.broadcast_tensors(context.get("H"), specs)]
                     bar = GlobalProgress(comm, "query", total=rows, unit="rows", enabled=progress)
-                    top = comm.together(lambda: _stream_scores(snap, H, plan["layers"], device, config, writer, q0,
-                                                               stats, progress, bar=_Unclosed(bar))
-                                         if snap.held_rows else TopK(q1 - q0, config.top_k, device))
+                    try:
+                        top = comm.together(lambda: _stream_scores(snap, H, plan["layers"], device, config, writer, q0,
+                                                                   stats, progress, bar=_Unclosed(bar))
+                                             if snap.held_rows else TopK(q1 - q0, config.top_k, device))
+                    except BaseException:
+                        bar.close()  # rank 0's bar thread would otherwise outlive the job's store
+                        raise
                     bar.close(synced=True)
-                    parts = comm.gather(_format(snap, plan["q_ids"][q0:q1], top))
+                    parts = comm.gather(comm.together(lambda: _format(snap, plan["q_ids"][q0:q1], top)))
                     if comm.root:
                         results.extend(merge_top(parts, config.top_k))
             finally:

@@ -31,16 +31,19 @@ def ensure_whitening_sharded(comm: Comm, writers: list, head, source, task, conf
                              progress: bool = True) -> dict[str, LayerProjection]:
     """The index's whitened projections, computed across the ranks if the head shard lacks some, and
     stored into every shard in `writers` that lacks them. `head` is rank 0's writer of shard 0
-    (None on the other ranks); `task` is the whole task (the sample spans all shards)."""
+    (None on the other ranks); `task` is the whole task (the sample spans all shards). Every rank
+    calls it; a failure on one rank is raised on all."""
     meta = comm.on_root(lambda: head.get_state_meta(WHITENING_META) or {})
     todo = [l for l in source.layers if l.name not in set(meta.get("layers", {}))]
     if todo:
         meta = _prepass(comm, writers, head, source, task, config, todo, meta, progress)
     _copy_to_shards(comm, writers, head, source.layers, meta)
-    return load_projections(writers[0].get_array, source.layers, source.device)
+    return comm.together(lambda: load_projections(writers[0].get_array, source.layers, source.device))
 
 
 def _prepass(comm: Comm, writers: list, head, source, task, config, todo, meta: dict, progress: bool) -> dict:
+    """Each step a rank may fail in alone (its forward passes, rank 0's eigendecompositions, the
+    stores) is agreed on before the next collective, so no rank is left waiting in one."""
     wide = [l.name for l in todo if not all(whitened_sides(l))]
     if wide and comm.root:
         notice(f"whitening: {len(wide)} layer(s) have a side wider than {MAX_WHITENED_SIDE:,} ({', '.join(wide[:3])}"
@@ -50,6 +53,7 @@ def _prepass(comm: Comm, writers: list, head, source, task, config, todo, meta: 
     mine = indices[comm.rank::comm.world]
     meta = {"examples": int(len(indices)), "rho": config.whiten_damping, "layers": dict(meta.get("layers", {})),
             "partial": None}
+    # the budget is the same on every rank (shards/build.py _rank_budget): so are the groups, and the collectives
     groups = moment_groups(todo, config.budget())
     if progress and comm.root:
         passes = f"{len(groups)} passes (layer groups within the memory budget)" if len(groups) > 1 else "one pass"
@@ -58,49 +62,72 @@ def _prepass(comm: Comm, writers: list, head, source, task, config, todo, meta: 
     base = make_projections(source.layers, source.spec, "cpu")
     for group in groups:
         capture = MomentCapture(source.model, group, source.device)
-        with capture, GlobalProgress(comm, "whiten", total=len(indices), unit="ex", enabled=progress) as bar:
-            for b0 in range(0, len(mine), config.batch_size):
-                rows = mine[b0:b0 + config.batch_size]
-                batch = to_device(task.collate([examples[int(i)] for i in rows]), source.device)
-                with torch.enable_grad():
-                    losses = task.loss(source.model, batch)
-                    finite = torch.isfinite(losses.detach())
-                    if not bool(finite.all()):
-                        bad = [int(rows[j]) for j in torch.nonzero(~finite).flatten().tolist()]
-                        notice(f"whitening: skipped {len(bad)} sample example(s) with a non-finite loss (rows {bad[:5]})")
-                        capture.reset()
-                        continue
-                    capture.accumulate(losses)
-                bar.update(len(rows))
-        arrays = {}
+        bar = GlobalProgress(comm, "whiten", total=len(indices), unit="ex", enabled=progress)
+        try:
+            comm.together(lambda: _accumulate(capture, source, task, examples, mine, config.batch_size, bar))
+        except BaseException:
+            bar.close()
+            raise
+        bar.close(synced=True)
+        tokens = {}
         for layer in group:
-            A_in, A_out = capture.A_in[layer.name], capture.A_out[layer.name]
-            for A in (A_in, A_out):
+            for A in (capture.A_in[layer.name], capture.A_out[layer.name]):
                 if A is not None:
                     comm.sum_(A)
-            tokens = comm.sum_int(capture.tokens[layer.name])
-            if comm.root:  # the eigendecompositions run once
-                w = whiten_layer(A_in, A_out, tokens, base[layer.name], config.whiten_damping)
-                arrays.update({array_name(layer.name, f): getattr(w, f).numpy() for f in _FIELDS})
-                meta["layers"][layer.name] = w.summary
+            tokens[layer.name] = comm.sum_int(capture.tokens[layer.name])
+        # the eigendecompositions run once, on rank 0; every rank gets the arrays
+        arrays, meta = comm.on_root(lambda: _whiten_group(group, capture, tokens, base, config.whiten_damping, meta))
         del capture
-        arrays, meta = comm.broadcast((arrays, meta) if comm.root else None)
-        for writer in writers:  # rank 0's writers include the head shard during a build
-            writer.put_state(arrays, {WHITENING_META: meta})
-        if head is not None and head not in writers:
-            head.put_state(arrays, {WHITENING_META: meta})
+        comm.together(lambda: _store(writers, head, arrays, meta))
     return meta
+
+
+def _accumulate(capture: MomentCapture, source, task, examples, rows, batch_size: int, bar) -> None:
+    """This rank's share of the sample through the model, its token moments into `capture`."""
+    with capture:
+        for b0 in range(0, len(rows), batch_size):
+            batch_rows = rows[b0:b0 + batch_size]
+            batch = to_device(task.collate([examples[int(i)] for i in batch_rows]), source.device)
+            with torch.enable_grad():
+                losses = task.loss(source.model, batch)
+                finite = torch.isfinite(losses.detach())
+                if not bool(finite.all()):
+                    bad = [int(batch_rows[j]) for j in torch.nonzero(~finite).flatten().tolist()]
+                    notice(f"whitening: skipped {len(bad)} sample example(s) with a non-finite loss (rows {bad[:5]})")
+                    capture.reset()
+                    continue
+                capture.accumulate(losses)
+            bar.update(len(batch_rows))
+
+
+def _whiten_group(group, capture: MomentCapture, tokens: dict, base, rho: float, meta: dict) -> tuple[dict, dict]:
+    """Rank 0: the whitened projections of `group` from the summed moments, and the meta that records them."""
+    arrays = {}
+    for layer in group:
+        w = whiten_layer(capture.A_in[layer.name], capture.A_out[layer.name], tokens[layer.name], base[layer.name], rho)
+        arrays.update({array_name(layer.name, f): getattr(w, f).numpy() for f in _FIELDS})
+        meta["layers"][layer.name] = w.summary
+    return arrays, meta
+
+
+def _store(writers: list, head, arrays: dict, meta: dict) -> None:
+    for writer in writers:  # rank 0's writers include the head shard during a build
+        writer.put_state(arrays, {WHITENING_META: meta})
+    if head is not None and head not in writers:
+        head.put_state(arrays, {WHITENING_META: meta})
 
 
 def _copy_to_shards(comm: Comm, writers: list, head, layers, meta: dict) -> None:
     """Shards that lack the index's projections (those of an append, or one killed before it stored
     them) get rank 0's copy from the head shard."""
     names = set(meta.get("layers", {}))
-    lacking = any(set((w.get_state_meta(WHITENING_META) or {}).get("layers", {})) != names for w in writers)
-    if not any(comm.gather(lacking)):
+    lacking = comm.together(lambda: [w for w in writers if _whitened(w) != names])
+    if not any(comm.gather(bool(lacking))):
         return
     arrays = comm.on_root(lambda: {array_name(l.name, f): np.array(head.get_array(array_name(l.name, f)))
                                    for l in layers for f in _FIELDS})
-    for writer in writers:
-        if set((writer.get_state_meta(WHITENING_META) or {}).get("layers", {})) != names:
-            writer.put_state(arrays, {WHITENING_META: meta})
+    comm.together(lambda: [w.put_state(arrays, {WHITENING_META: meta}) for w in lacking])
+
+
+def _whitened(writer) -> set[str]:
+    return set((writer.get_state_meta(WHITENING_META) or {}).get("layers", {}))
