@@ -63,7 +63,7 @@ from .integrity import (
     unpack_id_value,
 )
 from .layout import IndexLayout
-from .pages import release_pages
+from .pages import MapReleaser, release_pages
 from .writer_lock import WriterLock, shared_read_lock
 
 DURABILITY = {
@@ -179,7 +179,9 @@ def _open_env_locked(path: Path, readonly: bool, map_size: int, durability: str 
     try:
         env = lmdb.open(
             str(path), subdir=True, readonly=readonly, lock=lock, max_dbs=_MAX_DBS,
-            map_size=map_size, readahead=False, meminit=False, max_readers=256,
+            # readahead on: queries and verify stream blocks in file order, and a block's overflow
+            # pages are contiguous (off, a cold scan read 4 KiB at a time: 0.07 GB/s vs 0.79 GB/s)
+            map_size=map_size, readahead=True, meminit=False, max_readers=256,
             **DURABILITY[durability],
         )
     except lmdb.Error as e:
@@ -418,6 +420,8 @@ class IndexWriter:
                     raise CorruptBlockError(f"index {self.path}: {e}") from None
         self._local = threading.local()
         self._commit_lock = threading.Lock()
+        # the id B-tree's pages, read to insert each block's ids, would otherwise stay mapped: ~85 B a row
+        self._releaser = MapReleaser(lambda: map_bounds(self.path))
 
     # -- opening
     @classmethod
@@ -533,6 +537,7 @@ class IndexWriter:
                 )
             self._write(lambda txn: self._put_block(txn, block, allow_duplicate_ids))
             self.rows += block.rows
+            self._releaser.note(block.nbytes)
 
     def append(self, first_row: int, factors, ids, *, allow_duplicate_ids: bool = False) -> None:
         self.commit(self.encode(first_row, factors, ids), allow_duplicate_ids=allow_duplicate_ids)
@@ -705,6 +710,7 @@ class Snapshot:
         self.strict = strict
         self.problems: list[str] = []
         self._bounds = map_bounds(reader.path)
+        self._releaser = MapReleaser(lambda: self._bounds)
         meta = reader._dbs[DB_META]
         with self._guard():
             try:
@@ -859,6 +865,10 @@ class Snapshot:
             lo, hi = max(start, first_row), min(stop, first_row + n)
             yield lo, hi - lo, [(L[lo - first_row : hi - first_row], R[lo - first_row : hi - first_row]) for L, R in out]
 
+    def note_read(self, nbytes: int) -> None:
+        """Count bytes read through the map; past a threshold the whole map is unmapped (pages.py)."""
+        self._releaser.note(nbytes)
+
     def decode(self, layer: int, first_row: int, value, buffers: BlockBuffers, decoder: BlockDecoder):
         shape = self.layout.layers[layer]
         try:
@@ -870,6 +880,7 @@ class Snapshot:
                 )
             decoder.decode_into(value, buffers.L[layer], buffers.R[layer])
             release_pages(value)
+            self.note_read(value.nbytes)
         except CorruptBlockError as e:
             raise CorruptBlockError(f"layer {shape.name!r} block at row {first_row}: {e}") from None
         return buffers.L[layer][: h.rows], buffers.R[layer][: h.rows]
