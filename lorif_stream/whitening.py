@@ -42,6 +42,9 @@ _CHECKPOINT_SECONDS = 300.0
 # A side wider than this (an LM head over a 50k vocabulary) keeps its plain random projection: its
 # dim² fp64 moment (20 GB at 50k) and dim³ eigendecomposition would cost more than the whole build.
 MAX_WHITENED_SIDE = 8192
+# Sides wider than this are eigendecomposed in fp32 (the pre-pass's fixed cost on a CPU is these
+# eigendecompositions: GPT-2-small has 24 of 3072² and 24 of 2304²); narrower ones, cheap anyway, in fp64.
+_FP64_EIGH_MAX_DIM = 1024
 
 
 def array_name(layer: str, field: str) -> str:
@@ -133,6 +136,11 @@ class SideWhitening:
         Q = self.eigenvectors
         return (Q * (self.eigenvalues + self.damping).rsqrt()) @ Q.T
 
+    def apply(self, P: torch.Tensor) -> torch.Tensor:
+        """``W P`` without forming ``W``: 2·dim²·d flops instead of dim³ + dim²·d."""
+        Q = self.eigenvectors
+        return Q @ ((self.eigenvalues + self.damping).rsqrt()[:, None] * (Q.T @ P))
+
     def summary(self) -> dict:
         e = self.eigenvalues
         total = float(e.sum())
@@ -150,7 +158,13 @@ def side_whitening(moment: torch.Tensor, rho: float) -> SideWhitening:
     if not bool(torch.isfinite(moment).all()):
         raise ValueError("the token moment has non-finite entries (NaN/inf activations or gradients)")
     M = moment.to(torch.float64)
-    e, Q = torch.linalg.eigh((M + M.T) / 2)
+    M = (M + M.T) / 2
+    if M.shape[0] > _FP64_EIGH_MAX_DIM:
+        # 3.4x faster at 3072 (2 CPU cores); W then differs from the fp64 one by ~1e-5 relative,
+        # far inside what damping (ρ·mean eig) and bf16 storage allow
+        e, Q = (t.to(torch.float64) for t in torch.linalg.eigh(M.to(torch.float32)))
+    else:
+        e, Q = torch.linalg.eigh(M)
     e = e.clamp_min(0)
     lam = rho * float(e.mean())
     # a layer that never saw a token (or all-zero inputs): any λ > 0 gives zero scores there anyway
@@ -185,7 +199,7 @@ def whiten_layer(A_in: torch.Tensor | None, A_out: torch.Tensor | None, tokens: 
             continue
         A = A * scale
         w = side_whitening(A, rho)
-        Pw = w.matrix() @ P.to(A.device, torch.float64)
+        Pw = w.apply(P.to(A.device, torch.float64))
         # the EK-FAC eigenbasis lives in the projected space: eigenvectors of Pᵀ W A W P
         S = Pw.T @ A @ Pw
         _, q = torch.linalg.eigh((S + S.T) / 2)
