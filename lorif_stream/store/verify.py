@@ -65,8 +65,10 @@ def verify_snapshot(snap: Snapshot, max_errors: int = 20, progress=None, on_erro
     return report
 
 
-# counted per id entry read: more than it maps (~85 B a row), so that the id walk releases every ~256k entries
-_ID_ENTRY_BYTES = 1024
+# counted per id entry read, far more than it maps: id -> row lookups come in random key order, and
+# each fault maps up to 64 KB around it (readahead on), so the walk releases the map every 1k entries
+# (1M rows: peak file-backed RSS 166 MB instead of 307-376, no measurable time)
+_ID_ENTRY_BYTES = 1 << 18
 
 
 def _verify_blocks(snap: Snapshot, report: VerifyReport, err, progress) -> None:
