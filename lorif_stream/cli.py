@@ -68,7 +68,7 @@ def _budget(kwargs: dict) -> None:
 
 
 def task_options(fn):
-    fn = click.option("--hf-dtype", "model_dtype", type=click.Choice(["fp32", "bf16", "fp16", "auto"]), default="fp32",
+    fn = click.option("--hf-dtype", "model_dtype", type=click.Choice(cfg.HF_MODEL_DTYPES), default="fp32",
                       show_default=True,
                       help="HF task: dtype of the loaded weights (auto = the checkpoint's); bf16/fp16 halve the model's "
                            "memory, projections stay fp32; build and query must use the same")(fn)

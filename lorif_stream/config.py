@@ -10,6 +10,10 @@ from dataclasses import dataclass, field, fields, replace
 
 import psutil
 
+# --hf-dtype: the built-in HF task's weight dtypes ("auto": the checkpoint's own). Here, not in
+# task.py, so that the CLI lists them without importing torch.
+HF_MODEL_DTYPES = ("fp32", "bf16", "fp16", "auto")
+
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 

@@ -71,6 +71,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .config import HF_MODEL_DTYPES
+
 __all__ = [
     "TaskLoadError",
     "Task",
@@ -722,8 +724,9 @@ def _converter(records: RecordSource, fields: dict[str, str], id_field: str | No
     return convert
 
 
-# --hf-dtype -> from_pretrained's torch_dtype ("auto": the dtype the checkpoint was saved in)
+# --hf-dtype (config.HF_MODEL_DTYPES) -> from_pretrained's dtype ("auto": the checkpoint's own)
 MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
+assert tuple(MODEL_DTYPES) == HF_MODEL_DTYPES
 
 
 class HFCausalLMTask(Task):

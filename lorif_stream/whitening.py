@@ -132,10 +132,6 @@ class SideWhitening:
         if not self.damping > 0:
             raise ValueError(f"whitening damping must be > 0, got {self.damping}")
 
-    def matrix(self) -> torch.Tensor:
-        Q = self.eigenvectors
-        return (Q * (self.eigenvalues + self.damping).rsqrt()) @ Q.T
-
     def apply(self, P: torch.Tensor) -> torch.Tensor:
         """``W P`` without forming ``W``: 2·dim²·d flops instead of dim³ + dim²·d."""
         Q = self.eigenvectors
