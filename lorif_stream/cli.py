@@ -477,7 +477,9 @@ def report(results, index, out, task_spec, hf_model, train_data, query_data, tex
         raise click.UsageError("give --prompt-field and --completion-field together")
     path, made = make_report(results, index, out, data=train_data, queries=query_data, task=task_spec,
                              text_field=text_field, id_field=id_field, prompt_field=prompt_field,
-                             completion_field=completion_field, title=title, max_chars=max_chars)
+                             completion_field=completion_field, title=title, max_chars=max_chars,
+                             options=None if task_spec else {"max_length": max_length, "chat_template": chat_template,
+                                                             "skip_empty": skip_empty})
     for note in made.notes:
         click.echo(f"note: {note}", err=True)
     size = path.stat().st_size

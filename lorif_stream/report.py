@@ -24,6 +24,7 @@ import html
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -415,6 +416,7 @@ td.score{width:11em;white-space:nowrap;font-variant-numeric:tabular-nums}
 .bar{display:block;height:.7em;border-radius:2px}
 .pro .bar{background:var(--pro)}.con .bar{background:var(--con)}
 .text{white-space:pre-wrap;word-break:break-word;max-height:9em;overflow:auto}
+.text,.qtext,.id,bdi{unicode-bidi:isolate}.ctl{color:#b00;background:#fde;border-radius:2px;font-size:.85em}
 .prompt{color:var(--mute)}.completion{font-weight:600}.clip{color:var(--mute);font-style:italic}
 table.kv td:first-child{color:var(--mute);width:12em}table.layers td,table.layers th{font-size:.85em;border-top:1px solid #eee}
 svg{max-width:100%;height:auto;font-size:11px}svg text{fill:#333}
@@ -440,20 +442,61 @@ _JS = """
     shown.textContent=n+' of '+items.length+' queries shown';
   }
   var m=/[#&]q=([^&]*)/.exec(location.hash);
-  if(m){box.value=decodeURIComponent(m[1].replace(/\\+/g,' '));}
+  if(m){try{box.value=decodeURIComponent(m[1].replace(/\\+/g,' '));}catch(e){}}
   box.addEventListener('input',apply);apply();
 })();
 """
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    """Escaped, for our own labels and paths (a lone surrogate, e.g. from an undecodable file name,
+    becomes U+FFFD: UTF-8 cannot hold it)."""
+    return _SURROGATE.sub("\ufffd", html.escape(str(value), quote=True))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+# C0 and C1 controls but newline and tab, DEL, and lone surrogates (which UTF-8 cannot hold): shown as
+# a visible mark, never written into the page as they are (a NUL would end some readers' text)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _mark(ch: str) -> str:
+    code = ord(ch)
+    shown = chr(0x2400 + code) if code < 0x20 else "\u2421" if code == 0x7f else f"\\x{code:02x}" if code < 0x100 \
+        else f"\\u{code:04x}"
+    return f'<span class="ctl" title="U+{code:04X}">{shown}</span>'
+
+
+def _plain(value: Any) -> str:
+    """Like _t for where no markup may go (the <title>): each control character as its visible mark."""
+    return _CONTROL.sub(lambda m: chr(0x2400 + ord(m.group())) if ord(m.group()) < 0x20 else "\ufffd",
+                        html.escape(str(value), quote=True))
+
+
+def _t(value: Any) -> str:
+    """Escaped text with its control characters made visible (ids and texts from the data)."""
+    return _CONTROL.sub(lambda m: _mark(m.group()), html.escape(str(value), quote=True))
+
+
+def _bdi(value: Any, css: str = "id") -> str:
+    """An id isolated from the text around it: a right-to-left override inside stays inside."""
+    return f'<bdi class="{css}">{_t(value)}</bdi>'
+
+
+def _score_format(scale: float):
+    """One format for every score of a query (both columns): 4 significant digits of the largest."""
+    if not scale > 0 or not math.isfinite(scale) or scale >= 1e5 or scale < 1e-3:
+        return lambda v: f"{v:+.3e}"
+    decimals = max(0, 3 - math.floor(math.log10(scale)))
+    return lambda v: f"{v:+.{decimals}f}"
 
 
 def _clipped(text: str, max_chars: int) -> str:
     if max_chars and len(text) > max_chars:
-        return f'{_e(text[:max_chars])}<span class="clip"> … ({len(text) - max_chars:,} more characters)</span>'
-    return _e(text)
+        return f'{_t(text[:max_chars])}<span class="clip"> … ({len(text) - max_chars:,} more characters)</span>'
+    return _t(text)
 
 
 def _text_html(text: Text | None, max_chars: int, missing: str) -> str:
@@ -473,12 +516,13 @@ def _entries_html(kind: str, entries: Sequence[Entry], texts: dict[int, Text], s
     if not entries:
         return f'<h3>{head}</h3><p class="mute">none</p>'
     rows = []
+    fmt = _score_format(scale)
     for rank, e in enumerate(entries, 1):
         width = 100.0 * abs(e.score) / scale if scale > 0 else 0.0
         rows.append(f'<tr class="entry {css}"><td class="mute">{rank}</td>'
                     f'<td class="score"><span class="track"><span class="bar" style="width:{width:.1f}%"></span></span>'
-                    f'{e.score:+.4g}</td>'
-                    f'<td><span class="id">{_e(e.id)}</span> <span class="mute small">row {e.row:,}</span>'
+                    f'{fmt(e.score)}</td>'
+                    f'<td>{_bdi(e.id)} <span class="mute small">row {e.row:,}</span>'
                     f'<div class="text">{_text_html(texts.get(e.row), max_chars, missing)}</div></td></tr>')
     return f'<h3>{head}</h3><table>{"".join(rows)}</table>'
 
@@ -488,7 +532,7 @@ def _query_html(i: int, a: Attribution, report: Report, train_missing: str, quer
     scale = max(scores) if scores else 0.0
     body = "".join(_entries_html(kind, entries, report.texts, scale, report.max_chars, train_missing)
                    for kind, entries in (("proponents", a.proponents), ("opponents", a.opponents)))
-    return (f'<section class="query" id="query-{i}"><h2>query <span class="id">{_e(a.id)}</span></h2>'
+    return (f'<section class="query" id="query-{i}"><h2>query {_bdi(a.id)}</h2>'
             f'<div class="qtext">{_text_html(report.query_texts.get(i), report.max_chars, query_missing)}</div>'
             f'{body}</section>')
 
@@ -632,7 +676,7 @@ def render_html(report: Report) -> str:
     train_missing = "(text not available: pass the training data with --data)" if not report.texts else "(text not found)"
     query_missing = "(text not available: pass --queries)" if not report.query_texts else "(text not found)"
     queries = "".join(_query_html(i, a, report, train_missing, query_missing) for i, a in enumerate(report.results))
-    notes = ("<div class=\"notes\">" + "".join(f"<p>{_e(n)}</p>" for n in report.notes) + "</div>") if report.notes else ""
+    notes = ("<div class=\"notes\">" + "".join(f"<p>{_t(n)}</p>" for n in report.notes) + "</div>") if report.notes else ""
     energy = energy_svg(report.spectra)
     whitening = whitening_svg(info["layers"])
     plots = ""
@@ -649,10 +693,10 @@ def render_html(report: Report) -> str:
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f'<meta http-equiv="Content-Security-Policy" content="{_e(csp)}">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>{_e(report.title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{_e(report.title)}</h1>"
+        f"<title>{_plain(report.title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{_t(report.title)}</h1>"
         f'<p class="mute">{len(report.results):,} queries, {n_entries:,} proponents and opponents from '
-        f'<code>{_e(report.results_path)}</code>, scored against {info["rows"]:,} training examples in '
+        f'<code>{_t(report.results_path)}</code>, scored against {info["rows"]:,} training examples in '
         f'<code>{_e(info["index"])}</code>. Scores add up over layers and compare within a query.</p>'
         f"{notes}"
         '<div id="search"><input id="filter" type="search" placeholder="filter: query id, training id or any text" '
@@ -667,28 +711,45 @@ def render_html(report: Report) -> str:
 
 def write_report(path: str | os.PathLike, page: str) -> Path:
     """Write the page atomically (a reader never sees half a page)."""
+    from .atomic import write_text
+
     path = Path(path)
     if path.is_dir():
         raise ReportError(f"--out {path} is a folder: give a file name such as {path / 'report.html'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, page)
 
 
 # ------------------------------------------------------------------------------------ entry point
+
+
+def _check_options(index, given: dict) -> None:
+    """The HF options given to `report` (copied from the query) must be the build's: texts read with
+    other fields, or results a query made with other options, would be shown as if they were right."""
+    from .store import open_index
+    from .task_check import hf_option_mismatch
+
+    if not given:
+        return
+    with open_index(index) as reader:
+        mismatch = hf_option_mismatch(reader.settings, given)
+    if mismatch:
+        raise ReportError(f"the report's options differ from index {index}'s build: {mismatch}; give the build's")
 
 
 def make_report(results: str | os.PathLike, index: str | os.PathLike, out: str | os.PathLike = "report.html", *,
                 data: Sequence[str | os.PathLike] = (), queries: str | os.PathLike | None = None,
                 task: Any = None, text_field: str = "text", id_field: str | None = None,
                 prompt_field: str | None = None, completion_field: str | None = None,
-                title: str | None = None, max_chars: int = DEFAULT_MAX_CHARS) -> tuple[Path, Report]:
+                title: str | None = None, max_chars: int = DEFAULT_MAX_CHARS,
+                options: dict | None = None) -> tuple[Path, Report]:
     """``lorif-stream report``: texts come from ``data`` (the training files in index order) and
-    ``queries`` with the HF task's field names, or from ``task`` (a Task or ``file.py:NAME``)."""
+    ``queries`` with the HF task's field names, or from ``task`` (a Task or ``file.py:NAME``).
+    ``options``: the HF task options the command was given (``max_length``, ``chat_template``,
+    ``skip_empty``; None = not given), refused when they differ from the index's build."""
     if task is not None and (data or queries):
         raise ReportError("give either a task or data/queries files for the texts, not both")
+    # the fields only choose what is displayed (texts are matched by id), so they are not compared
+    _check_options(index, options or {})
     train_texts: ExampleTexts | None = None
     query_texts: ExampleTexts | None = None
     if task is not None:

@@ -369,6 +369,16 @@ class RecordSource(_Indexed):
     def check_fields(self, fields: Sequence[str]) -> None:
         """Refuse early (before any work) when a needed column is missing; no-op by default."""
 
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except (TaskLoadError, IndexError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a reader's own error (pyarrow, datasets, OS) names no row
+            where = self.where(index) if isinstance(index, int) else str(self.path)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise TaskLoadError(f"{where}: cannot read the record: {type(exc).__name__}: {reason}") from None
+
 
 def _index(index: Any, n: int) -> int:
     i = index.__index__()
@@ -701,14 +711,28 @@ def _record_checker(fields: Sequence[str], id_field: str | None) -> Callable[[di
     def check(record: dict, where: Callable[[], str]) -> None:
         if id_field is not None and record.get(id_field) is None:
             raise TaskLoadError(f"{where()}: no id field {id_field!r}")
+        if id_field is not None and isinstance(record[id_field], str):
+            _check_unicode(record[id_field], f"id field {id_field!r}", where)
         for field in fields:
             if field not in record:
                 raise TaskLoadError(f"{where()}: no field {field!r} (fields: {', '.join(sorted(record)) or 'none'})")
             value = record[field]
             if not isinstance(value, str):
                 raise TaskLoadError(f"{where()}: field {field!r} must be a string, got {value!r:.60}")
+            _check_unicode(value, f"field {field!r}", where)
 
     return check
+
+
+def _check_unicode(value: str, what: str, where: Callable[[], str]) -> None:
+    """JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer (nor UTF-8) takes: name them."""
+    if value.isascii():  # O(1) for Python strings: the common case costs nothing
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TaskLoadError(f"{where()}: {what} holds a lone surrogate (U+{ord(value[exc.start]):04X} at character "
+                            f"{exc.start}): not valid Unicode text") from None
 
 
 def _converter(records: RecordSource, fields: dict[str, str], id_field: str | None):
@@ -722,6 +746,30 @@ def _converter(records: RecordSource, fields: dict[str, str], id_field: str | No
         return example
 
     return convert
+
+
+_TOKENIZER_PROBE = "Hello, world! 12345 naïve café \u4e2d\u6587 \U0001F600\n\tend"
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A digest of what a tokenizer does: its full definition when it is a fast one (normalizer,
+    pre-tokenizer, model, added tokens; minus the padding/truncation state calls change), else its
+    vocabulary; plus its special tokens, chat template and the encoding of a probe text."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        h.update(json.dumps(spec, sort_keys=True).encode("utf-8"))
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
+    rest = {"special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+            "pad": str(tokenizer.pad_token), "chat_template": str(getattr(tokenizer, "chat_template", None)),
+            "probe": [tokenizer(_TOKENIZER_PROBE)["input_ids"],
+                      tokenizer(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]]}
+    h.update(json.dumps(rest, sort_keys=True).encode("utf-8"))
+    return h.hexdigest()[:16]
 
 
 # --hf-dtype (config.HF_MODEL_DTYPES) -> from_pretrained's dtype ("auto": the checkpoint's own)
@@ -838,6 +886,19 @@ class HFCausalLMTask(Task):
     @property
     def prompt_completion(self) -> bool:
         return self.prompt_field is not None
+
+    # the index keeps a few training examples (plain JSON dicts) to recompute at query time
+    records_probes = True
+
+    def encoding_settings(self) -> dict:
+        """What decides how an example becomes tokens: recorded in the index at build, compared by
+        query, report and append (task_check.py), so another option is refused naming it."""
+        pc = self.prompt_completion
+        return {"kind": "hf-causal-lm", "text_field": None if pc else self.text_field,
+                "prompt_field": self.prompt_field, "completion_field": self.completion_field,
+                "chat_template": self.chat_template, "skip_empty": self.skip_empty,
+                "max_length": self.max_length, "context_length": self.context_length,
+                "tokenizer": tokenizer_digest(self.tokenizer)}
 
     def __repr__(self) -> str:
         return (

@@ -31,6 +31,7 @@ from lorif_stream import report as report_module  # noqa: E402
 from lorif_stream import task as task_module  # noqa: E402
 from lorif_stream.cli import cli  # noqa: E402
 from lorif_stream.report import (  # noqa: E402
+    _score_format,
     LayerSpectrum,
     RecordTexts,
     ReportError,
@@ -138,8 +139,10 @@ def test_page_holds_every_query_and_entry_with_its_text(run, tmp_path):
         assert result.id == query["doc"] and result.id in section
         assert query["text"] in section  # unescaped by the parser: the exact text, markup included
         assert len(result.proponents) == len(result.opponents) == TOP_K
+        # one format for both columns: 4 significant digits of the query's largest |score|
+        fmt = _score_format(max(abs(e.score) for _, e in result.entries()))
         for _, entry in result.entries():
-            assert entry.id in section and f"row {entry.row:,}" in section and f"{entry.score:+.4g}" in section
+            assert entry.id in section and f"row {entry.row:,}" in section and fmt(entry.score) in section
             assert texts[entry.id] in section, entry.id
         assert section.index("proponents") < section.index(result.proponents[0].id) < section.index("opponents")
     shown = {e.id for r in results for _, e in r.entries()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import re
 import zlib
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .codec import BlockDecoder
-from .format import DATA_FILE, CorruptBlockError, NotAnIndexError, UnsupportedVersionError
+from .format import DATA_FILE, CorruptBlockError, IndexError_, NotAnIndexError, UnsupportedVersionError
 from .layout import IndexLayout
 from .lmdb_store import BlockBuffers, IndexReader
 
@@ -336,6 +337,22 @@ class ShardedSnapshot:
         i, start, _ = self.ranges[k]
         return self._snaps[i], start
 
+    def _position(self, row: int) -> int:
+        k = bisect.bisect_right(self._starts, row) - 1
+        return self.ranges[max(k, 0)][0]
+
+    @contextmanager
+    def _named(self, position: int):
+        """A shard's own errors speak its local rows: name the shard and make them the index's rows."""
+        try:
+            yield
+        except IndexError_ as e:
+            if getattr(e, "_lorif_shard_named", False):
+                raise
+            named = type(e)(shard_message(self._reader.path, self._reader.manifest.shards[position], str(e)))
+            named._lorif_shard_named = True
+            raise named from None
+
     def limit(self, rows: int) -> None:
         """Read no row at or past `rows` (a torchrun query: the global count its ranks agreed on)."""
         self.rows = min(self.rows, rows)
@@ -353,16 +370,19 @@ class ShardedSnapshot:
         for i, first, n in self.ranges:
             lo, hi = max(start, first), min(stop, first + n)
             if lo < hi:
-                for row, value in self._snaps[i].layer_values(layer, lo - first, hi - first, check):
-                    yield first + row, value
+                with self._named(i):
+                    for row, value in self._snaps[i].layer_values(layer, lo - first, hi - first, check):
+                        yield first + row, value
 
     def value_at(self, layer: int, first_row: int) -> memoryview:
         snap, start = self._locate(first_row)
-        return snap.value_at(layer, first_row - start)
+        with self._named(self._position(first_row)):
+            return snap.value_at(layer, first_row - start)
 
     def decode(self, layer: int, first_row: int, value, buffers: BlockBuffers, decoder: BlockDecoder):
         snap, start = self._locate(first_row)
-        return snap.decode(layer, first_row - start, value, buffers, decoder)
+        with self._named(self._position(first_row)):
+            return snap.decode(layer, first_row - start, value, buffers, decoder)
 
     def blocks(self, start: int = 0, stop: int | None = None, layers: Sequence[int] | None = None,
                buffers: BlockBuffers | None = None, decoder: BlockDecoder | None = None):
@@ -372,29 +392,34 @@ class ShardedSnapshot:
         for i, first, n in self.ranges:
             lo, hi = max(start, first), min(stop, first + n)
             if lo < hi:
-                for row, count, factors in self._snaps[i].blocks(lo - first, hi - first, layers, buffers, decoder):
-                    yield first + row, count, factors
+                with self._named(i):
+                    for row, count, factors in self._snaps[i].blocks(lo - first, hi - first, layers, buffers, decoder):
+                        yield first + row, count, factors
 
     def row(self, row: int):
         snap, start = self._locate(row)
-        return snap.row(row - start)
+        with self._named(self._position(row)):
+            return snap.row(row - start)
 
     # -- ids
     def id_of(self, row: int) -> str:
         snap, start = self._locate(row)
-        return snap.id_of(row - start)
+        with self._named(self._position(row)):
+            return snap.id_of(row - start)
 
     def ids(self, start: int, stop: int) -> list[str]:
         out: list[str] = []
         for i, first, n in self.ranges:
             lo, hi = max(start, first), min(stop, first + n)
             if lo < hi:
-                out += self._snaps[i].ids(lo - first, hi - first)
+                with self._named(i):
+                    out += self._snaps[i].ids(lo - first, hi - first)
         return out
 
     def row_of(self, example_id: str) -> int | None:
         for i, first, _ in self.ranges:
-            row = self._snaps[i].row_of(example_id)
+            with self._named(i):
+                row = self._snaps[i].row_of(example_id)
             if row is not None:
                 return first + row
         return None
@@ -413,6 +438,25 @@ class ShardedSnapshot:
 
     def manifest(self):
         return self._head().manifest()
+
+
+_LOCAL_ROWS = re.compile(r"\b(rows?) (\d+)(?:\.\.(\d+))?")
+
+
+def shard_message(path, entry: ShardEntry, message: str) -> str:
+    """A shard's error, one line, naming the shard and with its rows as the index's (global) rows."""
+    message = message.strip().splitlines()[0] if message.strip() else "error"
+    own = f"index {Path(path) / entry.name}: "
+    if message.startswith(own):
+        message = message[len(own):]
+
+    def to_global(m: re.Match) -> str:
+        first = int(m.group(2)) + entry.start
+        last = f"..{int(m.group(3)) + entry.start}" if m.group(3) else ""
+        return f"{m.group(1)} {first}{last}"
+
+    return (f"index {path}: shard {entry.name} (rows {entry.start}..{entry.stop - 1}): "
+            f"{_LOCAL_ROWS.sub(to_global, message)}")
 
 
 @dataclass
