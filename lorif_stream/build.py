@@ -39,6 +39,7 @@ from .store.sink import BlockSink
 from .store.format import DATA_FILE, LMDB_LOCK_FILE, WRITER_LOCK_FILE
 from .segments import SEGMENT_CHECK_META, segment_check, store_check, stored_check, task_mismatch
 from .task import load_task, resolve_task
+from .task_check import check_options, task_record
 from .whitening import WHITENING_META, ensure_whitening, moment_bytes, moment_groups, tokens_per_example
 
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -166,6 +167,8 @@ def new_settings(task, source: GradientSource, config: BuildConfig, n: int) -> d
         "allow_duplicate_ids": config.allow_duplicate_ids,
         "segments": [{"kind": "build", "start": 0, "count": n}],
         "nonfinite_rows": [],
+        # how the task encodes examples, and a few to recompute: later commands check theirs against it
+        **task_record(task, n),
     }
 
 
@@ -406,6 +409,9 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
                 f"the task's model differs from the one index {writer.path} was built with "
                 f"(fingerprint {source.fingerprint[:12]} vs {settings['fingerprint'][:12]}): different weights, weight dtype or layers"
             )
+        # rows written with another encoding than the index's would be scored silently wrong
+        check_options(settings, task, writer.path, kind)
+        _check_recomputed_rows(writer, source, task, settings, kind)
         segments = settings["segments"]
         last = segments[-1]
         end = last["start"] + last["count"]
@@ -449,6 +455,24 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
     except BaseException:
         writer.close()
         raise
+
+
+def _check_recomputed_rows(writer: IndexWriter, source: GradientSource, task, settings: dict, kind: str) -> None:
+    """An append (or a resumed build) recomputes a few stored rows with its task (task_check.py): the
+    index's own probe examples, or the task's examples where they are rows already committed."""
+    if not writer.rows:
+        return
+    from .task_check import check_gradients
+    from .whitening import load_projections
+
+    saved = source.projections
+    try:
+        if factor_key_of_index(settings["factors"]).get("projection_kind") == "whitened":
+            source.projections = load_projections(writer.get_array, source.layers, source.device)
+        with writer.reader().snapshot() as snap:
+            check_gradients(task, source, snap, settings, writer.path, kind, quiet_if_unchecked=True)
+    finally:
+        source.projections = saved
 
 
 def _check_resumed_segment(writer: IndexWriter, segment: dict, task, examples) -> None:
@@ -684,6 +708,19 @@ def _add(pending: list, grads: list[torch.Tensor], ids: list[str], c: int, stora
     Ls, Rs = [], []
     for G in grads:
         L, R = factorize(G, c)
+        if storage == torch.float16:
+            _check_fp16_range(L, ids)
         Ls.append(L.to(storage).float())
         Rs.append(R.to(storage).float())
     pending.append((Ls, Rs, ids))
+
+
+def _check_fp16_range(L: torch.Tensor, ids: list[str]) -> None:
+    """L holds the singular values: past fp16's largest finite value it would be stored as inf."""
+    peak = L.abs().flatten(1).amax(dim=1)
+    over = torch.nonzero(peak > float(torch.finfo(torch.float16).max)).flatten().tolist()
+    if over:
+        b = over[0]
+        raise ValueError(f"fp16 storage overflow: example {ids[b]!r} has a factor value of {float(peak[b]):.4g}, beyond "
+                         f"fp16's largest 65,504; build the index with --dtype bf16 (fp32's range, 8-bit mantissa) "
+                         f"or --dtype fp32")

@@ -33,6 +33,7 @@ from .progress import Progress
 from .projection import ProjectionSpec
 from .store import BlockBuffers, BlockDecoder, Snapshot
 from .store.shards import open_index
+from .atomic import discard, publish, temp_beside, write_text
 from .whitening import load_projections
 
 
@@ -300,21 +301,24 @@ def query_in_process(task, index, out, scores, config: QueryConfig, progress: bo
                 H = _preconditioned_queries(source, queries, q_ids, q0, q1, layers, curv, config.batch_size)
                 top = _stream_scores(snap, H, layers, device, config, writer, q0, stats, progress)
                 results.extend(_format(snap, q_ids[q0:q1], top))
-        finally:
             if writer is not None:
                 writer.close()
-        write_results(out, results)
+            # both outputs replace their targets only now: a failed query leaves existing files as they were
+            write_results(out, results)
+            if writer is not None:
+                writer.publish()
+        finally:
+            if writer is not None:
+                writer.discard()
         return QueryResult(results, snap.rows, time.perf_counter() - t0, None if out is None else str(out),
                            None if scores is None else str(scores), stats)
 
 
 def write_results(out, results: list[dict]) -> None:
+    """results.jsonl, written beside and renamed over `out` (atomic.py): whole or not at all."""
     if out is None:
         return
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as fh:
-        for r in results:
-            fh.write(json.dumps(r) + "\n")
+    write_text(out, "".join(json.dumps(r) + "\n" for r in results))
 
 
 def _open_source(task, settings: dict, snap: Snapshot, device: torch.device, index: Path) -> GradientSource:
@@ -330,9 +334,15 @@ def _open_source(task, settings: dict, snap: Snapshot, device: torch.device, ind
             f"the task's model differs from the one index {index} was built with "
             f"(fingerprint {source.fingerprint[:12]} vs {settings['fingerprint'][:12]}): different weights or weight dtype"
         )
+    from .task_check import check_options
+
+    check_options(settings, task, index)  # before the projections load: a wrong option is named at once
     if factors["projection_kind"] == "whitened":
         # queries are projected exactly like the stored rows: with the index's whitened projections
         source.projections = load_projections(snap.array, source.layers, device)
+    from .task_check import check_gradients
+
+    check_gradients(task, source, snap, settings, index)  # a few rows recomputed, once per query
     return source
 
 
@@ -390,17 +400,22 @@ class _ScoreWriter:
     """The dense (queries x rows) float32 .npy, written block by block with positional writes
     (never memory-mapped whole: RSS stays bounded whatever its size)."""
 
-    def __init__(self, path, Q: int, N: int, create: bool):
-        """`create` writes the header and sizes the file; the other ranks of a torchrun query open the
-        file rank 0 created and write their own columns into it."""
-        self.path = Path(path)
+    def __init__(self, path, Q: int, N: int, create: bool, temp=None):
+        """`create` makes a temporary beside `path`, writes the header and sizes it; `publish()` renames
+        it over `path` once every column is in, `discard()` removes it otherwise (an existing `path`
+        is untouched by a failed query). The other ranks of a torchrun query open the temporary rank 0
+        created (`temp`) and write their own columns into it."""
+        self.target = Path(path)
         self.N = N
         header = {"descr": "<f4", "fortran_order": False, "shape": (Q, N)}
         if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path = temp_beside(self.target)
             with open(self.path, "wb") as fh:
                 np.lib.format.write_array_header_1_0(fh, header)
                 fh.truncate(fh.tell() + Q * N * 4)
+        else:
+            self.path = Path(temp) if temp is not None else self.target
+        self.published = False
         with open(self.path, "rb") as fh:
             np.lib.format.read_magic(fh)
             shape, _, _ = np.lib.format.read_array_header_1_0(fh)
@@ -415,4 +430,23 @@ class _ScoreWriter:
             os.pwrite(self.fd, block[q].tobytes(), self.offset + ((q0 + q) * self.N + first_row) * 4)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def handoff(self) -> str:
+        """Close a created temporary and name it, for the ranks that open it with `temp`."""
+        self.close()
+        return str(self.path)
+
+    def publish(self) -> None:
+        self.close()
+        if self.path != self.target:
+            publish(self.path, self.target)
+        self.published = True
+
+    def discard(self) -> None:
+        """Close, and remove the temporary unless it was published (rank 0's job in a torchrun query)."""
+        self.close()
+        if not self.published and self.path != self.target:
+            discard(self.path)

@@ -33,16 +33,17 @@ def query_across_ranks(task, path: Path, out, scores, config: QueryConfig, comm:
     mine = [p for p in range(len(manifest.shards)) if comm.owns(p)]
     device = comm.device_for(resolve_device(config.device))
     reader = comm.together(lambda: ShardedReader(path, manifest=manifest, shards=mine))
+    writer = None
     try:
         with reader.snapshot() as snap:
             rows = _global_rows(comm, manifest, snap)
             snap.limit(rows)
             context = {}
             plan = comm.on_root(lambda: _plan(task, path, snap, reader.settings, device, config, rows, context))
-            writer = None
             if scores is not None:
-                comm.on_root(lambda: _ScoreWriter(scores, plan["Q"], rows, create=True).close())
-                writer = comm.together(lambda: _ScoreWriter(scores, plan["Q"], rows, create=False))
+                # columns go into a temporary beside --scores; rank 0 renames it over --scores on success
+                temp = comm.on_root(lambda: _ScoreWriter(scores, plan["Q"], rows, create=True).handoff())
+                writer = comm.together(lambda: _ScoreWriter(scores, plan["Q"], rows, create=False, temp=temp))
             results: list[dict] = []
             stats = {"read_seconds": 0.0, "score_seconds": 0.0, "bytes_read": 0, "curvature_rows": plan["covered"],
                      "ranks": comm.world, "rows_on_rank": snap.held_rows}
@@ -67,10 +68,14 @@ def query_across_ranks(task, path: Path, out, scores, config: QueryConfig, comm:
                 if writer is not None:
                     writer.close()
             comm.barrier()  # every rank's columns are in the scores file before rank 0 says it is done
+            if comm.root:
+                write_results(out, results)
+                if writer is not None:
+                    writer.publish()
     finally:
         reader.close()
-    if comm.root:
-        write_results(out, results)
+        if writer is not None and comm.root:
+            writer.discard()  # a failed query leaves an existing --scores as it was
     return QueryResult(results, rows, time.perf_counter() - t0, None if out is None else str(out),
                        None if scores is None else str(scores), stats)
 
