@@ -100,9 +100,11 @@ def peak_matmul_flops(n: int = 8192) -> float:
 
 def time_loader_only(path: Path) -> float:
     with IndexReader(path) as r, r.snapshot() as snap:
+        _sync()
         t = time.perf_counter()
         for _ in BlockLoader(snap, list(range(len(GPT2_LAYERS))), DEV, threads=0):
             pass
+        _sync()  # the last block's host->device copy is part of loading it
         return time.perf_counter() - t
 
 
@@ -127,23 +129,27 @@ def time_score_only(path: Path, H) -> float:
 
 def time_dense(path: Path, H, rows: int, block: int = 512) -> float:
     """LoGRA-style: read the dense D-dim projected gradients (bf16), widen, one GEMM per block."""
-    Hd = torch.cat([h.reshape(h.shape[0], -1) for h in H], 1)
+    Hd = torch.cat([h.reshape(h.shape[0], -1) for h in H], 1).to(DEV)
     mm = np.load(path, mmap_mode="r")
     top = TopK(Hd.shape[0], 10, DEV)
+    _sync()
     t = time.perf_counter()
     for first in range(0, rows, block):
         n = min(block, rows - first)
-        G = torch.from_numpy(np.array(mm[first:first + n]).view(np.int16)).view(torch.bfloat16).float()
+        G = torch.from_numpy(np.array(mm[first:first + n]).view(np.int16)).view(torch.bfloat16).to(DEV).float()
         top.update(Hd @ G.T, first)
+    _sync()
     return time.perf_counter() - t
 
 
 def time_train_side(path: Path, V, Q: int) -> float:
     """The paper release: project every training example's factors on the top-r eigenvectors
     (c·D·r per example), then score in the r-dim space."""
-    aq = [torch.randn(Q, v.shape[0]) for v in V]
+    V = [v.to(DEV) for v in V]
+    aq = [torch.randn(Q, v.shape[0]).to(DEV) for v in V]
     with IndexReader(path) as r, r.snapshot() as snap:
         top = TopK(Q, 10, DEV)
+        _sync()
         t = time.perf_counter()
         for first, n, factors in BlockLoader(snap, list(range(len(GPT2_LAYERS))), DEV, threads=1):
             s = 0
@@ -153,6 +159,7 @@ def time_train_side(path: Path, V, Q: int) -> float:
                 ai = torch.einsum("ncrb,nbc->nr", T, R)
                 s = s + a @ ai.T
             top.update(s, first)
+        _sync()
         return time.perf_counter() - t
 
 
@@ -162,8 +169,8 @@ def main():
     ap.add_argument("--dense-rows", type=int, default=10_000)
     ap.add_argument("--quick", action="store_true", help="20k rows, dense 2k, fewer configurations")
     ap.add_argument("--gpu-quick", action="store_true", help="--quick on CUDA, plus GEMM efficiency of the scorer")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda (LoRIF streaming and scoring; the dense and "
-                    "train-side baselines stay on the CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (LoRIF and both baselines, so that each "
+                    "comparison is on one device)")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

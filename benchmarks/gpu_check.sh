@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Everything that needs CUDA, in one call, in about 8 minutes on one GPU:
-#   1. the test suite's CUDA-marked tests (device factorisation, capture in fp32/bf16, a build on
-#      the device, the device query with pinned buffers and a side stream) against CPU results;
+# Everything that needs CUDA, in one call, in about 8-10 minutes on one GPU:
+#   1. the test suite's CUDA-marked tests (tests/test_cuda.py: device factorisation, capture in
+#      fp32/bf16/autocast, builds on the device, the streaming query with pinned buffers and a side
+#      stream under load, top-k against the CPU's; the CUDA cases of test_sketch.py and
+#      test_curvature.py) against CPU results;
 #   2. bench_capture on the GPU (peak device memory and time of capture vs a plain forward+backward);
 #   3. bench_build --gpu-quick (build vs the plain forward+backward floor, examples/s);
 #   4. bench_query --gpu-quick (read+decode GB/s, load-vs-score overlap, GEMM efficiency vs peak).
@@ -37,7 +39,7 @@ import lorif_stream, lmdb, zstandard, numba, click, psutil  # the package and it
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}, "
       f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
 PY
-step "CUDA-marked tests" 180 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+step "CUDA-marked tests" 300 "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider
 step "bench_capture (GPT-2-small shape, cuda)" 120 "$PY" benchmarks/bench_capture.py --device cuda
 step "bench_build --gpu-quick" 150 "$PY" benchmarks/bench_build.py --gpu-quick
 step "bench_query --gpu-quick" 120 "$PY" benchmarks/bench_query.py --gpu-quick

@@ -31,9 +31,28 @@ def parse_size(text: str | int | float) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def default_memory_budget() -> int:
-    """Half of the RAM available now: leaves room for the model, the OS and the page cache."""
-    return int(psutil.virtual_memory().available * 0.5)
+def default_memory_budget(device: str | None = None, device_free: int | None = None) -> int:
+    """Half of the RAM available now: leaves room for the model, the OS and the page cache. On a
+    CUDA device (`device` cuda, cuda:N, or auto with a GPU) also at most half of its free memory
+    (`device_free` bytes, default torch.cuda.mem_get_info()): the same budget sizes what lives on
+    the device (the query batch's preconditioned gradients, the sketches, the whitening moments),
+    and a large-RAM host would otherwise size them past the GPU."""
+    budget = int(psutil.virtual_memory().available * 0.5)
+    if device_free is None:
+        device_free = cuda_free_memory(device)
+    return budget if device_free is None else min(budget, int(device_free * 0.5))
+
+
+def cuda_free_memory(device: str | None) -> int | None:
+    """Free bytes of the CUDA device `device` names, None for a CPU or where torch sees no GPU."""
+    if device is None or str(device) == "cpu" or not (str(device) == "auto" or str(device).startswith("cuda")):
+        return None
+    import torch  # here, not at the top: the CLI reads this module without torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = None if str(device) == "auto" else torch.device(device).index
+    return int(torch.cuda.mem_get_info(index)[0])
 
 
 def budget_groups(sizes: list[int], share: int) -> list[list[int]]:
@@ -198,7 +217,7 @@ class BuildConfig:
         object.__setattr__(self, "curvature", self.curvature.resolved(self.projection_kind))
 
     def budget(self) -> int:
-        return self.memory_budget or default_memory_budget()
+        return self.memory_budget or default_memory_budget(self.device)
 
     def factor_key(self) -> dict:
         """Settings that determine the stored factors: a resume or append must match them exactly."""
@@ -252,7 +271,7 @@ class QueryConfig:
             raise ValueError(f"memory_budget={self.memory_budget} must be > 0")
 
     def budget(self) -> int:
-        return self.memory_budget or default_memory_budget()
+        return self.memory_budget or default_memory_budget(self.device)
 
 
 def option_help(cls, name: str) -> str:

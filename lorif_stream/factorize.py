@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import torch
 
+from .gpu import exact
+
 __all__ = ["METHODS", "OVERSAMPLE", "power_iterations", "factorize"]
 
 METHODS = ("auto", "power", "svd")
@@ -107,7 +109,10 @@ def _cholesky_orthonormalize(Y: torch.Tensor) -> torch.Tensor:
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
     shift = torch.where(trace > 0, trace * 1e-12, torch.ones_like(trace))
     gram.diagonal(dim1=-2, dim2=-1).add_(shift[..., None])
-    upper = torch.linalg.cholesky(gram, upper=True)
+    # cholesky_ex: no error check, so no host sync per power step on a GPU (cholesky reads its
+    # info back every call). The shift makes the Gram positive definite unless its entries are
+    # not finite, and a non-finite G is refused (or zeroed) before it is factorized.
+    upper = torch.linalg.cholesky_ex(gram, upper=True).L
     return torch.linalg.solve_triangular(upper, Y64, upper=True, left=False).to(Y.dtype)
 
 
@@ -168,6 +173,7 @@ def _pad(M: torch.Tensor, c: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+@exact
 def factorize(
     G: torch.Tensor, c: int, method: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:

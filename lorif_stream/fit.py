@@ -14,7 +14,6 @@ refined by streaming passes, and a damping λ; the result is stored for queries.
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from .config import CurvatureConfig, default_memory_budget, factor_key_of_index,
 from .curvature import DampingPolicy, LayerCurvature, fit_layer_curvature, precondition
 from .ekfac import EkfacPreconditioner, LayerEigenStats
 from .device import notice, resolve_device
+from .gpu import DeviceTimer
+from .loader import BlockLoader
 from .progress import Progress
 from .sketch import DENSE_MAX_D, LayerSketch
 from .store import IndexWriter, Snapshot
@@ -79,7 +80,12 @@ class SketchSet:
         self.device = device
         self.layout = writer.layout
         self.sketches: dict[int, LayerSketch] = {}
-        self.seconds = 0.0  # spent in sketch updates during the build (benchmarks report it)
+        self.timer = DeviceTimer(device)
+
+    @property
+    def seconds(self) -> float:
+        """Spent in sketch updates during the build, device work included (benchmarks report it)."""
+        return self.timer.seconds
 
     # -- choosing and loading
     @classmethod
@@ -113,12 +119,9 @@ class SketchSet:
     # -- feeding
     @torch.no_grad()
     def update(self, Ls: list[torch.Tensor], Rs: list[torch.Tensor]) -> None:
-        t = time.perf_counter()
-        for i, sketch in self.sketches.items():
-            sketch.update(Ls[i].to(self.device), Rs[i].to(self.device))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds += time.perf_counter() - t
+        with self.timer.section():
+            for i, sketch in self.sketches.items():
+                sketch.update(Ls[i].to(self.device), Rs[i].to(self.device))
 
     def catch_up(self, writer: IndexWriter, progress: bool = True) -> None:
         """Replay rows the in-memory sketches miss (an interrupted build, an append) from the index."""
@@ -156,12 +159,13 @@ class SketchSet:
 
 def replay_rows(writer: IndexWriter, layers: list[int], start: int, stop: int, device: torch.device,
                 progress: bool, desc: str, feed) -> None:
-    """Stream rows [start, stop) of `layers` from the index into `feed(layer, L, R)` (device tensors)."""
+    """Stream rows [start, stop) of `layers` from the index into `feed(layer, L, R)` (device tensors),
+    read and decoded (and on CUDA copied) ahead by the query's loader while `feed` computes."""
     reader = writer.reader()
     with reader.snapshot() as snap, Progress(desc, total=stop - start, unit="rows", enabled=progress) as bar:
-        for _, n, factors in snap.blocks(start, stop, layers=layers):
+        for _, n, factors in BlockLoader(snap, layers, device, start=start, stop=stop):
             for i, (L, R) in zip(layers, factors):
-                feed(i, torch.from_numpy(L).to(device), torch.from_numpy(R).to(device))
+                feed(i, L, R)
             bar.update(n)
 
 
@@ -174,9 +178,9 @@ class EkfacSet:
     def __init__(self, writer: IndexWriter, device: torch.device, resume: bool = True):
         self.layout = writer.layout
         self.device = device
-        self.seconds = 0.0
         meta = writer.get_state_meta(EKFAC_META) or {}
         self.stats: dict[int, LayerEigenStats] = {}
+        self.timer = DeviceTimer(device)
         for i, layer in enumerate(self.layout.layers):
             q_out, q_in = load_eigenbases(writer.get_array, layer.name, device)
             stored = meta.get("layers", {}).get(layer.name)
@@ -191,12 +195,15 @@ class EkfacSet:
     def for_build(cls, writer: IndexWriter, device: torch.device, config: CurvatureConfig, budget: int) -> "EkfacSet":
         return cls(writer, device)
 
+    @property
+    def seconds(self) -> float:
+        return self.timer.seconds
+
     @torch.no_grad()
     def update(self, Ls: list[torch.Tensor], Rs: list[torch.Tensor]) -> None:
-        t = time.perf_counter()
-        for i, stats in self.stats.items():
-            stats.update(Ls[i], Rs[i])
-        self.seconds += time.perf_counter() - t
+        with self.timer.section():
+            for i, stats in self.stats.items():
+                stats.update(Ls[i], Rs[i])
 
     def catch_up(self, writer: IndexWriter, progress: bool = True) -> None:
         target = writer.rows
@@ -339,8 +346,8 @@ def _finalize_layer(writer: IndexWriter, sketch: LayerSketch, i: int, config: Cu
     def blocks():
         reader = writer.reader()
         with reader.snapshot() as snap:
-            for _, _, [(L, R)] in snap.blocks(0, sketch.rows, layers=[i]):
-                yield torch.from_numpy(L).to(device), torch.from_numpy(R).to(device)
+            for _, _, [(L, R)] in BlockLoader(snap, [i], device, stop=sketch.rows):
+                yield L, R
 
     # the last refinement pass ends with a Nystrom step on the refined subspace: at equal passes it
     # is 2-4x more accurate than a Rayleigh-Ritz finish (benchmarks/bench_curvature.py)
@@ -406,7 +413,7 @@ def fit(index, config: CurvatureConfig | None = None, *, device: str = "auto", m
     if config is not None and options:
         raise TypeError("pass either a CurvatureConfig or keyword options, not both")
     config = config or CurvatureConfig(**options)
-    budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget()
+    budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget(device)
     from .shards.comm import current
 
     comm = current()

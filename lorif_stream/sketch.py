@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Tuple
 import numpy as np
 import torch
 
+from .gpu import exact
+
 Tensor = torch.Tensor
 Blocks = Iterable[Tuple[Tensor, Tensor]]
 
@@ -127,17 +129,20 @@ def _choose_path(d_out: int, d_in: int, c: int, k: int) -> str:
     return "factored" if f["factored"] < f["dense"] else "dense"
 
 
-def _block_trace(L: Tensor, R: Tensor) -> float:
+def _block_trace(L: Tensor, R: Tensor) -> Tensor:
     # ||L R^T||_F^2 = <L^T L, R^T R>: c^2 (d_out + d_in) per example instead of D, in fp64
     # because the trace is a sum of N positive terms (bf16/fp32 would lose the small ones).
+    # A 0-dim tensor on the factors' device: the caller reads it once per update, not per chunk
+    # (each read is a host sync on a GPU).
     L64 = L.to(torch.float64)
     R64 = R.to(torch.float64)
     gl = torch.bmm(L64.transpose(1, 2), L64)
     gr = torch.bmm(R64.transpose(1, 2), R64)
-    return float((gl * gr).sum().item())
+    return (gl * gr).sum()
 
 
 @torch.no_grad()
+@exact
 def sketch_update(Y: Tensor, L: Tensor, R: Tensor, omega: Tensor, chunk_rows: int | None = None,
                   path: str = "auto") -> float:
     """Add ``sum_i g_i (g_i^T omega)`` into ``Y`` in place; return ``sum_i ||g_i||^2`` (fp64).
@@ -163,7 +168,7 @@ def sketch_update(Y: Tensor, L: Tensor, R: Tensor, omega: Tensor, chunk_rows: in
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got chunk_rows={chunk_rows}")
 
-    trace = 0.0
+    trace = torch.zeros((), dtype=torch.float64, device=Y.device)
     Y_mat = Y.view(d_out, d_in * k)
     om_mat = omega.view(d_out, d_in * k)
     for s in range(0, n, chunk_rows):
@@ -183,10 +188,11 @@ def sketch_update(Y: Tensor, L: Tensor, R: Tensor, omega: Tensor, chunk_rows: in
             # Reuse U's memory for M[n, c, p, j] = R[n, p, c] * W[n, j].
             M = torch.mul(Rp.unsqueeze(2), W.unsqueeze(1), out=U).view(m * c, d_in * k)
             Y_mat.addmm_(Lp.t(), M)
-    return trace
+    return float(trace)
 
 
 @torch.no_grad()
+@exact
 def gram_update(A: Tensor, L: Tensor, R: Tensor, chunk_rows: int | None = None) -> float:
     """Add ``sum_i g_i g_i^T`` into the dense fp64 Gram ``A`` (D, D) in place; return ``sum_i ||g_i||^2``.
 
@@ -212,16 +218,17 @@ def gram_update(A: Tensor, L: Tensor, R: Tensor, chunk_rows: int | None = None) 
         raise ValueError(f"chunk_rows must be >= 1, got chunk_rows={chunk_rows}")
     L = L.to(device=A.device, dtype=torch.float64)
     R = R.to(device=A.device, dtype=torch.float64)
-    trace = 0.0
+    trace = torch.zeros((), dtype=torch.float64, device=A.device)
     for s in range(0, n, chunk_rows):
         Lc, Rc = L[s:s + chunk_rows], R[s:s + chunk_rows]
         trace += _block_trace(Lc, Rc)
         G = torch.bmm(Lc, Rc.transpose(1, 2)).view(Lc.shape[0], D)
         A.addmm_(G.t(), G)
-    return trace
+    return float(trace)
 
 
 @torch.no_grad()
+@exact
 def apply_curvature(Q: Tensor, blocks: Blocks) -> Tensor:
     """Z = A Q for A = sum over the streamed (L, R) blocks of g g^T; never forms A or a N x D array."""
     Q = Q.to(torch.float32).contiguous()
@@ -472,6 +479,7 @@ def orthonormalize(X: Tensor, fill_seed: int = 0) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
+@exact
 def dense_eig(A: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
     """Top-``rank`` eigenpairs of the dense Gram ``A`` (D, D) by fp64 ``eigh``.
 
@@ -505,6 +513,7 @@ def dense_eig(A: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
+@exact
 def nystrom_eig(Y: Tensor, omega: Tensor, rank: int, shift_eps: float | None = None) -> Tuple[Tensor, Tensor]:
     """Top-``rank`` eigenpairs of A from Y = A omega by the shifted-Cholesky Nystrom method.
 
@@ -596,6 +605,7 @@ def _nystrom_core(OtY: Tensor, YtY: Tensor, OtO: Tensor, rank: int, shift_eps: f
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
+@exact
 def rayleigh_ritz(Q: Tensor, Z: Tensor) -> Tuple[Tensor, Tensor]:
     """Ritz pairs of A on span(Q) from Z = A Q (Q orthonormal): all m, descending, sigma2 >= 0."""
     if Q.shape != Z.shape or Q.dim() != 2:
@@ -609,6 +619,7 @@ def rayleigh_ritz(Q: Tensor, Z: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
+@exact
 def refine(V0: Tensor, block_source: Callable[[], Blocks], passes: int, rank: int,
            finalize: str = "rr") -> Tuple[Tensor, Tensor]:
     """``passes`` passes of subspace iteration started from span(V0); top-``rank`` (sigma2, V).

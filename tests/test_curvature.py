@@ -16,7 +16,9 @@ from lorif_stream.curvature import (
 )
 from lorif_stream.sketch import GAUSSIAN_GENERATOR, LayerSketch, gaussian_test_matrix
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the CUDA cases are collected everywhere and marked, so that `pytest -m cuda` (gpu_check.sh) runs them
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                  reason="needs a CUDA device")])]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,6 +8,7 @@ A plain process is `LOCAL` (rank 0 of 1): every collective is the identity there
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import threading
@@ -67,7 +68,7 @@ class Comm:
     def device_for(self, device: torch.device) -> torch.device:
         """The rank's own GPU for a bare 'cuda' (every rank would otherwise pick GPU 0)."""
         if device.type == "cuda" and device.index is None and self.active:
-            return torch.device("cuda", self.local_rank)
+            return torch.device("cuda", local_gpu(self.local_rank))
         return device
 
     # -- collectives
@@ -84,6 +85,10 @@ class Comm:
             moved = t.to(self.device)
             dist.all_reduce(moved)
             t.copy_(moved)
+        if self.device.type == "cuda":
+            # NCCL returns once the reduction is queued: the seconds are its completion's, and the
+            # next reduction's timing would otherwise include this one's
+            torch.cuda.synchronize(self.device)
         REDUCE_STATS["seconds"] += time.perf_counter() - started
         REDUCE_STATS["bytes"] += t.numel() * t.element_size()
         REDUCE_STATS["calls"] += 1
@@ -128,7 +133,10 @@ class Comm:
         import torch.distributed as dist
 
         out = [None] * self.world
-        dist.all_gather_object(out, obj)
+        # all_gather_object stages its bytes on torch.cuda.current_device() under NCCL: a caller
+        # that initialised the group without set_device would have every rank on GPU 0
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            dist.all_gather_object(out, obj)
         return out
 
     def barrier(self) -> None:
@@ -179,6 +187,13 @@ class Comm:
 LOCAL = Comm()
 
 
+def local_gpu(local_rank: int) -> int:
+    """The GPU of a local rank: ranks beyond the node's GPUs share them round-robin (more ranks
+    per node than GPUs, or a node whose CUDA_VISIBLE_DEVICES shows each rank fewer GPUs)."""
+    count = torch.cuda.device_count()
+    return local_rank % count if count else local_rank
+
+
 def current() -> Comm:
     """The job this process is part of: torch.distributed's group if initialized, else LOCAL."""
     import torch.distributed as dist
@@ -187,7 +202,7 @@ def current() -> Comm:
         return LOCAL
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
     local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() % max(local_world, 1)))
-    device = torch.device("cuda", local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", local_gpu(local_rank)) if dist.get_backend() == "nccl" else torch.device("cpu")
     return Comm(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device, active=True)
 
 
@@ -201,7 +216,7 @@ def init_from_env(device: str | None = "auto") -> Comm:
     wants_cuda = torch.cuda.is_available() and (device is None or str(device) in ("auto", "cuda")
                                                 or str(device).startswith("cuda"))
     if wants_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_gpu(local_rank))
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV) or _DEFAULT_TIMEOUT_S))
     dist.init_process_group("nccl" if wants_cuda else "gloo", timeout=timeout)
     return current()

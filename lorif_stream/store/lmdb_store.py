@@ -669,21 +669,34 @@ class IndexWriter:
 # ------------------------------------------------------------------------------ reader
 
 
-class BlockBuffers:
-    """Reusable fp32 decode targets for one block of every layer (L and R per layer)."""
+def _pinned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """fp32 page-locked host memory (a CUDA torch is imported only by whoever asks for it)."""
+    import torch
 
-    def __init__(self, layout: IndexLayout, rows: int | None = None):
+    return torch.empty(shape, dtype=torch.float32, pin_memory=True).numpy()
+
+
+class BlockBuffers:
+    """Reusable fp32 decode targets for one block of every layer (L and R per layer).
+
+    `pin`: page-locked, so that host->device copies from them can be asynchronous; kept when the
+    buffers grow, since blocks larger than block_size are the normal case (a build cuts a block at
+    the first batch that reaches block_size, so blocks run up to batch_size - 1 rows over)."""
+
+    def __init__(self, layout: IndexLayout, rows: int | None = None, pin: bool = False):
         self._layout = layout
+        self.pin = pin
         self.rows = 0
         self.ensure(rows or layout.block_size)
 
     def ensure(self, rows: int) -> None:
-        """Grow (never shrink) so that a block of `rows` rows fits; blocks larger than block_size are rare."""
+        """Grow (never shrink) so that a block of `rows` rows fits."""
         if rows <= self.rows:
             return
         self.rows = rows
-        self.L = [np.empty((rows, l.d_out, self._layout.c), np.float32) for l in self._layout.layers]
-        self.R = [np.empty((rows, l.d_in, self._layout.c), np.float32) for l in self._layout.layers]
+        empty = _pinned_empty if self.pin else (lambda shape: np.empty(shape, np.float32))
+        self.L = [empty((rows, l.d_out, self._layout.c)) for l in self._layout.layers]
+        self.R = [empty((rows, l.d_in, self._layout.c)) for l in self._layout.layers]
 
 
 @dataclass
