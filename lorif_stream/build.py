@@ -643,6 +643,38 @@ def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildC
             add([torch.zeros(len(ids), l.d_out, l.d_in, device=source.device) for l in source.layers], ids)
         held_back = None
 
+    def take(grads: list[torch.Tensor], finite: torch.Tensor, ids: list[str], rows: list[int]) -> None:
+        """One batch's verdict (a host sync on a GPU) and, when it passes, its rows."""
+        nonlocal pending_rows
+        if not bool(finite.all()):
+            if not config.skip_nonfinite:
+                ok = int(torch.nonzero(~finite)[0])
+                # commit everything before the culprit, so the error leaves a clean resume point
+                if ok:
+                    _add(pending, [G[:ok] for G in grads], ids[:ok], config.rank, storage)
+                    pending_rows += ok
+                emit()
+                committer.drain()
+                kept = (f"rows {row_offset}..{row_offset + block_first - 1} are committed and valid"
+                        if block_first else "no rows are committed yet")
+                raise NonFiniteGradientError(
+                    f"{describe_nonfinite(ids, [row_offset + r for r in rows], finite)}; {kept} "
+                    f"(rerun with --skip-nonfinite to store zero factors for such examples)"
+                )
+            nonfinite.extend(r for r, ok in zip(rows, finite.tolist()) if not ok)
+            if held_back is not None and not bool(finite.any()):
+                held_back.extend(ids)
+                return
+            grads = [torch.where(finite.view(-1, 1, 1), torch.nan_to_num(G), torch.zeros_like(G)) for G in grads]
+        if held_back is not None:
+            release_held_back()
+        add(grads, ids)
+
+    # On CUDA a batch's verdict is taken once the next batch's forward and backward are queued, so
+    # that the GPU is not left idle while the host waits for it; batches are still stored in order,
+    # each after its own verdict. On the CPU there is nothing to overlap: each batch at once.
+    lookahead = source.device.type == "cuda"
+    waiting = None
     try:
         with source.capture() as capture:
             for batch_start in range(start_row, end_row, config.batch_size):
@@ -652,34 +684,18 @@ def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildC
                 batch_examples = [examples[i] for i in offsets]
                 ids = [str(task.example_id(ex, i)) for ex, i in zip(batch_examples, offsets)]
                 grads, finite = source.projected_gradients(capture, batch_examples, ids, "loss")
-                if not bool(finite.all()):
-                    if not config.skip_nonfinite:
-                        ok = int(torch.nonzero(~finite)[0])
-                        # commit everything before the culprit, so the error leaves a clean resume point
-                        if ok:
-                            _add(pending, [G[:ok] for G in grads], ids[:ok], config.rank, storage)
-                            pending_rows += ok
-                        emit()
-                        committer.drain()
-                        kept = (f"rows {row_offset}..{row_offset + block_first - 1} are committed and valid"
-                                if block_first else "no rows are committed yet")
-                        raise NonFiniteGradientError(
-                            f"{describe_nonfinite(ids, [row_offset + r for r in rows], finite)}; {kept} "
-                            f"(rerun with --skip-nonfinite to store zero factors for such examples)"
-                        )
-                    nonfinite.extend(r for r, ok in zip(rows, finite.tolist()) if not ok)
-                    if held_back is not None and not bool(finite.any()):
-                        held_back.extend(ids)
-                        continue
-                    grads = [torch.where(finite.view(-1, 1, 1), torch.nan_to_num(G), torch.zeros_like(G)) for G in grads]
-                if held_back is not None:
-                    release_held_back()
-                add(grads, ids)
+                batch = (grads, finite, ids, rows)
+                if lookahead:
+                    batch, waiting = waiting, batch
+                if batch is not None:
+                    take(*batch)
                 if time.perf_counter() - last_checkpoint > _SKETCH_CHECKPOINT_SECONDS:
                     emit()
                     committer.drain()
                     sketches.save(writer)
                     last_checkpoint = time.perf_counter()
+            if waiting is not None:
+                take(*waiting)
             if held_back:
                 raise NonFiniteGradientError(
                     f"every one of the {segment['count']:,} examples of this {segment['kind']} has a non-finite loss "

@@ -28,10 +28,12 @@ from .config import QueryConfig
 from .config import factor_key_of_index
 from .device import notice, resolve_device
 from .fit import CURVATURE_META, load_preconditioner
+from .gpu import DeviceTimer, exact
 from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
+from .loader import BlockLoader
 from .progress import Progress
 from .projection import ProjectionSpec
-from .store import BlockBuffers, BlockDecoder, Snapshot
+from .store import Snapshot
 from .store.shards import open_index
 from .atomic import discard, publish, temp_beside, write_text
 from .whitening import load_projections
@@ -68,6 +70,7 @@ def dense_cost(Q: int, c: int, D: int) -> float:
 
 
 @torch.no_grad()
+@exact
 def score_layer(H: torch.Tensor, L: torch.Tensor, R: torch.Tensor, method: str = "auto",
                 max_elements: int = 1 << 24) -> torch.Tensor:
     """Scores (Q, n) = <H_q, L_i R_i^T> for H (Q, d_out, d_in), L (n, d_out, c), R (n, d_in, c).
@@ -104,7 +107,11 @@ def _score_chunk(H: torch.Tensor, L: torch.Tensor, R: torch.Tensor, method: str)
 
 
 class TopK:
-    """Exact streaming top-k (largest = proponents) and bottom-k (smallest = opponents) per query."""
+    """Exact streaming top-k (largest = proponents) and bottom-k (smallest = opponents) per query.
+
+    Equal scores are ranked by row, lower first, on every device: torch.topk orders ties one way
+    on the CPU and another on CUDA, and equal scores are common (the zero rows --skip-nonfinite
+    stores, duplicated examples)."""
 
     def __init__(self, Q: int, k: int, device: torch.device):
         self.k = k
@@ -122,123 +129,28 @@ class TopK:
         v = torch.cat([vals, new_vals], dim=1)
         r = torch.cat([rows, new_rows], dim=1)
         k = min(self.k, v.shape[1])
-        best, idx = torch.topk(v, k, dim=1, largest=largest, sorted=True)
-        return best, torch.gather(r, 1, idx)
+        return _ranked_by_row(v, r, k, largest)
 
 
-# ------------------------------------------------------------------------------------ loading
+# rank keys of _ranked_by_row: above every tie, and the base a tie's row is subtracted from
+_STRICT, _TIE = 1 << 62, 1 << 61
 
 
-class BlockLoader:
-    """Iterates decoded blocks of the chosen layers as device tensors, decoding ahead in a thread.
-
-    `buffers` host buffer sets form a ring: the loader fills a free one while the scorer uses
-    another; a set returns to the ring once the scorer (and, on CUDA, its copy) is done with it.
-    `threads=0` decodes inline (no overlap), which is also the reference the tests compare to.
-    """
-
-    def __init__(self, snap: Snapshot, layers: Sequence[int], device: torch.device, buffers: int = 2,
-                 threads: int = 1):
-        self.snap, self.layers, self.device = snap, list(layers), device
-        self.threads = threads
-        pin = device.type == "cuda"
-        self.sets = [self._alloc(pin) for _ in range(buffers)]
-        self.read_seconds = 0.0
-        self.bytes_read = 0
-
-    def _alloc(self, pin: bool) -> BlockBuffers:
-        bufs = BlockBuffers(self.snap.layout)
-        if pin:
-            # decode straight into page-locked memory so host->device copies can be asynchronous
-            bufs.L = [torch.empty(L.shape, pin_memory=True).numpy() for L in bufs.L]
-            bufs.R = [torch.empty(R.shape, pin_memory=True).numpy() for R in bufs.R]
-        return bufs
-
-    def _decode(self, decoder: BlockDecoder, bufs: BlockBuffers, first_row: int, value0) -> int:
-        t = time.perf_counter()
-        n = 0
-        for j, layer in enumerate(self.layers):
-            value = value0 if j == 0 else self.snap.value_at(layer, first_row)
-            self.bytes_read += len(value)
-            L, _ = self.snap.decode(layer, first_row, value, bufs, decoder)
-            n = L.shape[0]
-        self.read_seconds += time.perf_counter() - t
-        return n
-
-    def _values(self):
-        return self.snap.layer_values(self.layers[0], 0, self.snap.rows)
-
-    def __iter__(self) -> Iterator[tuple[int, int, list[tuple[torch.Tensor, torch.Tensor]]]]:
-        if self.threads == 0:
-            decoder = BlockDecoder()
-            for first_row, value in self._values():
-                n = self._decode(decoder, self.sets[0], first_row, value)
-                yield first_row, n, self._tensors(self.sets[0], n)
-            return
-        yield from self._threaded()
-
-    def _threaded(self):
-        free: queue.Queue = queue.Queue()
-        ready: queue.Queue = queue.Queue()
-        for i in range(len(self.sets)):
-            free.put(i)
-        stop = threading.Event()
-
-        def work():
-            decoder = BlockDecoder()
-            try:
-                for first_row, value in self._values():
-                    i = free.get()
-                    if stop.is_set() or i < 0:
-                        return
-                    ready.put((i, first_row, self._decode(decoder, self.sets[i], first_row, value)))
-                ready.put(None)
-            except BaseException as e:
-                ready.put(e)
-
-        thread = threading.Thread(target=work, name="lorif-block-loader", daemon=True)
-        thread.start()
-        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        in_flight: list[tuple[object, int]] = []
-        try:
-            while True:
-                item = ready.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                i, first_row, n = item
-                if side is None:
-                    yield first_row, n, self._tensors(self.sets[i], n)
-                    free.put(i)
-                    continue
-                with torch.cuda.stream(side):
-                    tensors = self._tensors(self.sets[i], n)
-                    done = torch.cuda.Event()
-                    done.record(side)
-                torch.cuda.current_stream(self.device).wait_event(done)
-                in_flight.append((done, i))
-                still = []
-                for ev, j in in_flight:
-                    (free.put(j) if ev.query() else still.append((ev, j)))
-                in_flight = still
-                yield first_row, n, tensors
-        finally:
-            stop.set()
-            for _, j in in_flight:
-                free.put(j)
-            free.put(-1)  # unblock a loader waiting for a buffer
-            thread.join()
-
-    def _tensors(self, bufs: BlockBuffers, n: int):
-        out = []
-        for layer in self.layers:
-            L = torch.from_numpy(bufs.L[layer][:n])
-            R = torch.from_numpy(bufs.R[layer][:n])
-            if self.device.type != "cpu":
-                L, R = L.to(self.device, non_blocking=True), R.to(self.device, non_blocking=True)
-            out.append((L, R))
-        return out
+def _ranked_by_row(v: torch.Tensor, r: torch.Tensor, k: int, largest: bool):
+    """The k best of each row of v (scores) with their r (rows), ties at the cut and within the k
+    broken by row, lower first; sorted best first. No host sync: all device-side."""
+    kth = torch.topk(v, k, dim=1, largest=largest, sorted=True).values[:, k - 1:k]
+    strict = v > kth if largest else v < kth
+    # everything strictly better than the k-th score is in; the remaining places go to the scores
+    # equal to it, lowest rows first
+    key = torch.where(strict, torch.full_like(r, _STRICT), torch.where(v == kth, _TIE - r, torch.full_like(r, -1)))
+    pick = torch.topk(key, k, dim=1).indices
+    sv, sr = torch.gather(v, 1, pick), torch.gather(r, 1, pick)
+    # best first, equal scores by row: a stable sort by score of the picks sorted by row
+    by_row = torch.argsort(sr, dim=1, stable=True)
+    sv, sr = torch.gather(sv, 1, by_row), torch.gather(sr, 1, by_row)
+    order = torch.argsort(sv, dim=1, descending=largest, stable=True)
+    return torch.gather(sv, 1, order), torch.gather(sr, 1, order)
 
 
 # ------------------------------------------------------------------------------------ public
@@ -367,17 +279,23 @@ def _stream_scores(snap: Snapshot, H: list[torch.Tensor], layers: list[int], dev
     Q = H[0].shape[0]
     top = TopK(Q, config.top_k, device)
     loader = BlockLoader(snap, layers, device, buffers=config.buffers, threads=config.loader_threads)
-    with bar or Progress("query", total=snap.rows, unit="rows", enabled=progress) as bar:
-        read_before = 0
-        for first_row, n, factors in loader:
-            t = time.perf_counter()
-            scores = sum(score_layer(Hl, L, R, config.scorer) for Hl, (L, R) in zip(H, factors))
-            top.update(scores, first_row)
-            if writer is not None:
-                writer.write(q0, first_row, scores.cpu().numpy())
-            stats["score_seconds"] += time.perf_counter() - t
-            bar.update(n, nbytes=loader.bytes_read - read_before)
-            read_before = loader.bytes_read
+    timer = DeviceTimer(device)
+    sink = _ScoreSink(writer, device) if writer is not None else None
+    try:
+        with bar or Progress("query", total=snap.rows, unit="rows", enabled=progress) as bar:
+            read_before = 0
+            for first_row, n, factors in loader:
+                with timer.section():
+                    scores = sum(score_layer(Hl, L, R, config.scorer) for Hl, (L, R) in zip(H, factors))
+                    top.update(scores, first_row)
+                if sink is not None:
+                    sink.put(q0, first_row, scores)
+                bar.update(n, nbytes=loader.bytes_read - read_before)
+                read_before = loader.bytes_read
+    finally:
+        if sink is not None:
+            sink.close()
+    stats["score_seconds"] += timer.seconds
     stats["read_seconds"] += loader.read_seconds
     stats["bytes_read"] += loader.bytes_read
     return top
@@ -394,6 +312,57 @@ def _format(snap: Snapshot, ids: list[str], top: TopK) -> list[dict]:
             "opponents": [{"id": snap.id_of(r), "row": r, "score": s} for s, r in zip(bv[q], br[q])],
         })
     return out
+
+
+class _ScoreSink:
+    """Hands each block's scores to `writer` without holding up the scorer. On CUDA the scores are
+    copied into pinned memory asynchronously and written by a thread once their event completes
+    (a .cpu() per block would wait for the block's kernels, so the next block's copy on the side
+    stream would never overlap them); on the CPU they are written in line, as they are."""
+
+    def __init__(self, writer: "_ScoreWriter", device: torch.device, depth: int = 2):
+        self.writer = writer
+        self.thread = None
+        if device.type == "cuda":
+            # bounded: at most `depth` blocks of scores wait in pinned memory
+            self.inbox: queue.Queue = queue.Queue(maxsize=depth)
+            self.error: BaseException | None = None
+            self.thread = threading.Thread(target=self._loop, name="lorif-score-writer", daemon=True)
+            self.thread.start()
+
+    def put(self, q0: int, first_row: int, scores: torch.Tensor) -> None:
+        if self.thread is None:
+            self.writer.write(q0, first_row, scores.numpy())
+            return
+        if self.error is not None:
+            raise self.error
+        host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+        host.copy_(scores, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(scores.device))
+        self.inbox.put((q0, first_row, host, copied))
+
+    def _loop(self) -> None:
+        while True:
+            item = self.inbox.get()
+            if item is None:
+                return
+            if self.error is None:
+                q0, first_row, host, copied = item
+                try:
+                    copied.synchronize()
+                    self.writer.write(q0, first_row, host.numpy())
+                except BaseException as e:  # re-raised in the scorer's thread
+                    self.error = e
+
+    def close(self) -> None:
+        """Wait for every block queued to be written; raise a write's error here."""
+        if self.thread is None:
+            return
+        self.inbox.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 class _ScoreWriter:
