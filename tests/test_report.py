@@ -304,6 +304,26 @@ def test_page_in_a_headless_browser(run, tmp_path):
     sections = re.findall(r'<section class="query" id="query-(\d)"( hidden="")?', fox)
     assert [(i, bool(h)) for i, h in sections] == [("0", True), ("1", False), ("2", True)]
     assert 'class="entry pro hit"' in fox or 'class="entry con hit"' in fox  # matching entries are marked
+    # a link ending in a malformed escape is ignored: the page still works, unfiltered
+    assert "3 of 3 queries shown" in dom("#q=%E0%A4%A")
+
+
+def test_ids_and_texts_are_bidi_isolated_and_control_characters_visible(run, tmp_path):
+    lines = [json.loads(l) for l in open(run["results"], encoding="utf-8")]
+    lines[0]["id"] = "rlo-\u202egnp.exe\x00"
+    results = _jsonl(tmp_path / "r.jsonl", lines)
+    queries = _jsonl(tmp_path / "q.jsonl", [{"doc": lines[0]["id"], "text": "nul\x00here \x85 and \x1b end"}])
+    make_report(results, run["index"], tmp_path / "p.html", queries=queries, id_field="doc")
+    page = (tmp_path / "p.html").read_text(encoding="utf-8")
+    assert "\x00" not in page and "\x85" not in page and "\x1b" not in page
+    # the override stays inside its id: the label after it is not reordered
+    assert '<bdi class="id">rlo-\u202egnp.exe<span class="ctl" title="U+0000">\u2400</span></bdi>' in page
+    assert 'title="U+0085">\\x85</span>' in page and 'title="U+001B">\u241b</span>' in page
+    for line in lines:
+        for side in ("proponents", "opponents"):
+            for e in line[side]:
+                assert f'<bdi class="id">{html.escape(e["id"])}</bdi>' in page
+    assert ".text,.qtext,.id,bdi{unicode-bidi:isolate}" in page
 
 
 def test_parquet_data_reads_only_the_row_groups_holding_result_rows(run, tmp_path):
