@@ -18,7 +18,6 @@ marked `finalized` after it), else says the run is complete.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -29,8 +28,9 @@ import torch
 
 from .config import FACTOR_FIELDS, BuildConfig, CurvatureConfig, factor_key_of_index, factor_options
 from .device import notice, resolve_device
+from .estimate import InsufficientDiskError, announce, check_budget, check_fits, estimate_build, tokens_bound
 from .factorize import factorize
-from .fit import CURVATURE_META, check_finalize_budget, curvature_statistics, sketch_memory_bytes
+from .fit import CURVATURE_META, curvature_statistics
 from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
 from .progress import Progress
 from .projection import ProjectionSpec
@@ -40,11 +40,10 @@ from .store.format import DATA_FILE, LMDB_LOCK_FILE, WRITER_LOCK_FILE
 from .segments import SEGMENT_CHECK_META, segment_check, store_check, stored_check, task_mismatch
 from .task import load_task, resolve_task
 from .task_check import check_options, task_record
-from .whitening import WHITENING_META, ensure_whitening, moment_bytes, moment_groups, tokens_per_example
+from .whitening import WHITENING_META, ensure_whitening, tokens_per_example
 
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _TARGET_BLOCK_BYTES = 32 << 20  # fp32 bytes of one block of every layer
-_COMPRESSED_FRACTION = {"bf16": 0.72, "fp16": 0.95, "fp32": 0.95}  # measured by benchmarks/bench_store.py
 _SKETCH_CHECKPOINT_SECONDS = 300.0
 # Tests only: seconds to hold still between the last committed row and the curvature step, so that a
 # test can SIGKILL a real process in the window a rerun has to finish (tests/test_resume_safety.py).
@@ -53,10 +52,6 @@ PAUSE_BEFORE_FINALIZE_ENV = "LORIF_TEST_PAUSE_BEFORE_FINALIZE"
 
 class SettingsMismatchError(ValueError):
     """A resume/append asked for settings that differ from the index's (names them)."""
-
-
-class InsufficientDiskError(OSError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -135,11 +130,8 @@ def _build(task, path: Path, config: BuildConfig, progress: bool, whiten_only: b
     if n == 0:
         raise ValueError("the task has no training examples (train_examples() is empty)")
     # everything that can refuse the build does so before the index exists
-    _check_budget(source.layers, config)
     layout = new_layout(source, config)
-    _check_disk(path, layout, source.layers, n, config)
-    if progress:
-        _announce(layout, source.layers, n, config)
+    check_plan(path, source, task, examples, config, layout, n, progress)
     settings = new_settings(task, source, config, n)
     writer = IndexWriter.create(path, layout, settings, durability=config.durability)
     try:
@@ -251,7 +243,7 @@ def _task(task):
 
 
 def _spec(config: BuildConfig) -> ProjectionSpec:
-    return ProjectionSpec(f=config.f, kind=config.projection, seed=config.seed, min_side=config.min_side)
+    return ProjectionSpec.from_factors(config.factor_key())
 
 
 def _train_len(task) -> int:
@@ -265,53 +257,16 @@ def _default_block_size(source: GradientSource, config: BuildConfig) -> int:
     return int(np.clip(target // per_row, 16, 16384))
 
 
-def state_bytes(layers, config: BuildConfig) -> int:
-    """Bytes of curvature/whitening state an index stores besides its factors (LayerInfo layers)."""
-    curvature = config.curvature
-    total = 0
-    for l in layers:
-        if config.projection_kind == "whitened":
-            # P_in', P_out', the eigenbases, and the fp64 moment checkpoint while the pre-pass runs
-            total += 4 * (l.in_features * l.d_in + l.out_features * l.d_out + l.d_in ** 2 + l.d_out ** 2)
-            total += moment_bytes(l)
-        if curvature.preconditioner == "lowrank":
-            # a sketch as wide as the layer is the exact fp64 Gram (sketch.py), else D x k fp32
-            sketch = 8 * l.D * l.D if curvature.sketch_width >= l.D else 4 * l.D * curvature.sketch_width
-            total += sketch + 4 * l.D * min(curvature.sketch_rank, l.D)
-        elif curvature.preconditioner in ("ekfac", "auto"):  # auto: ekfac until the pre-pass decides
-            total += 12 * l.D  # fp64 running sums + one fp32 generation
-    return total
-
-
-def _estimate_disk(layout: IndexLayout, layers, n_rows: int, config: BuildConfig) -> int:
-    factors = (n_rows * layout.values_per_example() * {"bf16": 2, "fp16": 2, "fp32": 4}[layout.dtype]
-               * _COMPRESSED_FRACTION[layout.dtype] * 1.1)
-    # LMDB's copy-on-write needs room for the old and the new copy of rewritten state
-    return int(factors + 2 * state_bytes(layers, config)) + (8 << 20)
-
-
-def _announce(layout: IndexLayout, layers, n_rows: int, config: BuildConfig) -> None:
-    """The upfront estimate a user wants before a long run: disk, RAM and the budget it honours."""
-    block = layout.block_size * layout.values_per_example() * 4
-    stats = 0
-    if config.curvature.preconditioner == "lowrank":
-        stats = sum(sketch_memory_bytes(l.D, config.curvature.sketch_width) for l in layout.layers)
-    if config.projection_kind == "whitened":
-        stats = max(stats, max(moment_bytes(l) for l in layers))
-    ram = 4 * block + min(stats, config.budget() // 2)
-    print(f"[lorif-stream] {n_rows:,} examples x {len(layout.layers)} layers, f={config.f} c={layout.c} {layout.dtype}, "
-          f"{config.projection_kind} projections, {config.curvature.preconditioner} preconditioner: "
-          f"index ~{_estimate_disk(layout, layers, n_rows, config) / 1e6:,.0f} MB on disk, engine RAM ~{ram / 1e6:,.0f} MB "
-          f"(budget {config.budget() / 1e6:,.0f} MB, blocks of {layout.block_size:,} rows)", file=sys.stderr, flush=True)
-
-
-def _check_disk(path: Path, layout: IndexLayout, layers, n_rows: int, config: BuildConfig) -> None:
-    est = _estimate_disk(layout, layers, n_rows, config)
-    free = shutil.disk_usage(path if path.exists() else path.parent if path.parent.exists() else Path.cwd()).free
-    if est > free:
-        raise InsufficientDiskError(
-            f"the index needs about {est / 1e9:.2f} GB for {n_rows:,} examples but {path} has {free / 1e9:.2f} GB free"
-        )
+def check_plan(path: Path, source: GradientSource, task, examples, config: BuildConfig, layout: IndexLayout,
+               n_rows: int, progress: bool, whitened: frozenset[str] | set[str] = frozenset()) -> None:
+    """Refuse, before any work, a build or append of `n_rows` rows that the memory budget, the GPU or
+    the disk cannot hold (estimate.py); else announce the estimate."""
+    check_budget(source.layers, source.spec, config, whitened)
+    estimate = estimate_build(source.layers, source.spec, config, layout, n_rows,
+                              tokens_bound(task, examples, config.batch_size), whitened)
+    check_fits(estimate, path, config, source.device)
+    if progress:
+        announce(estimate, layout, len(source.layers), config)
 
 
 def _diff(theirs, mine) -> str:
@@ -336,16 +291,6 @@ def _clamp_rank(config: BuildConfig, layers, stored_rank: int | None = None) -> 
     notice(f"rank {config.rank} is more than any tracked layer can use (the largest min(d_out, d_in) of the "
            f"projected layers is {top}): storing rank-{top} factors")
     return replace(config, rank=top)
-
-
-def _check_budget(layers, config: BuildConfig, whitened: frozenset[str] | set[str] = frozenset()) -> None:
-    """Refuse a memory budget that the whitening pre-pass or the final curvature step cannot work in."""
-    budget = config.budget()
-    if config.projection_kind == "whitened":
-        # the pre-pass's own memory rule: refused before the index is created, naming the layer
-        moment_groups([l for l in layers if l.name not in whitened], budget)
-    if config.curvature.preconditioner == "lowrank":
-        check_finalize_budget(layers, config.curvature, budget)
 
 
 def _say_curvature_is_kept(writer: IndexWriter, config: BuildConfig) -> None:
@@ -444,8 +389,7 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
             return _complete(writer, source, task, config, progress, whiten_only, last)
         if n == 0:
             raise ValueError("the task has no training examples to append")
-        _check_budget(source.layers, config, _whitened_layers(writer))
-        _check_disk(writer.path, writer.layout, source.layers, n, config)
+        check_plan(writer.path, source, task, examples, config, writer.layout, n, progress, _whitened_layers(writer))
         segment = {"kind": "append", "start": writer.rows, "count": n}
         store_check(writer, segment, segment_check(task, examples, n), keep=(last["start"],))
         settings = dict(settings, segments=segments + [segment])
@@ -468,7 +412,7 @@ def _check_recomputed_rows(writer: IndexWriter, source: GradientSource, task, se
     saved = source.projections
     try:
         if factor_key_of_index(settings["factors"]).get("projection_kind") == "whitened":
-            source.projections = load_projections(writer.get_array, source.layers, source.device)
+            source.projections = load_projections(writer.get_array, source.layers, source.spec, source.device)
         with writer.reader().snapshot() as snap:
             check_gradients(task, source, snap, settings, writer.path, kind, quiet_if_unchecked=True)
     finally:
@@ -530,7 +474,7 @@ def _to_host(tensors: list[torch.Tensor], device: torch.device):
 def _run(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool,
          whiten_only: bool = False) -> BuildResult:
     try:
-        _check_budget(source.layers, config, _whitened_layers(writer))
+        check_budget(source.layers, source.spec, config, _whitened_layers(writer))
         t0 = time.perf_counter()
         if config.projection_kind == "whitened":
             source.projections = ensure_whitening(writer, source, task, config, progress)

@@ -138,25 +138,27 @@ def _features(module: nn.Module, kind: str) -> tuple[int, int]:
     return (cols, rows) if kind == "linear" else (rows, cols)
 
 
-def tracked_layers(model: nn.Module, pattern: str | None, f: int, min_side: int = 1) -> list[LayerInfo]:
+def tracked_layers(model: nn.Module, pattern: str | None, f: int, min_side: int = 1,
+                   max_side: int | None = None) -> list[LayerInfo]:
     """Every ``nn.Linear`` / HF ``Conv1D`` whose qualified name matches ``re.search(pattern)``.
 
     Layers come in ``model.named_modules()`` order (a module registered under two names is
-    listed once, under its first name). ``pattern=None`` tracks them all. ``f`` and ``min_side``
-    set ``d_in``/``d_out`` (:func:`lorif_stream.projection.reduced_dim`).
+    listed once, under its first name). ``pattern=None`` tracks them all. ``f``, ``min_side`` and
+    ``max_side`` set ``d_in``/``d_out`` (:func:`lorif_stream.projection.reduced_dim`).
     """
     try:
         regex = re.compile(pattern) if pattern is not None else None
     except (re.error, TypeError) as exc:
         raise ValueError(f"invalid tracked-modules pattern {pattern!r}: {exc}") from None
-    reduced_dim(1, f, min_side)  # validates f and min_side with a clear message
+    reduced_dim(max(1, min_side), f, min_side, max_side)  # validates the options with a clear message
     layers: list[LayerInfo] = []
     for name, module in model.named_modules():
         kind = _layer_kind(module)
         if kind is None or (regex is not None and regex.search(name) is None):
             continue
         I, O = _features(module, kind)
-        layers.append(LayerInfo(name, kind, I, O, reduced_dim(I, f, min_side), reduced_dim(O, f, min_side)))
+        layers.append(LayerInfo(name, kind, I, O, reduced_dim(I, f, min_side, max_side),
+                                reduced_dim(O, f, min_side, max_side)))
     if not layers:
         what = "any" if pattern is None else f"pattern {pattern!r}"
         raise ValueError(f"no nn.Linear / Conv1D module of {type(model).__name__} matches {what}")

@@ -173,6 +173,15 @@ class BuildConfig:
                     "random projections", choices=PROJECTION_KINDS)
     min_side: int = _opt(32, "no side of a layer is projected below this many dimensions; sides of at most this "
                              "size are kept whole (1 = the paper's max(1, dim // f))")
+    # 256: a Llama-3-8B shape stores 230 KB per example (c=1, bf16) and ~1.3 GB of projections; no
+    # layer of bench_quality's models is cut by it at f >= 2 (their widest side is 512)
+    max_side: int = _opt(256, "no side of a layer is projected above this many dimensions (f >= 2), so the bytes per "
+                              "example stay bounded as layers widen: a 152k-token LM head keeps 256, not 38k "
+                              "(0 = no cap, d = dim // f)")
+    max_dense_side: int | None = _opt(
+        8192, "sides wider than this (an LM head's vocabulary, a 14k MLP) get a structured CountSketch projection "
+              "(O(dim) per token, two dim-long vectors of state) with diagonal whitening, instead of a dense dim x d "
+              "matrix and a dim x dim eigendecomposition")
     # 512: digits LDS 0.667 vs 0.672 at 1000 and 0.638 at 256; text 0.281 at 128 vs 0.283 at 400
     whiten_examples: int = _opt(512, "training examples (evenly spaced over the set; all if fewer) whose token "
                                      "moments give the whitening")
@@ -210,6 +219,10 @@ class BuildConfig:
             raise ValueError(f"projection_kind={self.projection_kind!r} is not one of {', '.join(PROJECTION_KINDS)}")
         if self.min_side < 1:
             raise ValueError(f"min_side={self.min_side} must be >= 1")
+        if self.max_side != 0 and self.max_side < self.min_side:
+            raise ValueError(f"max_side={self.max_side} must be >= min_side={self.min_side} (or 0: no cap)")
+        if self.max_dense_side is not None and self.max_dense_side < 1:
+            raise ValueError(f"max_dense_side={self.max_dense_side} must be >= 1")
         if self.whiten_examples < 1:
             raise ValueError(f"whiten_examples={self.whiten_examples} must be >= 1")
         if not self.whiten_damping > 0:
@@ -222,24 +235,28 @@ class BuildConfig:
     def factor_key(self) -> dict:
         """Settings that determine the stored factors: a resume or append must match them exactly."""
         key = {"f": self.f, "rank": self.rank, "projection": self.projection, "seed": self.seed, "dtype": self.dtype,
-               "projection_kind": self.projection_kind, "min_side": self.min_side}
+               "projection_kind": self.projection_kind, "min_side": self.min_side, "max_side": self.max_side or None,
+               "max_dense_side": self.max_dense_side}
         if self.projection_kind == "whitened":
             key.update(whiten_examples=self.whiten_examples, whiten_damping=self.whiten_damping)
         return key
 
 
 def factor_key_of_index(stored: dict) -> dict:
-    """An index's stored factor settings, with what format version 1 left implicit made explicit."""
-    return {"projection_kind": "random", "min_side": 1, **stored}
+    """An index's stored factor settings, with what format versions 1 and 2 left implicit made
+    explicit: version 1 had neither whitening nor min_side, neither had max_side nor sketched sides."""
+    return {"projection_kind": "random", "min_side": 1, "max_side": None, "max_dense_side": None, **stored}
 
 
-FACTOR_FIELDS = ("f", "rank", "projection", "seed", "dtype", "projection_kind", "min_side", "whiten_examples",
-                 "whiten_damping")
+FACTOR_FIELDS = ("f", "rank", "projection", "seed", "dtype", "projection_kind", "min_side", "max_side",
+                 "max_dense_side", "whiten_examples", "whiten_damping")
 
 
 def factor_options(stored: dict) -> dict:
     """BuildConfig keyword options that reproduce an index's stored factor settings (append uses them)."""
-    return {k: v for k, v in factor_key_of_index(stored).items() if k in FACTOR_FIELDS}
+    options = {k: v for k, v in factor_key_of_index(stored).items() if k in FACTOR_FIELDS}
+    options["max_side"] = options["max_side"] or 0
+    return options
 
 
 @dataclass(frozen=True)

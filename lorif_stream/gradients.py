@@ -51,7 +51,7 @@ class GradientSource:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"task.model() must return a torch.nn.Module, got {type(model).__name__}")
         model = model.to(device).eval()
-        found = tracked_layers(model, getattr(task, "tracked_modules", None), spec.f, spec.min_side)
+        found = tracked_layers(model, getattr(task, "tracked_modules", None), spec.f, spec.min_side, spec.max_side)
         if layers is not None:
             by_name = {l.name: l for l in found}
             for want in layers:

@@ -235,7 +235,7 @@ def write_results(out, results: list[dict]) -> None:
 
 def _open_source(task, settings: dict, snap: Snapshot, device: torch.device, index: Path) -> GradientSource:
     factors = factor_key_of_index(settings["factors"])
-    spec = ProjectionSpec(f=factors["f"], kind=factors["projection"], seed=factors["seed"], min_side=factors["min_side"])
+    spec = ProjectionSpec.from_factors(factors)
     layers = [LayerInfo.from_dict(d) for d in settings["layers"]]
     try:
         source = GradientSource.open(task, spec, device, layers=layers)
@@ -251,7 +251,7 @@ def _open_source(task, settings: dict, snap: Snapshot, device: torch.device, ind
     check_options(settings, task, index)  # before the projections load: a wrong option is named at once
     if factors["projection_kind"] == "whitened":
         # queries are projected exactly like the stored rows: with the index's whitened projections
-        source.projections = load_projections(snap.array, source.layers, device)
+        source.projections = load_projections(snap.array, source.layers, source.spec, device)
     from .task_check import check_gradients
 
     check_gradients(task, source, snap, settings, index)  # a few rows recomputed, once per query

@@ -20,6 +20,15 @@ accumulators in the index so a killed pre-pass resumes, eigendecomposes on the d
 per layer ``P_in'``, ``P_out'`` (used unchanged by build, append and query, so stored rows stay
 comparable) plus the eigenbases of the *projected* moments, which the EK-FAC preconditioner
 (``ekfac.py``) uses.
+
+Sides wider than the spec's ``max_dense_side`` (an LM head over a 152k vocabulary, a 14k MLP) are
+whitened by the diagonal of their moment instead: their ``dim x dim`` fp64 moment (185 GB at 152k)
+and its eigendecomposition would cost more than the whole build, and their projection is a
+CountSketch (``projection.SketchSide``) whose weights absorb the diagonal, so the index stores
+``dim`` numbers for such a side, not ``dim x d``. Their EK-FAC basis is the identity (the projected
+moment of a diagonally whitened sketch is never formed); the EK-FAC statistics still correct each
+coordinate. Indexes of format version 2 had no such sides: a side wider than
+``MAX_WHITENED_SIDE`` kept its plain dense random projection, which they still do.
 """
 from __future__ import annotations
 
@@ -35,12 +44,13 @@ from .capture import LayerHooks, LayerInfo
 from .config import budget_groups
 from .device import notice, to_device
 from .progress import Progress
-from .projection import LayerProjection, make_projections
+from .projection import DenseSide, LayerProjection, ProjectionSpec, SideProjection, SketchSide, make_projections
 
 WHITENING_META = "whitening"
 _CHECKPOINT_SECONDS = 300.0
-# A side wider than this (an LM head over a 50k vocabulary) keeps its plain random projection: its
-# dim² fp64 moment (20 GB at 50k) and dim³ eigendecomposition would cost more than the whole build.
+# Format version 2's limit: a wider side (an LM head over a 50k vocabulary) kept its plain random
+# projection, its dim² fp64 moment (20 GB at 50k) and dim³ eigendecomposition costing more than the
+# whole build. Newer indexes whiten sides wider than their max_dense_side by their diagonal.
 MAX_WHITENED_SIDE = 8192
 # Sides wider than this are eigendecomposed in fp32 (the pre-pass's fixed cost on a CPU is these
 # eigendecompositions: GPT-2-small has 24 of 3072² and 24 of 2304²); narrower ones, cheap anyway, in fp64.
@@ -63,15 +73,24 @@ def sample_indices(n: int, m: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, m).round().astype(np.int64))
 
 
-def whitened_sides(layer: LayerInfo) -> tuple[bool, bool]:
-    """(in, out): which sides of a layer get whitened (not those wider than MAX_WHITENED_SIDE)."""
-    return layer.in_features <= MAX_WHITENED_SIDE, layer.out_features <= MAX_WHITENED_SIDE
+DENSE, DIAGONAL = "dense", "diagonal"
 
 
-def moment_bytes(layer: LayerInfo) -> int:
-    """fp64 accumulators of one layer: I x I and O x O (sides that are whitened)."""
-    w_in, w_out = whitened_sides(layer)
-    return 8 * (w_in * layer.in_features ** 2 + w_out * layer.out_features ** 2)
+def side_whitening_kind(dim: int, spec: ProjectionSpec) -> str | None:
+    """How a ``dim``-wide side is whitened: ``dense`` (eigendecomposition of its moment),
+    ``diagonal`` (a sketched side) or None (a wide side of a format-2 index: not whitened)."""
+    if dim <= (spec.max_dense_side or MAX_WHITENED_SIDE):
+        return DENSE
+    return DIAGONAL if spec.sketched(dim) else None
+
+
+def moment_bytes(layer: LayerInfo, spec: ProjectionSpec) -> int:
+    """fp64 accumulators of one layer: dim x dim per dense side, dim per diagonal side."""
+    total = 0
+    for dim in (layer.in_features, layer.out_features):
+        kind = side_whitening_kind(dim, spec)
+        total += 8 * (dim * dim if kind == DENSE else dim if kind == DIAGONAL else 0)
+    return total
 
 
 # ------------------------------------------------------------------------------------ capture
@@ -81,18 +100,29 @@ class MomentCapture(LayerHooks):
     """Hooks that sum the token-level second moments of each tracked layer's inputs and output grads.
 
     A position counts as a token when its output gradient is non-zero: padding and masked positions
-    have ``δ = 0`` and must not dilute the input moment either.
+    have ``δ = 0`` and must not dilute the input moment either. Dense sides sum ``v vᵀ`` (dim x dim),
+    diagonal sides ``v²`` (dim).
     """
 
-    def __init__(self, model, layers: Sequence[LayerInfo], device: torch.device):
+    def __init__(self, model, layers: Sequence[LayerInfo], spec: ProjectionSpec, device: torch.device):
         super().__init__(model, layers)
 
-        def zeros(dim: int, whitened: bool):
-            return torch.zeros(dim, dim, dtype=torch.float64, device=device) if whitened else None
+        def zeros(dim: int):
+            kind = side_whitening_kind(dim, spec)
+            shape = (dim, dim) if kind == DENSE else (dim,) if kind == DIAGONAL else None
+            return None if shape is None else torch.zeros(shape, dtype=torch.float64, device=device)
 
-        self.A_in = {l.name: zeros(l.in_features, whitened_sides(l)[0]) for l in self.layers}
-        self.A_out = {l.name: zeros(l.out_features, whitened_sides(l)[1]) for l in self.layers}
-        self.tokens = {l.name: 0 for l in self.layers}
+        self.A_in = {l.name: zeros(l.in_features) for l in self.layers}
+        self.A_out = {l.name: zeros(l.out_features) for l in self.layers}
+        # counted on the device: an int() per hook would stop the CUDA stream every layer
+        self._token_counts = {l.name: torch.zeros((), dtype=torch.int64, device=device) for l in self.layers}
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        return {name: int(count) for name, count in self._token_counts.items()}
+
+    def set_tokens(self, name: str, count: int) -> None:
+        self._token_counts[name].fill_(int(count))
 
     def _keep_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -108,13 +138,15 @@ class MomentCapture(LayerHooks):
         A_in, A_out = self.A_in[name], self.A_out[name]
         d = delta.reshape(-1, delta.shape[-1]).to(torch.float32)
         token = d.abs().amax(dim=1) > 0
-        d = d[token]
-        xs = x.reshape(-1, x.shape[-1])[token].to(torch.float32)
-        # one fp32 GEMM per batch, summed in fp64: N tokens of positive terms
+        # multiplied by the mask, not indexed with it: boolean indexing waits for the device to
+        # count the rows; a non-token's δ row is zero already, only its input needs masking
+        xs = x.reshape(-1, x.shape[-1]).to(torch.float32) * token[:, None]
         for A, v in ((A_in, xs), (A_out, d)):
-            if A is not None:
-                A += (v.T @ v).to(A.device, torch.float64)
-        self.tokens[name] += int(token.sum())
+            if A is None:
+                continue
+            # one fp32 GEMM (or square sum) per batch, summed in fp64: N tokens of positive terms
+            A += (v.T @ v if A.dim() == 2 else (v * v).sum(0)).to(A.device, torch.float64)
+        self._token_counts[name] += token.sum().to(self._token_counts[name].device)
 
 
 # ------------------------------------------------------------------------------------ the math
@@ -167,54 +199,87 @@ def side_whitening(moment: torch.Tensor, rho: float) -> SideWhitening:
     return SideWhitening(e, Q, lam if lam > 0 else 1e-12)
 
 
+@torch.no_grad()
+def diagonal_whitening(diagonal: torch.Tensor, rho: float) -> tuple[torch.Tensor, dict]:
+    """``(a + λ)^-1/2`` per coordinate of a (mean) diagonal moment, ``λ = ρ·mean(a)`` (the dense
+    rule's λ: the mean eigenvalue is the mean diagonal entry), and the side's summary."""
+    if not bool(torch.isfinite(diagonal).all()):
+        raise ValueError("the token moment has non-finite entries (NaN/inf activations or gradients)")
+    a = diagonal.to(torch.float64).clamp_min(0)
+    lam = rho * float(a.mean())
+    lam = lam if lam > 0 else 1e-12
+    total = float(a.sum())
+    effective = total ** 2 / float((a * a).sum()) if total > 0 else 0.0
+    return (a + lam).rsqrt(), {"dim": int(a.numel()), "whitened": DIAGONAL, "damping": lam, "eig_max": float(a.max()),
+                               "eig_mean": float(a.mean()), "eig_min": float(a.min()), "effective_rank": effective}
+
+
 @dataclass(frozen=True)
 class LayerWhitening:
-    """What the index stores per layer: the whitened projections and the projected moments' eigenbases."""
+    """What the index stores per layer: the whitened projections and the projected moments' eigenbases.
 
-    P_in: torch.Tensor  # (I, d_in) fp32 = W_in P_in
-    P_out: torch.Tensor  # (O, d_out) fp32 = W_out P_out
+    A dense side stores ``P' = W P`` (``P_in``/``P_out``, dim x d); a diagonal side stores its
+    diagonal ``w`` (``w_in``/``w_out``, dim), its CountSketch being regenerated from the seed.
+    """
+
+    inp: SideProjection
+    out: SideProjection
     q_in: torch.Tensor  # (d_in, d_in) fp32, eigenvectors of P_in'ᵀ A_in P_in' (EK-FAC basis)
     q_out: torch.Tensor  # (d_out, d_out) fp32
+    arrays: dict  # field -> numpy array, what the index stores for the layer (with q_in, q_out)
     summary: dict
 
     def projection(self, device) -> LayerProjection:
-        return LayerProjection(self.P_in, self.P_out).to(device)
+        return LayerProjection(self.inp, self.out).to(device)
 
 
 @torch.no_grad()
 def whiten_layer(A_in: torch.Tensor | None, A_out: torch.Tensor | None, tokens: int, base: LayerProjection,
                  rho: float) -> LayerWhitening:
-    """Whitened projections of one layer from its summed moments over ``tokens`` tokens
-    (a side whose moment is None keeps its random projection)."""
+    """Whitened projections of one layer from its summed moments over ``tokens`` tokens: a
+    (dim, dim) moment whitens a dense side, a (dim,) one a sketched side by its diagonal; a side
+    whose moment is None keeps its random projection (format 2's wide sides)."""
     scale = 1.0 / max(tokens, 1)
-    sides = {}
-    for side, A, P in (("in", A_in, base.P_in), ("out", A_out, base.P_out)):
+    sides, arrays = {}, {}
+    for side, A, P in (("in", A_in, base.inp), ("out", A_out, base.out)):
+        eye = torch.eye(P.d)
         if A is None:
-            d = P.shape[1]
-            sides[side] = (P.to(torch.float32).cpu(), torch.eye(d), {"dim": int(P.shape[0]), "whitened": False})
-            continue
-        A = A * scale
-        w = side_whitening(A, rho)
-        Pw = w.apply(P.to(A.device, torch.float64))
-        # the EK-FAC eigenbasis lives in the projected space: eigenvectors of Pᵀ W A W P
-        S = Pw.T @ A @ Pw
-        _, q = torch.linalg.eigh((S + S.T) / 2)
-        sides[side] = (Pw.to(torch.float32).cpu(), q.to(torch.float32).cpu(), w.summary())
-    return LayerWhitening(sides["in"][0], sides["out"][0], sides["in"][1], sides["out"][1],
+            sides[side] = (P.to("cpu"), eye, {"dim": P.dim, "whitened": False})
+            arrays[f"P_{side}"] = P.matrix().cpu().numpy()
+        elif A.dim() == 1:
+            if not isinstance(P, SketchSide):
+                raise ValueError(f"a diagonal moment needs a sketched side, got a {type(P).__name__}")
+            w, summary = diagonal_whitening(A * scale, rho)
+            w32 = w.to(torch.float32).cpu()
+            sketch = P.to("cpu")
+            sides[side] = (SketchSide(sketch.weight * w32, sketch.bucket, sketch.d), eye, summary)
+            arrays[f"w_{side}"] = w32.numpy()
+        else:
+            A = A * scale
+            w = side_whitening(A, rho)
+            Pw = w.apply(P.matrix().to(A.device, torch.float64))
+            # the EK-FAC eigenbasis lives in the projected space: eigenvectors of Pᵀ W A W P
+            S = Pw.T @ A @ Pw
+            _, q = torch.linalg.eigh((S + S.T) / 2)
+            Pw32 = Pw.to(torch.float32).cpu()
+            sides[side] = (DenseSide(Pw32), q.to(torch.float32).cpu(), w.summary())
+            arrays[f"P_{side}"] = Pw32.numpy()
+    arrays.update(q_in=sides["in"][1].numpy(), q_out=sides["out"][1].numpy())
+    return LayerWhitening(sides["in"][0], sides["out"][0], sides["in"][1], sides["out"][1], arrays,
                           {"tokens": int(tokens), "in": sides["in"][2], "out": sides["out"][2]})
 
 
 # ------------------------------------------------------------------------------------ pre-pass
 
 
-def moment_groups(layers: Sequence[LayerInfo], budget: int) -> list[list[LayerInfo]]:
+def moment_groups(layers: Sequence[LayerInfo], spec: ProjectionSpec, budget: int) -> list[list[LayerInfo]]:
     """Layers in order, grouped so each group's fp64 accumulators fit half the budget."""
-    needs = [moment_bytes(layer) for layer in layers]
+    needs = [moment_bytes(layer, spec) for layer in layers]
     for layer, need in zip(layers, needs):
         if need > budget // 2:
             raise MemoryError(f"memory budget {budget / 1e6:.0f} MB is too small to whiten layer {layer.name!r} "
                               f"({layer.in_features}x{layer.out_features}: {need / 1e6:.0f} MB of moments); "
-                              f"raise --memory-budget or use --projection-kind random")
+                              f"raise --memory-budget, lower --max-dense-side or use --projection-kind random")
     return [[layers[i] for i in group] for group in budget_groups(needs, budget // 2)]
 
 
@@ -229,29 +294,37 @@ def ensure_whitening(writer, source, task, config, progress: bool = True) -> dic
     layers = source.layers
     done = set(meta.get("layers", {}))
     todo = [l for l in layers if l.name not in done]
-    wide = [l.name for l in todo if not all(whitened_sides(l))]
-    if wide:
-        notice(f"whitening: {len(wide)} layer(s) have a side wider than {MAX_WHITENED_SIDE:,} ({', '.join(wide[:3])}"
-               f"{'...' if len(wide) > 3 else ''}); that side keeps its plain random projection")
+    say_wide_sides(todo, source.spec)
     if todo:
         n = len(task.train_examples())
         indices = sample_indices(n, config.whiten_examples)
         meta = {"examples": int(len(indices)), "rho": rho, "layers": meta.get("layers", {}),
                 "partial": meta.get("partial")}
-        groups = moment_groups(todo, budget)
+        groups = moment_groups(todo, source.spec, budget)
         if progress:
             passes = f"{len(groups)} passes (layer groups within the memory budget)" if len(groups) > 1 else "one pass"
             print(f"[lorif-stream] whitening: token moments of {len(todo)} layers over {len(indices):,} training "
                   f"examples, {passes}", flush=True, file=sys.stderr)
-        base = make_projections(layers, source.spec, "cpu")
         for group in groups:
-            _whiten_group(writer, source, task, group, indices, meta, base, rho, batch_size, progress)
-    return load_projections(writer.get_array, layers, source.device)
+            _whiten_group(writer, source, task, group, indices, meta, rho, batch_size, progress)
+    return load_projections(writer.get_array, layers, source.spec, source.device)
+
+
+def say_wide_sides(layers: Sequence[LayerInfo], spec: ProjectionSpec) -> None:
+    """Once: which layers' sides are whitened by their diagonal only (or, format 2, not at all)."""
+    for kind, how in ((DIAGONAL, "a CountSketch projection whitened by their diagonal"),
+                      (None, "their plain random projection (format-2 index)")):
+        wide = [l.name for l in layers
+                if kind in (side_whitening_kind(l.in_features, spec), side_whitening_kind(l.out_features, spec))]
+        if wide:
+            notice(f"whitening: {len(wide)} layer(s) have a side wider than "
+                   f"{spec.max_dense_side or MAX_WHITENED_SIDE:,} ({', '.join(wide[:3])}{'...' if len(wide) > 3 else ''}); "
+                   f"those sides get {how}")
 
 
 def _whiten_group(writer, source, task, group: list[LayerInfo], indices: np.ndarray, meta: dict,
-                  base: dict[str, LayerProjection], rho: float, batch_size: int, progress: bool) -> None:
-    capture = MomentCapture(source.model, group, source.device)
+                  rho: float, batch_size: int, progress: bool) -> None:
+    capture = MomentCapture(source.model, group, source.spec, source.device)
     start = _resume_partial(writer, capture, group, meta)
     examples = task.train_examples()
     last_checkpoint = time.perf_counter()
@@ -271,12 +344,13 @@ def _whiten_group(writer, source, task, group: list[LayerInfo], indices: np.ndar
             if time.perf_counter() - last_checkpoint > _CHECKPOINT_SECONDS and b1 < len(indices):
                 _save_partial(writer, capture, group, meta, b1)
                 last_checkpoint = time.perf_counter()
-    arrays, drop = {}, []
+    # the group's random projections only: all layers' at once would hold every dense P twice
+    base = make_projections(group, source.spec, "cpu")
+    arrays, drop, tokens = {}, [], capture.tokens
     for layer in group:
-        w = whiten_layer(capture.A_in[layer.name], capture.A_out[layer.name], capture.tokens[layer.name],
+        w = whiten_layer(capture.A_in[layer.name], capture.A_out[layer.name], tokens[layer.name],
                          base[layer.name], rho)
-        arrays.update({array_name(layer.name, "P_in"): w.P_in.numpy(), array_name(layer.name, "P_out"): w.P_out.numpy(),
-                       array_name(layer.name, "q_in"): w.q_in.numpy(), array_name(layer.name, "q_out"): w.q_out.numpy()})
+        arrays.update({array_name(layer.name, field): value for field, value in w.arrays.items()})
         meta["layers"][layer.name] = w.summary
         drop += [_partial_name(layer.name, "in"), _partial_name(layer.name, "out")]
     meta["partial"] = None
@@ -308,7 +382,7 @@ def _resume_partial(writer, capture: MomentCapture, group: list[LayerInfo], meta
             if arr is None:
                 return 0
             acc[layer.name].copy_(torch.from_numpy(arr))
-        capture.tokens[layer.name] = int(partial["tokens"][layer.name])
+        capture.set_tokens(layer.name, partial["tokens"][layer.name])
     notice(f"whitening: resuming at sample example {partial['examples_done']:,}")
     return int(partial["examples_done"])
 
@@ -325,20 +399,34 @@ def tokens_per_example(meta: dict | None) -> float | None:
     return max(l.get("tokens", 0) for l in layers.values()) / meta["examples"]
 
 
-def load_projections(get_array, layers: Sequence[LayerInfo], device) -> dict[str, LayerProjection]:
-    """The stored whitened projections (``get_array`` is a writer's or a snapshot's array getter)."""
+STORED_FIELDS = ("P_in", "P_out", "w_in", "w_out", "q_in", "q_out")  # a layer stores P or w per side, and both q
+
+
+def load_projections(get_array, layers: Sequence[LayerInfo], spec: ProjectionSpec, device) -> dict[str, LayerProjection]:
+    """The stored whitened projections (``get_array`` is a writer's or a snapshot's array getter);
+    a diagonal side's CountSketch is regenerated from ``spec``."""
+    base = make_projections(layers, spec, "cpu") if any(spec.sketched(dim) for l in layers
+                                                         for dim in (l.in_features, l.out_features)) else {}
     out = {}
     for layer in layers:
-        P_in, P_out = get_array(array_name(layer.name, "P_in")), get_array(array_name(layer.name, "P_out"))
-        if P_in is None or P_out is None:
-            raise ValueError(f"the index has no whitened projection for layer {layer.name!r} "
-                             f"(its whitening pre-pass did not finish: rerun the build to resume it)")
-        if P_in.shape != (layer.in_features, layer.d_in) or P_out.shape != (layer.out_features, layer.d_out):
-            raise ValueError(f"the stored whitened projection of layer {layer.name!r} has shapes {P_in.shape}, "
-                             f"{P_out.shape}; the layer needs ({layer.in_features}, {layer.d_in}), "
-                             f"({layer.out_features}, {layer.d_out})")
-        out[layer.name] = LayerProjection(torch.from_numpy(np.array(P_in, np.float32)),
-                                          torch.from_numpy(np.array(P_out, np.float32))).to(device)
+        sides = []
+        for side, dim, d in (("in", layer.in_features, layer.d_in), ("out", layer.out_features, layer.d_out)):
+            P, w = get_array(array_name(layer.name, f"P_{side}")), get_array(array_name(layer.name, f"w_{side}"))
+            if P is None and w is None:
+                raise ValueError(f"the index has no whitened projection for layer {layer.name!r} "
+                                 f"(its whitening pre-pass did not finish: rerun the build to resume it)")
+            if P is not None:
+                if P.shape != (dim, d):
+                    raise ValueError(f"the stored whitened projection of layer {layer.name!r} ({side}put side) has "
+                                     f"shape {P.shape}; the layer needs ({dim}, {d})")
+                sides.append(DenseSide(torch.from_numpy(np.array(P, np.float32))))
+                continue
+            sketch = getattr(base.get(layer.name), "inp" if side == "in" else "out", None)
+            if w.shape != (dim,) or not isinstance(sketch, SketchSide):
+                raise ValueError(f"the stored diagonal whitening of layer {layer.name!r} ({side}put side) has shape "
+                                 f"{w.shape}; the layer needs a sketched side of {dim}")
+            sides.append(SketchSide(sketch.weight * torch.from_numpy(np.array(w, np.float32)), sketch.bucket, d))
+        out[layer.name] = LayerProjection(*sides).to(device)
     return out
 
 

@@ -36,7 +36,7 @@ def expected_projected(grad_w: torch.Tensor, layer: LayerInfo, proj: LayerProjec
     """``P_out^T ∇W P_in`` per example from per-example parameter gradients (B, *weight shape)."""
     # HF Conv1D stores W as (I, O): its gradient must be transposed to the (O, I) convention.
     grad_oi = grad_w if layer.kind == "linear" else grad_w.transpose(1, 2)
-    return proj.P_out.T @ grad_oi @ proj.P_in
+    return proj.out.matrix().T @ grad_oi @ proj.inp.matrix()
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> None:
@@ -148,11 +148,13 @@ def test_projection_scale_preserves_norms(kind):
 
 
 def test_layer_projection_validation_and_to():
-    with pytest.raises(ValueError, match="P_in"):
-        LayerProjection(torch.zeros(3), torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="2-D"):
+        LayerProjection.dense(torch.zeros(3), torch.zeros(2, 1))
     with pytest.raises(ValueError, match="float32"):
-        LayerProjection(torch.zeros(3, 1, dtype=torch.float64), torch.zeros(2, 1))
-    lp = LayerProjection(torch.zeros(3, 1), torch.zeros(2, 1))
+        LayerProjection.dense(torch.zeros(3, 1, dtype=torch.float64), torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="SideProjection"):
+        LayerProjection(torch.zeros(3, 1), torch.zeros(2, 1))
+    lp = LayerProjection.dense(torch.zeros(3, 1), torch.zeros(2, 1))
     assert lp.to("cpu") is lp
     with pytest.raises(ValueError, match="d_in=2"):
         make_projections([LayerInfo("x", "linear", 8, 8, 2, 2)], ProjectionSpec(f=2))

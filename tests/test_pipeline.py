@@ -281,9 +281,11 @@ def test_a_disk_too_small_is_refused_before_anything_is_written(tmp_path, monkey
     from lorif_stream.config import BuildConfig, CurvatureConfig
     from lorif_stream.store import IndexLayout, LayerShape
 
-    build_module = sys.modules["lorif_stream.build"]  # the package attribute is the build() function
+    from lorif_stream import estimate as estimate_module
+    from lorif_stream.projection import ProjectionSpec
+
     real_usage = _shutil.disk_usage
-    monkeypatch.setattr(build_module.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1 << 20))
+    monkeypatch.setattr(estimate_module.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1 << 20))
     with pytest.raises(OSError, match=r"the index needs about 0\.0\d GB for 48 examples but .* has 0\.00 GB free"):
         ls.build(mlp_task.full(), tmp_path / "idx", f=1, sketch_rank=16, device="cpu", progress=False)
     assert not (tmp_path / "idx" / "data.mdb").exists()
@@ -292,7 +294,9 @@ def test_a_disk_too_small_is_refused_before_anything_is_written(tmp_path, monkey
     layers = [LayerInfo("a", "linear", 128, 256, 32, 64), LayerInfo("b", "linear", 4, 8, 4, 8)]
 
     def estimate(**options):
-        return build_module._estimate_disk(layout, layers, 1000, BuildConfig(**options))
+        config = BuildConfig(**options)
+        spec = ProjectionSpec.from_factors(config.factor_key())
+        return estimate_module.estimate_build(layers, spec, config, layout, 1000).disk_peak
 
     small, wide = CurvatureConfig(sketch_rank=4, oversample=0), CurvatureConfig(sketch_rank=16)
     grow = estimate(projection_kind="random", curvature=wide) - estimate(projection_kind="random", curvature=small)

@@ -18,7 +18,7 @@ import lorif_stream as ls
 from lorif_stream import whitening
 from lorif_stream.capture import tracked_layers
 from lorif_stream.ekfac import EkfacPreconditioner, rotated_squares
-from lorif_stream.projection import reduced_dim
+from lorif_stream.projection import ProjectionSpec, reduced_dim
 from lorif_stream.store import IndexReader
 from tasks.mlp_task import MLPTask
 from tasks.seq_task import SeqTask
@@ -115,7 +115,7 @@ def test_token_moments_exclude_padding_and_match_the_explicit_oracle():
     task = PaddedLMTask()
     model = task.model()
     layers = tracked_layers(model, task.tracked_modules, 1)
-    capture = whitening.MomentCapture(model, layers, torch.device("cpu"))
+    capture = whitening.MomentCapture(model, layers, ProjectionSpec(f=1), torch.device("cpu"))
     with capture:
         for b in range(0, len(task.train), 5):  # batches of 5 unequal lengths: padding everywhere
             with torch.enable_grad():
@@ -329,6 +329,24 @@ def test_format_1_index_opens_and_queries_as_before(tmp_path):
     assert report["format_version"] == 1 and report["projection"]["kind"] == "random"
     ls.query(MLPTask(), tmp_path / "v1", None, tmp_path / "s.npy", top_k=3, progress=False)
     old = np.load(DATA / "v1_scores.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), old, rtol=1e-4, atol=1e-5 * np.abs(old).max())
+
+
+def test_format_2_index_opens_and_queries_as_before(tmp_path):
+    """tests/data/v2_index was written by lorif-stream at format version 2 (commit 3e9f0b0) from
+    tests/tasks/seq_task.py:retrainable with f=2, rank 2, bf16 and the defaults of then (whitened,
+    EK-FAC, no max_side); v2_scores.npy is what that version's query returned and v2_model.pt the
+    trained weights (retraining is not bit-identical across CPUs). Its sides are read as uncapped
+    and dense, so it opens and scores identically."""
+    from tasks.seq_task import retrainable
+
+    shutil.copytree(DATA / "v2_index", tmp_path / "v2")
+    report = ls.info(tmp_path / "v2")
+    assert report["format_version"] == 2
+    task = retrainable()
+    task._model.load_state_dict(torch.load(DATA / "v2_model.pt"))
+    ls.query(task, tmp_path / "v2", None, tmp_path / "s.npy", top_k=3, progress=False)
+    old = np.load(DATA / "v2_scores.npy")
     np.testing.assert_allclose(np.load(tmp_path / "s.npy"), old, rtol=1e-4, atol=1e-5 * np.abs(old).max())
 
 

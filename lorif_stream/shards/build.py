@@ -24,13 +24,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..build import (
-    PAUSE_BEFORE_FINALIZE_ENV, BuildResult, SettingsMismatchError, _announce, _check_budget, _check_disk,
+    PAUSE_BEFORE_FINALIZE_ENV, BuildResult, SettingsMismatchError,
     _check_new_directory, _check_resumed_segment, _clamp_rank, _diff, _resolve_preconditioner, _set_last_segment,
     _spec, index_rows, new_layout, new_settings,
 )
 from ..capture import LayerInfo
 from ..config import FACTOR_FIELDS, BuildConfig, CurvatureConfig, factor_key_of_index, factor_options
 from ..device import notice, resolve_device
+from ..estimate import announce, check_budget, check_fits, estimate_build, tokens_bound
 from ..gradients import GradientSource
 from ..segments import segment_check, store_check, task_mismatch
 from ..store import IndexLayout, IndexWriter, WriteRefusedError
@@ -70,8 +71,8 @@ def sharded_build(task, path: Path, config: BuildConfig, comm: Comm, progress: b
     _same_everywhere(comm, n, source.fingerprint)
     if n == 0:
         raise ValueError("the task has no training examples (train_examples() is empty)")
-    _check_budget(source.layers, config)
-    plan = comm.on_root(lambda: _plan_build(path, n, comm, config, source, progress))
+    check_budget(source.layers, source.spec, config)
+    plan = comm.on_root(lambda: _plan_build(path, n, comm, config, source, task, progress))
     manifest = ShardManifest.from_dict(plan["manifest"])
     segment = manifest.segments[-1]
     if plan["complete"]:
@@ -103,7 +104,7 @@ def _same_everywhere(comm: Comm, n: int, fingerprint: str) -> None:
                              f"{seen[0][0]:,} and {seen[0][1][:12]}: every rank must load the same task")
 
 
-def _plan_build(path: Path, n: int, comm: Comm, config: BuildConfig, source, progress: bool) -> dict:
+def _plan_build(path: Path, n: int, comm: Comm, config: BuildConfig, source, task, progress: bool) -> dict:
     """Rank 0: the shards of a new build (manifest written before any shard), or the unfinished one to resume."""
     if (path / DATA_FILE).exists():
         raise _single_process_index(path, "resume or extend")
@@ -124,7 +125,9 @@ def _plan_build(path: Path, n: int, comm: Comm, config: BuildConfig, source, pro
     counts = split_rows(n, comm.world)
     layout = new_layout(source, config)
     if progress:
-        _announce(layout, source.layers, n, config)
+        estimate = estimate_build(source.layers, source.spec, config, layout, n,
+                                  tokens_bound(task, task.train_examples(), config.batch_size))
+        announce(estimate, layout, len(source.layers), config)
     shards, start = [], 0
     for i, count in enumerate(counts):
         shards.append(ShardEntry(shard_name(i), start, count))
@@ -169,7 +172,9 @@ def _open_or_create(path: Path, entry: ShardEntry, position: int, layout: IndexL
     """This rank's shard: created with its settings, or reopened and checked to be the same run."""
     shard_path = path / entry.name
     if not (shard_path / DATA_FILE).exists():
-        _check_disk(shard_path.parent, layout, source.layers, entry.count, config)
+        estimate = estimate_build(source.layers, source.spec, config, layout, entry.count,
+                                  tokens_bound(view, view.train_examples(), config.batch_size))
+        check_fits(estimate, shard_path.parent, config, source.device)
         writer = IndexWriter.create(shard_path, layout, settings, durability=config.durability)
         try:
             store_check(writer, settings["segments"][0], segment_check(view, view.train_examples(), entry.count))

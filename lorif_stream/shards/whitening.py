@@ -19,12 +19,10 @@ import torch
 from ..device import notice, to_device
 from ..projection import LayerProjection, make_projections
 from ..whitening import (
-    MAX_WHITENED_SIDE, WHITENING_META, MomentCapture, array_name, load_projections, moment_groups, sample_indices,
-    whiten_layer, whitened_sides,
+    STORED_FIELDS, WHITENING_META, MomentCapture, array_name, load_projections, moment_groups, sample_indices,
+    say_wide_sides, whiten_layer,
 )
 from .comm import Comm, GlobalProgress
-
-_FIELDS = ("P_in", "P_out", "q_in", "q_out")
 
 
 def ensure_whitening_sharded(comm: Comm, writers: list, head, source, task, config,
@@ -38,30 +36,27 @@ def ensure_whitening_sharded(comm: Comm, writers: list, head, source, task, conf
     if todo:
         meta = _prepass(comm, writers, head, source, task, config, todo, meta, progress)
     _copy_to_shards(comm, writers, head, source.layers, meta)
-    return comm.together(lambda: load_projections(writers[0].get_array, source.layers, source.device))
+    return comm.together(lambda: load_projections(writers[0].get_array, source.layers, source.spec, source.device))
 
 
 def _prepass(comm: Comm, writers: list, head, source, task, config, todo, meta: dict, progress: bool) -> dict:
     """Each step a rank may fail in alone (its forward passes, rank 0's eigendecompositions, the
     stores) is agreed on before the next collective, so no rank is left waiting in one."""
-    wide = [l.name for l in todo if not all(whitened_sides(l))]
-    if wide and comm.root:
-        notice(f"whitening: {len(wide)} layer(s) have a side wider than {MAX_WHITENED_SIDE:,} ({', '.join(wide[:3])}"
-               f"{'...' if len(wide) > 3 else ''}); that side keeps its plain random projection")
+    if comm.root:
+        say_wide_sides(todo, source.spec)
     examples = task.train_examples()
     indices = sample_indices(len(examples), config.whiten_examples)
     mine = indices[comm.rank::comm.world]
     meta = {"examples": int(len(indices)), "rho": config.whiten_damping, "layers": dict(meta.get("layers", {})),
             "partial": None}
     # the budget is the same on every rank (shards/build.py _rank_budget): so are the groups, and the collectives
-    groups = moment_groups(todo, config.budget())
+    groups = moment_groups(todo, source.spec, config.budget())
     if progress and comm.root:
         passes = f"{len(groups)} passes (layer groups within the memory budget)" if len(groups) > 1 else "one pass"
         print(f"[lorif-stream] whitening: token moments of {len(todo)} layers over {len(indices):,} training "
               f"examples on {comm.world} ranks, {passes}", flush=True, file=sys.stderr)
-    base = make_projections(source.layers, source.spec, "cpu")
     for group in groups:
-        capture = MomentCapture(source.model, group, source.device)
+        capture = MomentCapture(source.model, group, source.spec, source.device)
         bar = GlobalProgress(comm, "whiten", total=len(indices), unit="ex", enabled=progress)
         try:
             comm.together(lambda: _accumulate(capture, source, task, examples, mine, config.batch_size, bar))
@@ -76,7 +71,8 @@ def _prepass(comm: Comm, writers: list, head, source, task, config, todo, meta: 
                     comm.sum_(A)
             tokens[layer.name] = comm.sum_int(capture.tokens[layer.name])
         # the eigendecompositions run once, on rank 0; every rank gets the arrays
-        arrays, meta = comm.on_root(lambda: _whiten_group(group, capture, tokens, base, config.whiten_damping, meta))
+        arrays, meta = comm.on_root(lambda: _whiten_group(group, capture, tokens, make_projections(group, source.spec, "cpu"),
+                                                          config.whiten_damping, meta))
         del capture
         comm.together(lambda: _store(writers, head, arrays, meta))
     return meta
@@ -105,7 +101,7 @@ def _whiten_group(group, capture: MomentCapture, tokens: dict, base, rho: float,
     arrays = {}
     for layer in group:
         w = whiten_layer(capture.A_in[layer.name], capture.A_out[layer.name], tokens[layer.name], base[layer.name], rho)
-        arrays.update({array_name(layer.name, f): getattr(w, f).numpy() for f in _FIELDS})
+        arrays.update({array_name(layer.name, field): value for field, value in w.arrays.items()})
         meta["layers"][layer.name] = w.summary
     return arrays, meta
 
@@ -124,8 +120,8 @@ def _copy_to_shards(comm: Comm, writers: list, head, layers, meta: dict) -> None
     lacking = comm.together(lambda: [w for w in writers if _whitened(w) != names])
     if not any(comm.gather(bool(lacking))):
         return
-    arrays = comm.on_root(lambda: {array_name(l.name, f): np.array(head.get_array(array_name(l.name, f)))
-                                   for l in layers for f in _FIELDS})
+    arrays = comm.on_root(lambda: {name: np.array(array) for l in layers for f in STORED_FIELDS
+                                   if (array := head.get_array(name := array_name(l.name, f))) is not None})
     comm.together(lambda: [w.put_state(arrays, {WHITENING_META: meta}) for w in lacking])
 
 

@@ -5,9 +5,9 @@ readers refuse any version they do not know instead of guessing.
 """
 from __future__ import annotations
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # v1 indexes (random projections only, no whitening records) still open and query.
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 
 # Named LMDB databases inside the one environment.
 DB_FACTORS = b"factors"

@@ -33,7 +33,7 @@ if sys.platform.startswith("linux"):
         _madvise = None
 
 _MIN_BYTES = 1 << 16  # small values share pages with their neighbours: not worth a syscall
-RELEASE_EVERY_BYTES = 256 << 20
+RELEASE_EVERY_BYTES = 32 << 20
 
 
 def release_pages(value) -> None:
