@@ -370,6 +370,9 @@ def main(argv: typing.Sequence[str] | None = None) -> None:
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
+    if "RANK" not in os.environ:  # not a torchrun rank: skip shards.comm, whose torch import `--help` need not pay
+        _run_cli(args)
+        return
     from .shards.comm import init_from_env, launched_by_torchrun, shutdown
 
     command = next((a for a in args if not a.startswith("-")), None)
