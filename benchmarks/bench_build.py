@@ -4,13 +4,15 @@ single-pass vs refined curvature scores for the paper's low-rank mode.
 
 Models (random weights, built from a config, no download), on random token sequences:
   * tiny:       GPT-2 2 layers x 128 wide, vocab 512, 64 tokens, batch 32, every Linear/Conv1D tracked
+  * small:      GPT-2 2 layers x 64 wide, vocab 1,024, 64 tokens, batch 8, every layer tracked (the LM
+                head too): small batches of a narrow model, where per-batch, per-layer costs show
   * gpt2-small: GPT-2-small-shaped, 12 layers x 768, vocab 50,257, 256 tokens, batch 4, the blocks'
                 Conv1D layers tracked (an LM head over 50k outputs is not what users attribute through)
 Builds: the engine's default (whitened projections + EK-FAC, f=4, c=1, bf16) and the paper's mode
 (random projections + low-rank curvature, r=64), each timed side by side with the floor in one run.
 
-    python benchmarks/bench_build.py --quick     # tiny N = 2k / 10k, gpt2-small N = 32
-    python benchmarks/bench_build.py             # tiny N = 10k / 100k, gpt2-small N = 128
+    python benchmarks/bench_build.py --quick     # tiny N = 2k / 10k, small N = 4k, gpt2-small N = 32
+    python benchmarks/bench_build.py             # tiny N = 10k / 100k, small N = 20k, gpt2-small N = 128
     python benchmarks/bench_build.py --gpu-quick # CUDA: tiny N = 2k, gpt2-small N = 256 (benchmarks/gpu_check.sh)
 Writes benchmarks/results/build[_quick].json.
 """
@@ -38,6 +40,7 @@ from lorif_stream.projection import ProjectionSpec  # noqa: E402
 
 MODELS = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, vocab=512, seq=64, batch=32, tracked=None),
+    "small": dict(n_layer=2, n_embd=64, n_head=2, vocab=1024, seq=64, batch=8, tracked=None),
     "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, seq=256, batch=4, tracked=r"^transformer\.h\."),
 }
 PAPER = dict(projection_kind="random", min_side=1, sketch_rank=64)
@@ -223,7 +226,7 @@ def tiny_scaling(small: int, large: int, root: Path, device, common: dict) -> di
 
 
 def report(res: dict) -> None:
-    for shape in ("tiny", "gpt2-small"):
+    for shape in MODELS:
         m = res.get(shape)
         if not m:
             continue
@@ -251,7 +254,7 @@ def report(res: dict) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--models", default="tiny,gpt2-small", help="comma-separated: tiny, gpt2-small")
+    ap.add_argument("--models", default="tiny,small,gpt2-small", help="comma-separated: " + ", ".join(MODELS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-scaling", action="store_true", help="skip the RSS / append / q0-vs-q3 part")
@@ -262,9 +265,10 @@ def main():
         args.device, args.no_scaling = "cuda", True
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = {"tiny": (2_000, 10_000), "gpt2-small": 32} if args.quick else {"tiny": (10_000, 100_000), "gpt2-small": 128}
+    sizes = ({"tiny": (2_000, 10_000), "small": 4_000, "gpt2-small": 32} if args.quick
+             else {"tiny": (10_000, 100_000), "small": 20_000, "gpt2-small": 128})
     if args.gpu_quick:
-        sizes = {"tiny": (2_000, 10_000), "gpt2-small": 256}
+        sizes = {"tiny": (2_000, 10_000), "small": 4_000, "gpt2-small": 256}
     device = torch.device(args.device)
     common = dict(f=4, rank=1, dtype="bf16", device=args.device, progress=False)
     root = Path(tempfile.mkdtemp(prefix="lorif-bb-"))
@@ -279,6 +283,8 @@ def main():
     finally:
         shutil.rmtree(root, ignore_errors=True)
     suffix = "_gpu_quick" if args.gpu_quick else "_quick" if args.quick else ""
+    if args.models != ap.get_default("models"):
+        suffix += "_" + args.models.replace(",", "_")
     out = Path(args.out or Path(__file__).parent / "results" / f"build{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))

@@ -461,12 +461,13 @@ class GradientCapture(LayerHooks):
         B = delta.shape[0]
         xp = proj.project_in(kept.x) if isinstance(kept, _Unprojected) else kept
         xp = xp.reshape(B, -1, proj.d_in)
-        dp = proj.project_out(delta).reshape(B, -1, proj.d_out)
+        # Σ_t outer(Δ_t P_out, X_t P_in) over every position of the example (and every call).
+        outer = proj.projected_outer(xp, delta.reshape(B, -1, delta.shape[-1]))
         G = self._sums.get(name)
         if G is None:
-            G = self._sums[name] = torch.zeros(B, proj.d_out, proj.d_in, dtype=torch.float32, device=dp.device)
-        # Σ_t outer(Δ_t P_out, X_t P_in) over every position of the example (and every call).
-        G.baddbmm_(dp.transpose(1, 2), xp)
+            self._sums[name] = outer
+        else:
+            G.add_(outer)
 
     def projected_gradients(
         self, losses: torch.Tensor, retain_graph: bool = False

@@ -19,7 +19,7 @@ from lorif_stream import whitening
 from lorif_stream.capture import LayerInfo, tracked_layers
 from lorif_stream.estimate import InsufficientMemoryError
 from lorif_stream.projection import (
-    DenseSide, ProjectionSpec, SketchSide, count_sketch, make_projections, reduced_dim,
+    DenseSide, LayerProjection, ProjectionSpec, SketchSide, count_sketch, make_projections, reduced_dim,
 )
 from lorif_stream.store import IndexReader
 
@@ -296,3 +296,18 @@ def test_sketches_are_bit_identical_on_cuda_and_project_alike():
     assert torch.equal(cpu.out.bucket, gpu.out.bucket.cpu()) and torch.equal(cpu.out.weight, gpu.out.weight.cpu())
     delta = torch.randn(16, 3000)
     torch.testing.assert_close(gpu.project_out(delta.cuda()).cpu(), cpu.project_out(delta), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,O,d_out,I,d_in,reversed_", [(16, 96, 48, 16, 4, True),  # d_in < T, d_out: P_outᵀ (Δᵀ XP)
+                                                        (4, 24, 8, 16, 8, False)])   # (Δ P_out)ᵀ XP
+def test_projected_outer_takes_either_order_to_the_same_sum(T, O, d_out, I, d_in, reversed_):
+    g = torch.Generator().manual_seed(3)
+    proj = LayerProjection.dense(torch.randn(I, d_in, generator=g), torch.randn(O, d_out, generator=g))
+    x, delta = torch.randn(3, T, I, generator=g), torch.randn(3, T, O, generator=g)
+    xp = proj.project_in(x)
+    want = torch.einsum("bto,oe,bti,if->bef", delta.double(), proj.out.P.double(), x.double(), proj.inp.P.double())
+    got = proj.projected_outer(xp, delta)
+    assert got.shape == (3, d_out, d_in)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    cheaper_reversed = T * O * d_in + O * d_out * d_in < T * O * d_out + T * d_out * d_in
+    assert cheaper_reversed == reversed_  # each case exercises its own order
