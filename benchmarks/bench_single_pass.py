@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import lorif_stream as ls  # noqa: E402
 from lorif_stream.demo import load_corpus, run_demo  # noqa: E402
-from lorif_stream.task import HFCausalLMTask  # noqa: E402
+from lorif_stream.hf_task import HFCausalLMTask  # noqa: E402
 
 from bench_build import TokensTask, spearman  # noqa: E402
 

@@ -22,17 +22,18 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .build import BuildResult, append, build, whiten
     from .config import BuildConfig, CurvatureConfig, QueryConfig
     from .fit import fit
+    from .hf_task import HFCausalLMTask
     from .inspect_index import info, verify
     from .query import QueryResult, query
     from .report import make_report
-    from .task import HFCausalLMTask, Task, load_task
+    from .task import Task, load_task
 
 # public name -> the module defining it
 _SOURCES = {
     "BuildResult": "build", "append": "build", "build": "build", "whiten": "build",
     "BuildConfig": "config", "CurvatureConfig": "config", "QueryConfig": "config",
     "fit": "fit",
-    "HFCausalLMTask": "task",
+    "HFCausalLMTask": "hf_task",
     "info": "inspect_index", "verify": "inspect_index",
     "QueryResult": "query", "query": "query",
     "make_report": "report",

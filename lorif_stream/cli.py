@@ -115,7 +115,7 @@ def _make_task(kwargs: dict):
         raise click.UsageError("give --prompt-field and --completion-field together")
     if (hf["chat_template"] or hf["skip_empty"]) and hf["prompt_field"] is None:
         raise click.UsageError("--chat-template and --skip-empty need --prompt-field and --completion-field")
-    from .task import HFCausalLMTask
+    from .hf_task import HFCausalLMTask
 
     return HFCausalLMTask(hf.pop("hf_model"), **hf)
 

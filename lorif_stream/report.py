@@ -176,7 +176,7 @@ class RecordTexts(ExampleTexts):
 
     def __init__(self, paths: Sequence[str | os.PathLike], text_field: str = "text", id_field: str | None = None,
                  prompt_field: str | None = None, completion_field: str | None = None):
-        from .task import _converter, open_records
+        from .readers import example_converter, open_records
 
         if not paths:
             raise ValueError("RecordTexts needs at least one data file")
@@ -187,7 +187,7 @@ class RecordTexts(ExampleTexts):
         columns = list(self.fields.values()) + ([id_field] if id_field else [])
         # a plain jsonl file is opened by a newline scan only: each wanted row is parsed when read
         self.sources = [open_records(p, columns, validate=False) for p in paths]
-        self.converters = [_converter(records, self.fields, id_field) for records in self.sources]
+        self.converters = [example_converter(records, self.fields, id_field) for records in self.sources]
         self.starts = [0]
         for s in self.sources:
             self.starts.append(self.starts[-1] + len(s))

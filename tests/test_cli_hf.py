@@ -78,7 +78,8 @@ def test_hf_dtype_bf16_builds_and_queries_and_a_mismatched_dtype_is_refused(hf_f
     import numpy as np
     import torch
 
-    from lorif_stream.task import HFCausalLMTask, TaskLoadError
+    from lorif_stream.hf_task import HFCausalLMTask
+    from lorif_stream.task import TaskLoadError
 
     d, model = hf_files
     assert HFCausalLMTask(model, None, model_dtype="bf16").model().dtype == torch.bfloat16

@@ -12,15 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from helpers_models import CORPUS, save_tiny_hf_model, tiny_gpt2, tiny_tokenizer
-from lorif_stream.task import (
-    DiskDatasetRecords,
-    HFCausalLMTask,
-    ParquetRecords,
-    TaskLoadError,
-    open_records,
-    print_top_proponents,
-    top_proponent_lines,
-)
+from lorif_stream.hf_task import HFCausalLMTask
+from lorif_stream.readers import DiskDatasetRecords, ParquetRecords, open_records
+from lorif_stream.task import TaskLoadError, print_top_proponents, top_proponent_lines
 
 PAIRS = [
     ("the cat sat on", "the mat"),

@@ -28,7 +28,7 @@ pytest.importorskip("tokenizers")
 
 from helpers_models import CORPUS, save_tiny_hf_model  # noqa: E402
 from lorif_stream import report as report_module  # noqa: E402
-from lorif_stream import task as task_module  # noqa: E402
+from lorif_stream import readers as readers_module  # noqa: E402
 from lorif_stream.cli import cli  # noqa: E402
 from lorif_stream.report import (  # noqa: E402
     _score_format,
@@ -203,8 +203,8 @@ def test_results_from_another_index_or_not_results_are_refused(run, tmp_path):
 
 def test_only_the_rows_in_the_results_are_read(run, tmp_path, monkeypatch):
     parsed = []
-    real = task_module._parse_jsonl_line
-    monkeypatch.setattr(task_module, "_parse_jsonl_line", lambda raw, path, n: parsed.append(path.name) or real(raw, path, n))
+    real = readers_module._parse_jsonl_line
+    monkeypatch.setattr(readers_module, "_parse_jsonl_line", lambda raw, path, n: parsed.append(path.name) or real(raw, path, n))
     _, made = make_report(run["results"], run["index"], tmp_path / "r.html", data=[run["a"], run["b"]],
                           queries=run["queries"], id_field="doc")
     rows = {e.row for r in made.results for _, e in r.entries()}

@@ -345,7 +345,7 @@ def test_leading_non_finite_rows_are_still_stored_as_zeros(tmp_path):
 
 def test_an_edited_jsonl_with_line_number_ids_is_not_taken_for_the_indexed_one(tmp_path):
     from helpers_models import CORPUS, save_tiny_hf_model
-    from lorif_stream.task import HFCausalLMTask
+    from lorif_stream.hf_task import HFCausalLMTask
 
     model = save_tiny_hf_model(tmp_path / "model")
     data = tmp_path / "train.jsonl"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from helpers_models import EOS_ID, PAD_ID, save_tiny_hf_model, tiny_gpt2, tiny_tokenizer
-from lorif_stream.task import HFCausalLMTask, Task, TaskLoadError, load_task, resolve_task
+from lorif_stream.hf_task import HFCausalLMTask
+from lorif_stream.task import Task, TaskLoadError, load_task, resolve_task
 
 DUCK_TASK = '''
 import torch
@@ -299,7 +300,7 @@ def test_lazy_jsonl_random_access_equals_eager_parse(tmp_path):
     import random
     import threading
 
-    from lorif_stream.task import JsonlRecords
+    from lorif_stream.readers import JsonlRecords
 
     rng = random.Random(0)
     lines = []
@@ -335,7 +336,7 @@ def test_lazy_jsonl_random_access_equals_eager_parse(tmp_path):
 def test_lazy_jsonl_memory_does_not_grow_with_the_text(tmp_path):
     import tracemalloc
 
-    from lorif_stream.task import JsonlRecords
+    from lorif_stream.readers import JsonlRecords
 
     path = tmp_path / "big.jsonl"
     rows, text_bytes = 400, 50_000  # 20 MB of text
@@ -355,7 +356,7 @@ def test_lazy_jsonl_memory_does_not_grow_with_the_text(tmp_path):
 
 
 def test_lazy_jsonl_refuses_a_file_changed_after_opening(hf_dir, tmp_path):
-    from lorif_stream.task import JsonlRecords
+    from lorif_stream.readers import JsonlRecords
 
     path = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in TEXTS])
     records = JsonlRecords(path)
@@ -366,7 +367,7 @@ def test_lazy_jsonl_refuses_a_file_changed_after_opening(hf_dir, tmp_path):
 
 
 def test_hf_task_jsonl_examples_are_a_lazy_view_validated_at_open(hf_dir, tmp_path):
-    from lorif_stream.task import JsonlRecords
+    from lorif_stream.readers import JsonlRecords
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"doc": f"d{i}", "text": t} for i, t in enumerate(TEXTS)])
     examples = HFCausalLMTask(hf_dir, train, id_field="doc").train_examples()

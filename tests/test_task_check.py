@@ -7,6 +7,7 @@ fp16 and sharded-index errors name what they are about.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import sys
@@ -23,10 +24,12 @@ from helpers_models import CORPUS, save_tiny_hf_model, tiny_tokenizer  # noqa: E
 from mlp_task import MLPTask  # noqa: E402
 
 import lorif_stream  # noqa: E402
-query_module = sys.modules["lorif_stream.query"]  # the module (lorif_stream.query is also the function)
+query_module = importlib.import_module("lorif_stream.query")  # the module (lorif_stream.query is the function)
 from lorif_stream import task_check  # noqa: E402
 from lorif_stream.store import open_index  # noqa: E402
-from lorif_stream.task import HFCausalLMTask, TaskLoadError, open_records  # noqa: E402
+from lorif_stream.hf_task import HFCausalLMTask  # noqa: E402
+from lorif_stream.readers import open_records, record_checker  # noqa: E402
+from lorif_stream.task import TaskLoadError  # noqa: E402
 from lorif_stream.task_check import ENCODING_KEY, PROBES_KEY, TOLERANCE, TaskMismatchError, excess  # noqa: E402
 
 BUILD = dict(f=2, rank=1, sketch_rank=8, device="cpu", batch_size=4, whiten_examples=16)
@@ -246,10 +249,8 @@ def test_fp16_overflow_says_fp16_and_suggests_bf16(tmp_path):
 def test_lone_surrogates_and_corrupt_parquet_name_the_file_and_row(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "bad \\ud800 text"}\n')
-    from lorif_stream.task import _record_checker
-
     with pytest.raises(TaskLoadError, match=r"bad\.jsonl:2: field 'text' holds a lone surrogate \(U\+D800"):
-        open_records(bad, ["text"], check=_record_checker(["text"], None))
+        open_records(bad, ["text"], check=record_checker(["text"], None))
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
