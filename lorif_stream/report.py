@@ -485,12 +485,25 @@ def _bdi(value: Any, css: str = "id") -> str:
     return f'<bdi class="{css}">{_t(value)}</bdi>'
 
 
-def _score_format(scale: float):
-    """One format for every score of a query (both columns): 4 significant digits of the largest."""
-    if not scale > 0 or not math.isfinite(scale) or scale >= 1e5 or scale < 1e-3:
-        return lambda v: f"{v:+.3e}"
-    decimals = max(0, 3 - math.floor(math.log10(scale)))
-    return lambda v: f"{v:+.{decimals}f}"
+SCORE_DIGITS = 4  # significant digits of every score on the page
+
+
+def _score_format(scores: Sequence[float]) -> Callable[[float], str]:
+    """One format for every score of a query (both columns): each score to SCORE_DIGITS significant
+    digits, so an opponent 1000x smaller than the top proponent is not cut to one digit; in
+    scientific notation for all of them when any lies outside [1e-3, 1e5), where decimals read badly."""
+    sizes = [abs(v) for v in scores if v != 0 and math.isfinite(v)]
+    scientific = any(not 1e-3 <= v < 1e5 for v in sizes)
+
+    def fmt(v: float) -> str:
+        if scientific or not math.isfinite(v):
+            return f"{v:+.{SCORE_DIGITS - 1}e}"
+        if v == 0:
+            return f"{0:+.{SCORE_DIGITS - 1}f}"
+        rounded = float(f"{v:.{SCORE_DIGITS - 1}e}")  # 9.9996 -> 10.00, not 9.9996's 10.000
+        return f"{v:+.{max(0, SCORE_DIGITS - 1 - math.floor(math.log10(abs(rounded))))}f}"
+
+    return fmt
 
 
 def _clipped(text: str, max_chars: int) -> str:
@@ -508,15 +521,14 @@ def _text_html(text: Text | None, max_chars: int, missing: str) -> str:
                    + ("\n" if i + 1 < len(text.parts) else "") for i, (label, value) in enumerate(text.parts))
 
 
-def _entries_html(kind: str, entries: Sequence[Entry], texts: dict[int, Text], scale: float, max_chars: int,
-                  missing: str) -> str:
+def _entries_html(kind: str, entries: Sequence[Entry], texts: dict[int, Text], scale: float,
+                  fmt: Callable[[float], str], max_chars: int, missing: str) -> str:
     css = "pro" if kind == "proponents" else "con"
     head = ("proponents — training on these lowered the query's loss most (they helped)" if css == "pro"
             else "opponents — training on these raised it most (they hurt)")
     if not entries:
         return f'<h3>{head}</h3><p class="mute">none</p>'
     rows = []
-    fmt = _score_format(scale)
     for rank, e in enumerate(entries, 1):
         width = 100.0 * abs(e.score) / scale if scale > 0 else 0.0
         rows.append(f'<tr class="entry {css}"><td class="mute">{rank}</td>'
@@ -528,9 +540,10 @@ def _entries_html(kind: str, entries: Sequence[Entry], texts: dict[int, Text], s
 
 
 def _query_html(i: int, a: Attribution, report: Report, train_missing: str, query_missing: str) -> str:
-    scores = [abs(e.score) for _, e in a.entries()]
-    scale = max(scores) if scores else 0.0
-    body = "".join(_entries_html(kind, entries, report.texts, scale, report.max_chars, train_missing)
+    scores = [e.score for _, e in a.entries()]
+    scale = max(map(abs, scores), default=0.0)
+    fmt = _score_format(scores)
+    body = "".join(_entries_html(kind, entries, report.texts, scale, fmt, report.max_chars, train_missing)
                    for kind, entries in (("proponents", a.proponents), ("opponents", a.opponents)))
     return (f'<section class="query" id="query-{i}"><h2>query {_bdi(a.id)}</h2>'
             f'<div class="qtext">{_text_html(report.query_texts.get(i), report.max_chars, query_missing)}</div>'
@@ -634,34 +647,61 @@ def legend_html(spectra: Sequence[LayerSpectrum]) -> str:
         for i, s in enumerate(spectra)) + "</p>"
 
 
-def whitening_svg(layers: Sequence[dict], width: int = 720, bar: int = 7) -> str:
+def _abbreviated(name: str, chars: int) -> str:
+    """``name`` in at most ``chars`` characters, its middle elided: a layer's path begins with its
+    block and ends with its module, the two parts that tell layers apart."""
+    if len(name) <= chars:
+        return name
+    head = (chars - 1) // 3
+    return name[:head] + "…" + name[len(name) - (chars - 1 - head):]
+
+
+# Whitening chart geometry (px, in the SVG's own units): one row per layer, its name at the left
+# (abbreviated to fit, whole in the tooltip), its two bars stacked on separate baselines, each
+# bar's value just right of it. Text heights stay below the spacing they sit on, so labels do not
+# collide at any number of layers; CHAR is a generous average glyph width of the 11 px font.
+_W_LABEL, _W_RIGHT, _W_TOP, _W_BAR, _W_GAP, _W_CHAR = 260, 56, 34, 13, 9, 7.0
+
+
+def whitening_svg(layers: Sequence[dict], width: int = 720) -> str:
     """Per layer, the effective rank of its input and output token moments as a fraction of their
     width: a short bar is a moment concentrated in few directions, a full one a flat spectrum."""
     shown = [l for l in layers if l.get("whitening")]
     if not shown:
         return ""
-    label, right, top = 230, 50, 18
-    w = width - label - right
-    row = 2 * bar + 6
-    height = top + row * len(shown) + 8
+    label, top, bar = _W_LABEL, _W_TOP, _W_BAR
+    w = width - label - _W_RIGHT
+    row = 2 * bar + _W_GAP
+    height = top + row * len(shown)
+    sides = (("in", "in (A_in)", _color(0, 3)), ("out", "out (A_out)", _color(2, 5)))
     parts = [f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-             f'aria-label="whitening effective rank per layer">',
-             f'<rect x="{label}" y="2" width="10" height="8" fill="{_color(0, 3)}"/><text x="{label + 14}" y="10">in '
-             f'(A_in)</text><rect x="{label + 80}" y="2" width="10" height="8" fill="{_color(2, 5)}"/>'
-             f'<text x="{label + 94}" y="10">out (A_out): effective rank ÷ width</text>']
+             f'aria-label="whitening effective rank per layer">']
+    for j, (_, name, color) in enumerate(sides):
+        x0 = label + 110 * j
+        parts.append(f'<rect x="{x0}" y="3" width="10" height="9" fill="{color}"/>'
+                     f'<text x="{x0 + 14}" y="12">{name}</text>')
+    parts.append(f'<text x="{label + 220}" y="12">effective rank ÷ width</text>')
+    for tick in (0, 0.25, 0.5, 0.75, 1):
+        x = label + w * tick
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top - 6}" y2="{height}" stroke="#eee"/>'
+                     f'<text x="{x:.1f}" y="{top - 9}" text-anchor="middle" font-size="10">{tick:g}</text>')
+    chars = int((label - 10) / _W_CHAR)
     for i, l in enumerate(shown):
         y0 = top + i * row
-        parts.append(f'<text x="{label - 6}" y="{y0 + bar + 3}" text-anchor="end">{_e(l["name"][-36:])}</text>')
-        for j, (side, color) in enumerate((("in", _color(0, 3)), ("out", _color(2, 5)))):
+        parts.append(f'<text x="{label - 8}" y="{y0 + bar + 4}" text-anchor="end"><title>{_e(l["name"])}</title>'
+                     f'{_e(_abbreviated(l["name"], chars))}</text>')
+        for j, (side, _, color) in enumerate(sides):
             s = l["whitening"].get(side) or {}
+            yy = y0 + j * bar
             if not s.get("whitened", True) or not s.get("dim"):
+                wide = f' ({s["dim"]:,} wide)' if s.get("dim") else ""
+                parts.append(f'<text x="{label + 4}" y="{yy + bar - 3}" font-size="10">{side}: not whitened{wide}</text>')
                 continue
             frac = min(max(s["effective_rank"] / s["dim"], 0.0), 1.0)
-            yy = y0 + j * bar
-            parts.append(f'<rect x="{label}" y="{yy}" width="{max(w * frac, 0.5):.1f}" height="{bar - 1}" fill="{color}">'
-                         f'<title>{_e(l["name"])} {side}: effective rank {s["effective_rank"]:.1f} of {s["dim"]:,}'
-                         f'</title></rect><text x="{label + w * frac + 4:.1f}" y="{yy + bar - 1}" '
-                         f'class="small">{s["effective_rank"]:.1f}</text>')
+            parts.append(f'<rect x="{label}" y="{yy + 1}" width="{max(w * frac, 0.5):.1f}" height="{bar - 2}" '
+                         f'fill="{color}"><title>{_e(l["name"])} {side}: effective rank {s["effective_rank"]:.1f} '
+                         f'of {s["dim"]:,}</title></rect><text x="{label + w * frac + 4:.1f}" y="{yy + bar - 3}" '
+                         f'font-size="10">{s["effective_rank"]:.1f}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

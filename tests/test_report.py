@@ -139,8 +139,8 @@ def test_page_holds_every_query_and_entry_with_its_text(run, tmp_path):
         assert result.id == query["doc"] and result.id in section
         assert query["text"] in section  # unescaped by the parser: the exact text, markup included
         assert len(result.proponents) == len(result.opponents) == TOP_K
-        # one format for both columns: 4 significant digits of the query's largest |score|
-        fmt = _score_format(max(abs(e.score) for _, e in result.entries()))
+        # one format for both columns: every score to the same significant digits
+        fmt = _score_format([e.score for _, e in result.entries()])
         for _, entry in result.entries():
             assert entry.id in section and f"row {entry.row:,}" in section and fmt(entry.score) in section
             assert texts[entry.id] in section, entry.id
