@@ -44,6 +44,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from lorif_stream.gpu import exact_fp32
 from lorif_stream.projection import LayerProjection, reduced_dim
 
 __all__ = [
@@ -199,12 +200,15 @@ def model_fingerprint(model: nn.Module, layers: Iterable[LayerInfo]) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
 def _full_precision(device: torch.device):
-    """Autocast off for our own matmuls: projections and sums must stay fp32 under a task's
-    ``torch.autocast``; devices autocast does not know need nothing."""
-    if device.type in ("cpu", "cuda"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    """IEEE fp32 for our own matmuls whatever the task set: autocast off (projections and sums
+    stay fp32 under a task's ``torch.autocast``) and TF32 off (a task's
+    ``set_float32_matmul_precision("high")`` stays with its model, so a CUDA index agrees with the
+    CPU's); devices autocast does not know need no autocast switch."""
+    with exact_fp32(), (torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda")
+                        else contextlib.nullcontext()):
+        yield
 
 
 def _autograd_keeps_input(module: nn.Module) -> bool:

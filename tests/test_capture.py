@@ -541,3 +541,33 @@ def test_the_engine_cost_over_the_model_is_timed_for_the_progress_bar():
     bar.update(24)
     bar.close()
     assert "x fwd+bwd" in stream.getvalue()
+
+
+def test_hooks_compute_at_ieee_fp32_whatever_the_task_sets(monkeypatch):
+    """A task's set_float32_matmul_precision("high") (TF32 on CUDA) must not reach the engine's
+    projections and sums, and must be the task's again once each hook returns."""
+    import lorif_stream.capture as capture_module
+
+    seen = []
+    consume = GradientCapture._consume
+
+    def spy(self, name, kept, delta):
+        seen.append(torch.get_float32_matmul_precision())
+        return consume(self, name, kept, delta)
+
+    monkeypatch.setattr(capture_module.GradientCapture, "_consume", spy)
+    torch.manual_seed(1)
+    model = tiny_mlp()
+    x, y = torch.randn(3, 7), torch.randint(0, 3, (3,))
+    layers = tracked_layers(model, None, 2)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        grads, projections = capture(model, layers, ProjectionSpec(f=2, seed=4), lambda: mlp_losses(model, x, y))
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen and set(seen) == {"highest"}
+    oracle = mlp_oracle(model, x, y)
+    for layer in layers:
+        assert_close_rel(grads[layer.name], expected_projected(oracle[f"{layer.name}.weight"], layer, projections[layer.name]))
