@@ -311,3 +311,18 @@ def test_projected_outer_takes_either_order_to_the_same_sum(T, O, d_out, I, d_in
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     cheaper_reversed = T * O * d_in + O * d_out * d_in < T * O * d_out + T * d_out * d_in
     assert cheaper_reversed == reversed_  # each case exercises its own order
+
+
+def test_a_build_that_does_not_fit_the_gpu_is_refused_naming_the_device(tmp_path, monkeypatch):
+    """The GPU check runs on the CPU too: the device is only asked for its free memory."""
+    from lorif_stream.estimate import BuildEstimate, check_fits
+
+    estimate = BuildEstimate(rows=10, disk=1, disk_peak=1, ram=1 << 20, device=3 << 30, disk_parts={"factors": 0, "state": 0},
+                             ram_parts={"batch": 1 << 20})
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (2 << 30, 80 << 30))
+    with pytest.raises(InsufficientMemoryError, match=r"needs ~3\.22 GB on cuda:0 beside the model but it has 2\.15 GB free"):
+        check_fits(estimate, tmp_path / "idx", ls.BuildConfig(), torch.device("cuda:0"))
+    assert asked == [torch.device("cuda:0")]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 << 30, 80 << 30))
+    check_fits(estimate, tmp_path / "idx", ls.BuildConfig(), torch.device("cuda:0"))  # fits: no error
