@@ -16,6 +16,7 @@ import torch
 import lorif_stream as ls
 from lorif_stream.fit import SKETCH_META
 from lorif_stream.store import IndexReader
+from lorif_stream.store.verify import verify_snapshot
 
 ROOT = Path(__file__).parents[1]
 TASKS = ROOT / "tests" / "tasks" / "mlp_task.py"
@@ -105,7 +106,7 @@ def test_append_refuses_mismatches_and_leaves_index_untouched(tmp_path):
     with pytest.raises(ValueError, match="already in the index"):
         ls.append(mlp_task.first(), path, f=1, rank=1, device="cpu", progress=False)
     with IndexReader(path) as r, r.snapshot() as s:
-        assert s.rows == 30 and s.verify().ok
+        assert s.rows == 30 and verify_snapshot(s).ok
         assert r.settings == settings_before  # no half-started append segment left behind
     ls.append(mlp_task.second(), path, f=1, rank=1, device="cpu", progress=False)
     assert ls.info(path)["rows"] == mlp_task.N_TRAIN
@@ -117,7 +118,7 @@ def test_nonfinite_gradient_names_the_example_and_keeps_committed_rows(tmp_path)
         ls.build(mlp_task.with_nan(), path, f=1, rank=1, device="cpu", batch_size=4, block_size=8, sketch_rank=8,
                  progress=False)
     with IndexReader(path) as r, r.snapshot() as s:
-        assert s.rows == 21 and s.verify().ok
+        assert s.rows == 21 and verify_snapshot(s).ok
     skipped = tmp_path / "skip"
     ls.build(mlp_task.with_nan(), skipped, f=1, rank=1, device="cpu", sketch_rank=8, skip_nonfinite=True, progress=False)
     with IndexReader(skipped) as r, r.snapshot() as s:
@@ -195,7 +196,7 @@ def test_a_full_disk_stops_the_build_with_one_line_and_loses_nothing(tmp_path):
     assert "Traceback" not in proc.stderr and f"writing to index {full} failed" in proc.stderr
     assert "rerun the same command to resume" in proc.stderr
     with IndexReader(full) as r, r.snapshot() as s:
-        assert 0 < r.rows < mlp_task.N_TRAIN and s.verify().ok
+        assert 0 < r.rows < mlp_task.N_TRAIN and verify_snapshot(s).ok
     cli(*args, "--index", full)
     assert_same_factors_and_ids(full, clean)
 

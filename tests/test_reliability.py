@@ -24,6 +24,7 @@ import lorif_stream as ls
 from lorif_stream.store import CorruptBlockError, IndexReader, IndexWriter
 from lorif_stream.store import lmdb_store
 from lorif_stream.store.format import IndexCorruptError, WriterBusyError
+from lorif_stream.store.verify import verify_snapshot
 from lorif_stream.store.writer_lock import WriterLock
 
 ROOT = Path(__file__).parents[1]
@@ -114,7 +115,7 @@ def test_a_second_writer_process_is_refused_naming_the_holder(tmp_path):
             IndexWriter.open(path)
         # readers are not blocked
         with IndexReader(path) as r, r.snapshot() as s:
-            assert s.rows == 16 and s.verify().ok
+            assert s.rows == 16 and verify_snapshot(s).ok
     finally:
         holder.stdin.close()
         assert holder.wait(30) == 0
@@ -131,7 +132,7 @@ def test_a_sigkilled_writer_leaves_no_stale_lock(tmp_path):
     assert (path / "writer.lock").read_text().strip() == str(holder.pid)  # the file stays; the lock does not
     assert try_write("open", path).stdout.strip() == "wrote"
     with IndexReader(path) as r, r.snapshot() as s:
-        assert s.rows == 16 and s.verify().ok
+        assert s.rows == 16 and verify_snapshot(s).ok
 
 
 @pytest.mark.parametrize("mode", ["lock", "create"])
@@ -165,7 +166,7 @@ def test_two_appends_started_together_one_writes_one_is_refused(tmp_path):
     assert results[1][0] == 1 and "is being written by process" in results[1][1], results
     assert "Traceback" not in results[1][1]
     with IndexReader(index) as r, r.snapshot() as s:
-        assert s.rows == mlp_task.N_TRAIN and s.verify().ok
+        assert s.rows == mlp_task.N_TRAIN and verify_snapshot(s).ok
         assert s.ids(0, s.rows) == [f"ex{i}" for i in range(mlp_task.N_TRAIN)]
 
 
@@ -351,7 +352,7 @@ def test_an_older_index_without_checksums_still_reads_and_verifies(tmp_path):
         w.append(32, random_factors(np.random.default_rng(0), w.layout, 3), ["x", "y", "z"])
         w.put_state({"sketch/mlp/Y": np.ones((3, 2), np.float32)}, {"sketch": {"k": 2}})
     with IndexReader(old) as r, r.snapshot() as s:
-        assert s.rows == 35 and s.ids(30, 35) == ["ex-30", "ex-31", "x", "y", "z"] and s.verify().ok
+        assert s.rows == 35 and s.ids(30, 35) == ["ex-30", "ex-31", "x", "y", "z"] and verify_snapshot(s).ok
         assert s.manifest() == {"arrays": sorted([V_NAME, Y_NAME, "sketch/mlp/Y"]), "state": ["curvature", "sketch"]}
         assert s.state_meta("curvature") == {"generation": 3, "layers": {"attn": {"damping": 0.25}}}
 
@@ -419,7 +420,7 @@ def test_a_missing_block_in_the_middle_is_not_skipped(tmp_path):
             list(s.blocks())
         with pytest.raises(CorruptBlockError, match=r"rows 16\.\.31 have no block"):
             list(s.layer_values(0))
-        assert "layer 'attn': rows 16..31 are missing" in s.verify().errors
+        assert "layer 'attn': rows 16..31 are missing" in verify_snapshot(s).errors
 
 
 # ------------------------------------------------------------------------------ LMDB's own structures
@@ -558,12 +559,12 @@ def test_a_crash_inside_the_lmdb_walk_is_a_report_line(tmp_path, monkeypatch):
 def test_a_reader_that_cannot_write_lock_mdb_reads_unregistered_and_keeps_writers_out(tmp_path, monkeypatch, capsys):
     path = tmp_path / "i"
     write_index(path, small_layout(), [16])
-    monkeypatch.setattr(lmdb_store, "_can_register", lambda p: False)
+    monkeypatch.setattr(lmdb_store, "can_register", lambda p: False)
     lmdb_store._UNREGISTERED_NOTICES.clear()
     with IndexReader(path) as r:
         assert r.rows == 16
     with IndexReader(path) as r, r.snapshot() as s:
-        assert s.rows == 16 and s.verify().ok
+        assert s.rows == 16 and verify_snapshot(s).ok
         assert capsys.readouterr().err.count("lock.mdb is not writable by you") == 1  # said once
         refused = try_write("open", path)  # a writer in another process waits for this read
         assert refused.returncode == 3 and "a reader without write access to its lock.mdb" in refused.stdout

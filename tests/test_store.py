@@ -27,6 +27,7 @@ from lorif_stream.store import (
     UnsupportedVersionError,
     WriteRefusedError,
 )
+from lorif_stream.store.verify import verify_snapshot
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -118,7 +119,7 @@ def test_index_round_trip_property(tmp_path_factory, dims, c, dtype, block_rows,
         np.testing.assert_array_equal(L_row, rounded(concat_layer(blocks, 0)[0][row], dtype))
         assert snap.id_of(row) == f"ex-{row}" and snap.row_of(f"ex-{row}") == row
         assert snap.ids(0, total) == [f"ex-{i}" for i in range(total)]
-        assert snap.verify().ok
+        assert verify_snapshot(snap).ok
 
 
 def small_layout(dtype="bf16"):
@@ -144,7 +145,7 @@ def test_flipped_byte_anywhere_in_a_block_is_reported(tmp_path):
             corrupted[offset + pos] ^= 0x5A
         data_file.write_bytes(bytes(corrupted))
         with IndexReader(path) as r, r.snapshot() as s:
-            report = s.verify()
+            report = verify_snapshot(s)
             assert not report.ok, f"flip at byte {pos} went unnoticed"
             assert any("'mlp'" in e and "row 16" in e for e in report.errors), report.errors
             with pytest.raises(CorruptBlockError, match=r"layer 'mlp' block at row 16"):
@@ -154,7 +155,7 @@ def test_flipped_byte_anywhere_in_a_block_is_reported(tmp_path):
             assert sum(n for _, n, _ in s.blocks(0, 16)) == 16
     data_file.write_bytes(clean)
     with IndexReader(path) as r, r.snapshot() as s:
-        assert s.verify().ok
+        assert verify_snapshot(s).ok
 
 
 def _all_offsets(haystack: bytes, needle: bytes) -> list[int]:
@@ -198,7 +199,7 @@ def test_write_refusals_name_layer_and_rows(tmp_path):
         assert w.rows == 4
         w.append(4, random_factors(rng, layout, 2), ["x", "y"])
     with IndexReader(tmp_path / "i") as r, r.snapshot() as s:
-        assert s.rows == 6 and s.ids(0, 6) == ["a", "b", "c", "d", "x", "y"] and s.verify().ok
+        assert s.rows == 6 and s.ids(0, 6) == ["a", "b", "c", "d", "x", "y"] and verify_snapshot(s).ok
 
 
 def test_allowed_duplicate_ids_keep_their_first_row(tmp_path):
@@ -217,7 +218,7 @@ def test_map_grows_beyond_initial_size(tmp_path):
     blocks = write_index(tmp_path / "i", layout, [256] * 12, map_size=1 << 20)
     with IndexReader(tmp_path / "i") as r, r.snapshot() as s:
         assert r.disk_bytes() > 4 << 20
-        assert s.rows == 256 * 12 and s.verify().ok
+        assert s.rows == 256 * 12 and verify_snapshot(s).ok
         L, _ = s.row(3000)[0]
         np.testing.assert_array_equal(L, concat_layer(blocks, 0)[0][3000])
 
@@ -311,7 +312,7 @@ def test_sigkill_mid_write_keeps_last_committed_transaction(tmp_path, durability
     proc.wait()
     with IndexReader(path) as r, r.snapshot() as s:
         assert s.rows >= reported and s.rows % 50 == 0
-        assert s.verify().ok
+        assert verify_snapshot(s).ok
         layout = r.layout
         for first_row, n, factors in s.blocks():
             rng = np.random.default_rng(first_row)
@@ -325,4 +326,4 @@ def test_sigkill_mid_write_keeps_last_committed_transaction(tmp_path, durability
         rows = w.rows
         w.append(rows, [(np.zeros((1, l.d_out, 2), np.float32), np.zeros((1, l.d_in, 2), np.float32)) for l in layout.layers], ["last"])
     with IndexReader(path) as r, r.snapshot() as s:
-        assert s.rows == rows + 1 and s.verify().ok
+        assert s.rows == rows + 1 and verify_snapshot(s).ok

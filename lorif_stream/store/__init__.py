@@ -12,8 +12,9 @@ from .format import (
     WriteRefusedError,
 )
 from .layout import IndexLayout, LayerShape
-from .lmdb_store import BlockBuffers, IndexReader, IndexWriter, PendingBlock, Snapshot, VerifyReport
+from .lmdb_store import BlockBuffers, IndexReader, IndexWriter, PendingBlock, Snapshot
 from .shards import ShardedReader, is_sharded, open_index
+from .verify import VerifyReport
 
 __all__ = [
     "BlockBuffers", "BlockDecoder", "BlockEncoder", "CorruptBlockError", "FORMAT_VERSION", "IndexCorruptError",

@@ -17,7 +17,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -109,7 +109,7 @@ def _lmdb_errors(path):
         raise lmdb_failure(path, e) from None
 
 
-def _can_register(path: Path) -> bool:
+def can_register(path: Path) -> bool:
     """Whether this process may take LMDB's reader lock (it writes its reader slot into lock.mdb)."""
     lock = path / LMDB_LOCK_FILE
     return os.access(lock, os.R_OK | os.W_OK) if lock.exists() else os.access(path, os.W_OK)
@@ -129,7 +129,7 @@ def _open_env(path: Path, readonly: bool, map_size: int, durability: str = "sync
     return env
 
 
-def _check_pages(env: lmdb.Environment, path: Path, problems: list[str] | None, walk_limit: int | None) -> None:
+def check_pages(env: lmdb.Environment, path: Path, problems: list[str] | None, walk_limit: int | None) -> None:
     for _ in range(5):
         with _lmdb_errors(path):
             try:
@@ -163,7 +163,7 @@ def _open_env_locked(path: Path, readonly: bool, map_size: int, durability: str 
         # before mapping: LMDB reads pages past a truncated file's end and dies of SIGBUS
         check_lmdb_header(path)
     lock, shared_fd = True, None
-    if readonly and not _can_register(path):
+    if readonly and not can_register(path):
         # lock.mdb is how readers register, and an unregistered reader is invisible to a writer
         # that could then reuse pages under it. This user cannot register, so instead it holds
         # writer.lock shared: no writer of ours can start while it reads (and none is running now).
@@ -189,7 +189,7 @@ def _open_env_locked(path: Path, readonly: bool, map_size: int, durability: str 
             os.close(shared_fd)
         raise NotAnIndexError(f"{path} is not a readable lorif-stream index ({e})") from None
     try:
-        _check_pages(env, path, problems, None if walk_all else PAGE_WALK_LIMIT)
+        check_pages(env, path, problems, None if walk_all else PAGE_WALK_LIMIT)
     except BaseException:
         env.close()
         if shared_fd is not None:
@@ -198,7 +198,7 @@ def _open_env_locked(path: Path, readonly: bool, map_size: int, durability: str 
     return env, shared_fd
 
 
-def _meta_record(key: bytes) -> str:
+def meta_record(key: bytes) -> str:
     return f"metadata record {key.decode('utf-8', 'replace')!r}"
 
 
@@ -216,7 +216,7 @@ def _read_header_meta(env: lmdb.Environment, path: Path,
         values = []
         for key in (META_FORMAT_VERSION, META_LAYOUT, META_SETTINGS):
             try:
-                value = bounds.check(txn.get(key), _meta_record(key))
+                value = bounds.check(txn.get(key), meta_record(key))
             except CorruptBlockError as e:
                 raise CorruptBlockError(f"index {path}: {e}") from None
             values.append(None if value is None else bytes(value))
@@ -225,14 +225,14 @@ def _read_header_meta(env: lmdb.Environment, path: Path,
     if version is None or layout is None:
         if version is not None or layout is not None or settings is not None or others:
             # a lorif-stream metadata db missing one of its records: a damaged key, not some other LMDB file
-            missing = _meta_record(META_FORMAT_VERSION if version is None else META_LAYOUT)
+            missing = meta_record(META_FORMAT_VERSION if version is None else META_LAYOUT)
             raise CorruptBlockError(f"index {path}: {missing} is missing (a damaged index: run `lorif-stream verify`)")
         raise NotAnIndexError(f"{path} is not a lorif-stream index (no format version in its metadata)")
     try:
         v = int(version)
     except ValueError:
         # kept as plain ascii (no frame) so that any older reader can still read and refuse it
-        raise CorruptBlockError(f"index {path}: {_meta_record(META_FORMAT_VERSION)} is not a number "
+        raise CorruptBlockError(f"index {path}: {meta_record(META_FORMAT_VERSION)} is not a number "
                                 f"({bytes(version)[:20]!r})") from None
     if v not in SUPPORTED_VERSIONS:
         raise UnsupportedVersionError(
@@ -244,8 +244,8 @@ def _read_header_meta(env: lmdb.Environment, path: Path,
         raise CorruptBlockError(f"index {path}: {e}") from None
     try:
         if settings is None:
-            raise CorruptBlockError(f"{_meta_record(META_SETTINGS)} is missing")
-        settings = unframe_json(settings, _meta_record(META_SETTINGS), META_SETTINGS)
+            raise CorruptBlockError(f"{meta_record(META_SETTINGS)} is missing")
+        settings = unframe_json(settings, meta_record(META_SETTINGS), META_SETTINGS)
     except CorruptBlockError as e:
         if problems is None:
             raise CorruptBlockError(f"index {path}: {e}") from None
@@ -255,15 +255,15 @@ def _read_header_meta(env: lmdb.Environment, path: Path,
 
 
 def _layout_from(key: bytes, raw) -> dict:
-    d = unframe_json(raw, _meta_record(key), key)
+    d = unframe_json(raw, meta_record(key), key)
     try:
         IndexLayout.from_dict(d)
     except (KeyError, TypeError, ValueError) as e:
-        raise CorruptBlockError(f"{_meta_record(key)} does not describe a layout ({e})") from None
+        raise CorruptBlockError(f"{meta_record(key)} does not describe a layout ({e})") from None
     return d
 
 
-def _array_record(name: str) -> str:
+def array_record(name: str) -> str:
     return f"array {name!r}"
 
 
@@ -281,9 +281,9 @@ def _put_array(txn, db, name: str, arr: np.ndarray) -> None:
         txn.put(prefix + struct.pack(">I", i), chunk.tobytes(), db=db)
 
 
-def _array_head(name: str, raw) -> dict:
+def array_head(name: str, raw) -> dict:
     prefix = name.encode() + b"\x00"
-    head = unframe_json(raw, f"{_array_record(name)} head", prefix + b"head")
+    head = unframe_json(raw, f"{array_record(name)} head", prefix + b"head")
     try:
         shape = [int(d) for d in head["shape"]]
         dtype = np.dtype(head["dtype"])
@@ -292,7 +292,7 @@ def _array_head(name: str, raw) -> dict:
         if any(d < 0 for d in shape) or chunks < 1 or (crcs is not None and len(crcs) != chunks):
             raise ValueError("inconsistent shape/chunks/crc32")
     except (KeyError, TypeError, ValueError) as e:
-        raise CorruptBlockError(f"{_array_record(name)} head is not an array head ({e})") from None
+        raise CorruptBlockError(f"{array_record(name)} head is not an array head ({e})") from None
     return {"shape": shape, "dtype": dtype, "chunks": chunks, "crc32": crcs}
 
 
@@ -301,50 +301,50 @@ def _delete_array(txn, db, name: str) -> None:
     head = txn.get(prefix + b"head", db=db)  # a write transaction: its values are copies, not the map
     if head is None:
         return
-    for i in range(_array_head(name, head)["chunks"]):
+    for i in range(array_head(name, head)["chunks"]):
         txn.delete(prefix + struct.pack(">I", i), db=db)
     txn.delete(prefix + b"head", db=db)
 
 
 def _get_array(txn, db, name: str, bounds=NO_BOUNDS) -> np.ndarray | None:
     prefix = name.encode() + b"\x00"
-    raw = bounds.check(txn.get(prefix + b"head", db=db), f"{_array_record(name)} head")
+    raw = bounds.check(txn.get(prefix + b"head", db=db), f"{array_record(name)} head")
     if raw is None:
         return None
-    head = _array_head(name, raw)
+    head = array_head(name, raw)
     out = np.empty(int(np.prod(head["shape"])) * head["dtype"].itemsize, np.uint8)
     pos = 0
     for i in range(head["chunks"]):
-        chunk = bounds.check(txn.get(prefix + struct.pack(">I", i), db=db), f"{_array_record(name)} chunk {i}")
+        chunk = bounds.check(txn.get(prefix + struct.pack(">I", i), db=db), f"{array_record(name)} chunk {i}")
         if chunk is None:
-            raise CorruptBlockError(f"{_array_record(name)} chunk {i} is missing")
+            raise CorruptBlockError(f"{array_record(name)} chunk {i} is missing")
         chunk = memoryview(chunk)
         if head["crc32"] is not None and crc32(chunk) != head["crc32"][i]:
-            raise CorruptBlockError(f"{_array_record(name)} chunk {i}: checksum mismatch")
+            raise CorruptBlockError(f"{array_record(name)} chunk {i}: checksum mismatch")
         if pos + len(chunk) > out.size:
-            raise CorruptBlockError(f"{_array_record(name)}: chunks hold more than the {out.size} bytes its head says")
+            raise CorruptBlockError(f"{array_record(name)}: chunks hold more than the {out.size} bytes its head says")
         out[pos : pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
         pos += len(chunk)
     if pos != out.size:
-        raise CorruptBlockError(f"{_array_record(name)}: holds {pos} bytes, its head says {out.size}")
+        raise CorruptBlockError(f"{array_record(name)}: holds {pos} bytes, its head says {out.size}")
     return out.view(head["dtype"]).reshape(head["shape"])
 
 
 def _read_rows(txn, db, bounds=NO_BOUNDS) -> int:
-    raw = bounds.check(txn.get(META_ROWS, db=db), _meta_record(META_ROWS))
+    raw = bounds.check(txn.get(META_ROWS, db=db), meta_record(META_ROWS))
     if raw is None:
-        raise CorruptBlockError(f"{_meta_record(META_ROWS)} is missing")
-    return unpack_checked_u64(META_ROWS, raw, _meta_record(META_ROWS))
+        raise CorruptBlockError(f"{meta_record(META_ROWS)} is missing")
+    return unpack_checked_u64(META_ROWS, raw, meta_record(META_ROWS))
 
 
 def _read_manifest(txn, meta_db, bounds=NO_BOUNDS) -> dict | None:
-    raw = bounds.check(txn.get(META_MANIFEST, db=meta_db), _meta_record(META_MANIFEST))
+    raw = bounds.check(txn.get(META_MANIFEST, db=meta_db), meta_record(META_MANIFEST))
     if raw is None:
         return None  # an index from before format 2's manifest
-    manifest = unframe_json(raw, _meta_record(META_MANIFEST), META_MANIFEST)
+    manifest = unframe_json(raw, meta_record(META_MANIFEST), META_MANIFEST)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("arrays"), list) \
             or not isinstance(manifest.get("state"), list):
-        raise CorruptBlockError(f"{_meta_record(META_MANIFEST)} is not a manifest")
+        raise CorruptBlockError(f"{meta_record(META_MANIFEST)} is not a manifest")
     return manifest
 
 
@@ -362,14 +362,14 @@ def _listed_but_missing(manifest: dict | None, kind: str, name: str, record: str
         raise CorruptBlockError(f"{record} is missing, yet the index's manifest lists it (a damaged key)")
 
 
-def _state_key(name: str) -> bytes:
+def state_key(name: str) -> bytes:
     return META_STATE_PREFIX + name.encode()
 
 
 def _get_state_meta(txn, db, name: str, bounds=NO_BOUNDS):
-    key = _state_key(name)
-    raw = bounds.check(txn.get(key, db=db), _meta_record(key))
-    return None if raw is None else unframe_json(raw, _meta_record(key), key)
+    key = state_key(name)
+    raw = bounds.check(txn.get(key, db=db), meta_record(key))
+    return None if raw is None else unframe_json(raw, meta_record(key), key)
 
 
 # ------------------------------------------------------------------------------ writer
@@ -596,7 +596,7 @@ class IndexWriter:
             for name, arr in arrays.items():
                 _put_array(txn, sdb, name, arr)
             for name, value in (meta or {}).items():
-                txn.put(_state_key(name), frame_json(value, _state_key(name)), db=mdb)
+                txn.put(state_key(name), frame_json(value, state_key(name)), db=mdb)
             manifest = {"arrays": sorted((set(manifest["arrays"]) - set(drop)) | set(arrays)),
                         "state": sorted(set(manifest["state"]) | set(meta or {}))}
             txn.put(META_MANIFEST, frame_json(manifest, META_MANIFEST), db=mdb)
@@ -611,7 +611,7 @@ class IndexWriter:
             value = _get_state_meta(txn, self._dbs[DB_META], name, bounds)
             if value is None:
                 _listed_but_missing(_read_manifest(txn, self._dbs[DB_META], bounds), "state", name,
-                                    _meta_record(_state_key(name)))
+                                    meta_record(state_key(name)))
             return value
 
     def get_array(self, name: str) -> np.ndarray | None:
@@ -620,7 +620,7 @@ class IndexWriter:
             value = _get_array(txn, self._dbs[DB_SKETCH], name, bounds)
             if value is None:
                 _listed_but_missing(_read_manifest(txn, self._dbs[DB_META], bounds), "arrays", name,
-                                    _array_record(name))
+                                    array_record(name))
             return value
 
     @contextmanager
@@ -699,17 +699,6 @@ class BlockBuffers:
         self.R = [empty((rows, l.d_in, self._layout.c)) for l in self._layout.layers]
 
 
-@dataclass
-class VerifyReport:
-    rows: int
-    blocks: int = 0
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-
 class Snapshot:
     """One consistent view of the index (one LMDB read transaction, zero-copy buffers).
 
@@ -758,10 +747,10 @@ class Snapshot:
 
     def _check_commit(self, txn, meta) -> None:
         try:
-            raw = self._bounds.check(txn.get(META_COMMIT, db=meta), _meta_record(META_COMMIT))
+            raw = self._bounds.check(txn.get(META_COMMIT, db=meta), meta_record(META_COMMIT))
             if raw is None:  # written by every write since format 2; older indexes have none
                 return
-            stored = unpack_checked_u64(META_COMMIT, raw, _meta_record(META_COMMIT))
+            stored = unpack_checked_u64(META_COMMIT, raw, meta_record(META_COMMIT))
         except CorruptBlockError as e:
             self._problem(str(e))
             return
@@ -953,14 +942,14 @@ class Snapshot:
         with self._guard():
             value = _get_array(self._txn, self._reader._dbs[DB_SKETCH], name, self._bounds)
             if value is None:
-                _listed_but_missing(self.manifest(), "arrays", name, _array_record(name))
+                _listed_but_missing(self.manifest(), "arrays", name, array_record(name))
             return value
 
     def state_meta(self, name: str):
         with self._guard():
             value = _get_state_meta(self._txn, self._reader._dbs[DB_META], name, self._bounds)
             if value is None:
-                _listed_but_missing(self.manifest(), "state", name, _meta_record(_state_key(name)))
+                _listed_but_missing(self.manifest(), "state", name, meta_record(state_key(name)))
             return value
 
     def manifest(self) -> dict | None:
@@ -969,13 +958,6 @@ class Snapshot:
             with self._guard():
                 self._manifest = _read_manifest(self._txn, self._reader._dbs[DB_META], self._bounds)
         return self._manifest
-
-    # -- integrity
-    def verify(self, max_errors: int = 20, progress=None, on_error=None) -> VerifyReport:
-        """Check every record of the index (store/verify.py); in this process: see verify.run_isolated."""
-        from .verify import verify_snapshot
-
-        return verify_snapshot(self, max_errors=max_errors, progress=progress, on_error=on_error)
 
 
 class IndexReader:

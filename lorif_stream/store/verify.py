@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
@@ -27,8 +28,19 @@ from .codec import BlockDecoder
 from .format import DB_FACTORS, DB_IDS, DB_META, DB_SKETCH, META_COMMIT, META_FORMAT_VERSION, META_LAYOUT, \
     META_MANIFEST, META_ROWS, META_SETTINGS, META_STATE_PREFIX, CorruptBlockError
 from .integrity import crc32, header_problem, read_lmdb_header, unframe_json, unpack_checked_u64, unpack_id_value
-from .lmdb_store import BlockBuffers, IndexReader, Snapshot, VerifyReport, _array_head, _array_record, _meta_record, \
-    _state_key
+from .lmdb_store import BlockBuffers, IndexReader, Snapshot, array_head, array_record, can_register, \
+    check_pages, meta_record, state_key
+
+
+@dataclass
+class VerifyReport:
+    rows: int
+    blocks: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
 
 
 def verify_snapshot(snap: Snapshot, max_errors: int = 20, progress=None, on_error=None) -> VerifyReport:
@@ -192,7 +204,7 @@ def _verify_meta(snap: Snapshot, report: VerifyReport, err, progress) -> None:
     required = {META_FORMAT_VERSION, META_LAYOUT, META_SETTINGS, META_ROWS}
     for key, value in snap._txn.cursor(db=snap._reader._dbs[DB_META]):
         key = bytes(key)
-        record = _meta_record(key)
+        record = meta_record(key)
         required.discard(key)
         try:
             value = snap._bounds.check(value, record)
@@ -208,15 +220,15 @@ def _verify_meta(snap: Snapshot, report: VerifyReport, err, progress) -> None:
         except CorruptBlockError as e:
             err(str(e))
     for key in sorted(required):
-        err(f"{_meta_record(key)} is missing")
+        err(f"{meta_record(key)} is missing")
     manifest = _manifest(snap, err)
     if manifest is not None:
         stored = {bytes(k)[len(META_STATE_PREFIX):].decode("utf-8", "replace")
                   for k, _ in snap._txn.cursor(db=snap._reader._dbs[DB_META]) if bytes(k).startswith(META_STATE_PREFIX)}
         for name in sorted(set(manifest["state"]) - stored):
-            err(f"{_meta_record(_state_key(name))} is missing, yet the index's manifest lists it (a damaged key)")
+            err(f"{meta_record(state_key(name))} is missing, yet the index's manifest lists it (a damaged key)")
         for name in sorted(stored - set(manifest["state"])):
-            err(f"{_meta_record(_state_key(name))} is not in the index's manifest (a damaged key?)")
+            err(f"{meta_record(state_key(name))} is not in the index's manifest (a damaged key?)")
 
 
 def _manifest(snap: Snapshot, err) -> dict | None:
@@ -236,7 +248,7 @@ def _verify_arrays(snap: Snapshot, report: VerifyReport, err, progress) -> None:
         text = name.decode("utf-8", "replace")
         if sep and tail == b"head":
             try:
-                heads[text] = bytes(snap._bounds.check(value, f"{_array_record(text)} head"))
+                heads[text] = bytes(snap._bounds.check(value, f"{array_record(text)} head"))
             except CorruptBlockError as e:
                 err(str(e))
         elif sep and len(tail) == 4:
@@ -244,10 +256,10 @@ def _verify_arrays(snap: Snapshot, report: VerifyReport, err, progress) -> None:
         else:
             err(f"sketch: record with an unknown key {key[:40]!r} (a damaged key?)")
     for name, raw in heads.items():
-        record = _array_record(name)
+        record = array_record(name)
         held = chunks.pop(name, {})
         try:
-            head = _array_head(name, raw)
+            head = array_head(name, raw)
         except CorruptBlockError as e:
             err(str(e))
             continue
@@ -273,13 +285,13 @@ def _verify_arrays(snap: Snapshot, report: VerifyReport, err, progress) -> None:
         for i in sorted(held):
             err(f"{record} chunk {i} is not in its head (a damaged key?)")
     for name in sorted(chunks):
-        err(f"{_array_record(name)}: chunks without a head (a damaged key?)")
+        err(f"{array_record(name)}: chunks without a head (a damaged key?)")
     manifest = _manifest(snap, err)
     if manifest is not None:
         for name in sorted(set(manifest["arrays"]) - set(heads)):
-            err(f"{_array_record(name)} is missing, yet the index's manifest lists it (a damaged key)")
+            err(f"{array_record(name)} is missing, yet the index's manifest lists it (a damaged key)")
         for name in sorted(set(heads) - set(manifest["arrays"])):
-            err(f"{_array_record(name)} is not in the index's manifest (a damaged key?)")
+            err(f"{array_record(name)} is not in the index's manifest (a damaged key?)")
 
 
 # ------------------------------------------------------------------------------ isolation
@@ -365,7 +377,7 @@ def _child(index: str, max_errors: int) -> None:
                     emit({"progress": pending})
                     pending, last = 0, time.monotonic()
 
-            report = snap.verify(max_errors=max_errors, progress=progress, on_error=lambda m: emit({"error": m}))
+            report = verify_snapshot(snap, max_errors=max_errors, progress=progress, on_error=lambda m: emit({"error": m}))
             if pending:
                 emit({"progress": pending})
             emit({"done": {"blocks": report.blocks}})
@@ -382,15 +394,13 @@ def _child(index: str, max_errors: int) -> None:
 
 
 def _page_problems(path: Path) -> list[str]:
-    from .lmdb_store import _can_register, _check_pages
-
     problems: list[str] = []
     try:
-        env = lmdb.open(str(path), readonly=True, lock=_can_register(path), max_dbs=8)
+        env = lmdb.open(str(path), readonly=True, lock=can_register(path), max_dbs=8)
     except lmdb.Error:
         return problems
     try:
-        _check_pages(env, path, problems, None)
+        check_pages(env, path, problems, None)
     except fmt.IndexError_:
         pass
     finally:
