@@ -1,0 +1,211 @@
+"""The rerank (rerank.py) against independent oracles: explicit per-example weight gradients from
+torch.func, token moments formed one example at a time, dense K-FAC / EK-FAC matrices solved
+densely, and the f=1 exact whitened index scores."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, grad
+
+import lorif_stream as ls
+from lorif_stream import rerank
+from lorif_stream.capture import LayerInfo
+from lorif_stream.config import factor_key_of_index
+from lorif_stream.gradients import GradientSource
+from lorif_stream.projection import ProjectionSpec
+from lorif_stream.store import IndexReader
+from lorif_stream.task import resolve_task
+from tasks.mlp_task import MLPTask
+from test_whitening import PaddedLMTask, kfac_moments_oracle
+
+
+@contextlib.contextmanager
+def opened(task, index):
+    """(source, snap, settings): the task's model on the index's layers, as a query opens it."""
+    with IndexReader(index) as reader, reader.snapshot() as snap:
+        settings = reader.settings
+        spec = ProjectionSpec.from_factors(factor_key_of_index(settings["factors"]))
+        layers = [LayerInfo.from_dict(d) for d in settings["layers"]]
+        yield GradientSource.open(resolve_task(task), spec, torch.device("cpu"), layers=layers), snap, settings
+
+
+def metrics_and_scores(task, index, candidates):
+    with opened(task, index) as (source, snap, settings):
+        metrics, name = rerank.index_metrics(source, snap, settings, source.task, 5, 1 << 30, False)
+        scores = rerank.rerank_scores(source, metrics, task.query_examples(), candidates, 5)
+    return metrics, name, scores.double()
+
+
+def weight_grads(model, loss_of, examples, layers):
+    """{layer: (N, O, I) fp64} per-example weight gradients by torch.func, one example at a time
+    (no padding, no batch-mates); HF Conv1D's (I, O) weights transposed."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    out = {name: [] for name in layers}
+    for ex in examples:
+        g = grad(lambda p: loss_of(lambda *a, **k: functional_call(model, p, a, k), ex))(params)
+        for name, kind in layers.items():
+            w = g[f"{name}.weight"].double()
+            out[name].append(w.T if kind == "conv1d" else w)
+    return {name: torch.stack(v) for name, v in out.items()}
+
+
+def kfac_inverses(model, layers, examples, loss_of, rho=0.1):
+    """{layer: ((A_out+λ)⁻¹, (A_in+λ)⁻¹)} from the explicit token moments, λ = ρ·mean(eig)."""
+    moments = kfac_moments_oracle(model, list(layers), examples, lambda m, ex: loss_of(m, ex))
+    out = {}
+    for name, (A_in, A_out, tokens) in moments.items():
+        inv = []
+        for A in (A_out / tokens, A_in / tokens):
+            e = torch.linalg.eigvalsh(A).clamp_min(0)
+            inv.append(torch.linalg.inv(A + rho * e.mean() * torch.eye(A.shape[0], dtype=A.dtype)))
+        out[name] = tuple(inv)
+    return out
+
+
+def kfac_oracle(Gq, Gi, inverses):
+    """Σ_layers tr(∇W_qᵀ (A_out+λ)⁻¹ ∇W_i (A_in+λ)⁻¹)."""
+    return sum(torch.einsum("qoi,ok,nkj,ji->qn", Gq[n], inv_out, Gi[n], inv_in)
+               for n, (inv_out, inv_in) in inverses.items())
+
+
+def ekfac_oracle(Gq, Gi, Gs, inverses, rows, scale=0.1):
+    """Dense EK-FAC in the whitened space: C = Qk diag(Λ) Qkᵀ + λI, Qk = U_out ⊗ U_in the eigenbases
+    of the whitened moments, Λ = (rows/m) Σ_sample (Qkᵀ g̃)², λ = scale·mean(Λ); g̃_qᵀ C⁻¹ g̃_i."""
+    total = 0
+    for n, (inv_out, inv_in) in inverses.items():
+        (e_out, U_out), (e_in, U_in) = torch.linalg.eigh(inv_out), torch.linalg.eigh(inv_in)
+        # the symmetric square roots: the whitened moments then keep the moments' eigenbases U
+        Ws = torch.kron((U_out * e_out.sqrt()) @ U_out.T, (U_in * e_in.sqrt()) @ U_in.T)
+        Qk = torch.kron(U_out, U_in)  # vec(U_outᵀ G U_in) = Qkᵀ vec(G), row-major vec
+        Lam = ((Gs[n].reshape(len(Gs[n]), -1) @ Ws @ Qk) ** 2).sum(0) * rows / len(Gs[n])
+        C = Qk @ torch.diag(Lam) @ Qk.T + scale * Lam.mean() * torch.eye(Qk.shape[0], dtype=Qk.dtype)
+        gq, gi = Gq[n].reshape(len(Gq[n]), -1) @ Ws, Gi[n].reshape(len(Gi[n]), -1) @ Ws
+        total = total + gq @ torch.linalg.solve(C, gi.T)
+    return total
+
+
+def assert_scores(got, expected, rtol=1e-4):
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=rtol, atol=rtol * float(expected.abs().max()))
+
+
+# ------------------------------------------------------------------------------------ the two forms
+
+
+def test_token_form_equals_dense_gradients():
+    g = torch.Generator().manual_seed(0)
+    qx, qd = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 4, generator=g)
+    cx, cd = torch.randn(6, 9, 7, generator=g), torch.randn(6, 9, 4, generator=g)
+    cd[:, 7:] = 0  # padding: zero output gradients add nothing in either form
+    dense = rerank.dense_scores(rerank.rotated_gradients(qx, qd), rerank.rotated_gradients(cx, cd))
+    torch.testing.assert_close(rerank.token_scores(qx, qd, cx, cd), dense, rtol=1e-5, atol=1e-4)
+    explicit = torch.einsum("qoi,boi->qb", torch.einsum("qto,qti->qoi", qd, qx), torch.einsum("bto,bti->boi", cd, cx))
+    torch.testing.assert_close(dense, explicit, rtol=1e-5, atol=1e-4)
+
+
+def test_plan_picks_the_token_form_only_where_cheaper_and_never_for_ekfac():
+    wide = LayerInfo("w", "linear", 4096, 4096, 256, 256)
+    small = LayerInfo("s", "linear", 64, 64, 32, 32)
+    assert rerank.layer_plan(wide, 1, 20, 20, kronecker=True) == rerank.TOKENS
+    assert rerank.layer_plan(wide, 1, 20, 20, kronecker=False) == rerank.DENSE
+    assert rerank.layer_plan(small, 30, 64, 64, kronecker=True) == rerank.DENSE
+
+
+# ------------------------------------------------------------------------------------ MLP
+
+
+def mlp_loss(task):
+    return lambda model, ex: task.loss(model, task.collate([ex])).sum()
+
+
+def test_shrunk_sides_are_recovered_and_rerank_is_explicit_kfac_influence(tmp_path):
+    task = MLPTask()
+    # f=2, min_side=1: every side is shrunk, so the whitening is recomputed from the sample
+    ls.build(task, tmp_path / "idx", f=2, min_side=1, rank=1, preconditioner="none", progress=False)
+    cand = task.train_examples()[::3]
+    metrics, name, scores = metrics_and_scores(task, tmp_path / "idx", cand)
+    assert name == "K-FAC"
+    assert all(m.inp.basis is not None and m.out.basis is not None for m in metrics.values())
+    model = task.model().eval()
+    layers = {"0": "linear", "2": "linear"}
+    loss_of = mlp_loss(task)
+    Gq = weight_grads(model, loss_of, task.query_examples(), layers)
+    Gi = weight_grads(model, loss_of, cand, layers)
+    assert_scores(scores, kfac_oracle(Gq, Gi, kfac_inverses(model, layers, task.train_examples(), loss_of)))
+
+
+def test_ekfac_rerank_is_the_dense_eigenvalue_corrected_inverse(tmp_path):
+    task = MLPTask()
+    ls.build(task, tmp_path / "idx", f=2, min_side=1, rank=1, preconditioner="ekfac", progress=False)
+    cand = task.train_examples()[1::4]
+    metrics, name, scores = metrics_and_scores(task, tmp_path / "idx", cand)
+    assert name == "EK-FAC" and all(m.inverse is not None for m in metrics.values())
+    model = task.model().eval()
+    layers = {"0": "linear", "2": "linear"}
+    loss_of = mlp_loss(task)
+    Gq, Gi = (weight_grads(model, loss_of, ex, layers) for ex in (task.query_examples(), cand))
+    Gs = weight_grads(model, loss_of, task.train_examples(), layers)  # the whitening sample: all 48
+    inverses = kfac_inverses(model, layers, task.train_examples(), loss_of)
+    assert_scores(scores, ekfac_oracle(Gq, Gi, Gs, inverses, rows=48), rtol=2e-4)
+
+
+def test_random_projection_index_reranks_by_the_plain_gradient_dot_product(tmp_path):
+    task = MLPTask()
+    ls.build(task, tmp_path / "idx", f=2, min_side=1, projection_kind="random", progress=False)
+    cand = task.train_examples()[:10]
+    _, name, scores = metrics_and_scores(task, tmp_path / "idx", cand)
+    assert name == "gradient dot product"
+    model = task.model().eval()
+    layers = {"0": "linear", "2": "linear"}
+    Gq, Gi = (weight_grads(model, mlp_loss(task), ex, layers) for ex in (task.query_examples(), cand))
+    assert_scores(scores, sum(torch.einsum("qoi,noi->qn", Gq[n], Gi[n]) for n in layers))
+
+
+def test_a_whitening_that_cannot_be_reproduced_is_refused(tmp_path):
+    task = MLPTask()
+    ls.build(task, tmp_path / "idx", f=2, min_side=1, progress=False)
+    other = MLPTask()
+    other.train = [(x * 1.5, y) for x, y in other.train]  # same ids and token counts, other moments
+    with opened(other, tmp_path / "idx") as (source, snap, settings):
+        with pytest.raises(ValueError, match="recomputed whitening of layer '0' .* differs from the index's"):
+            rerank.whitening_metrics(source, snap, settings, source.task, 8, 1 << 30, False)
+
+
+def test_rows_outside_the_tasks_examples_are_refused_by_name(tmp_path):
+    ls.build(MLPTask(rows=(0, 30)), tmp_path / "idx", progress=False)
+    ls.append(MLPTask(rows=(30, 48)), tmp_path / "idx", progress=False)
+    task = resolve_task(MLPTask(rows=(0, 30)))
+    with IndexReader(tmp_path / "idx") as reader, reader.snapshot() as snap:
+        assert len(rerank.candidate_examples(task, snap, reader.settings, [0, 29])) == 2
+        with pytest.raises(ValueError, match=r"row 31 \(id 'ex31'\)"):
+            rerank.candidate_examples(task, snap, reader.settings, [3, 31])
+
+
+# ------------------------------------------------------------------------------------ tiny GPT-2
+
+
+def lm_loss(task):
+    return lambda model, ex: task.loss(model, task.collate([ex])).sum()
+
+
+@pytest.mark.parametrize("preconditioner", ["none", "ekfac"])
+def test_gpt2_rerank_with_padding_matches_the_explicit_oracle(tmp_path, preconditioner):
+    task = PaddedLMTask()
+    # f=4: the 96- and 128-wide sides are shrunk to 32 (recomputed whitening); candidates in batches
+    # of 5 unequal lengths: padding everywhere; K-FAC takes the token form on some layers here
+    ls.build(task, tmp_path / "idx", f=4, rank=1, preconditioner=preconditioner, batch_size=4, progress=False)
+    cand = task.train_examples()
+    metrics, name, scores = metrics_and_scores(task, tmp_path / "idx", cand)
+    model = task.model()
+    layers = {n: "conv1d" for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and n.startswith("transformer.h.")}
+    loss_of = lm_loss(task)
+    Gq, Gi = (weight_grads(model, loss_of, ex, layers) for ex in (task.query_examples(), cand))
+    inverses = kfac_inverses(model, layers, task.train_examples(), loss_of)
+    if preconditioner == "none":
+        expected = kfac_oracle(Gq, Gi, inverses)
+    else:
+        expected = ekfac_oracle(Gq, Gi, Gi, inverses, rows=len(cand))
+    assert_scores(scores, expected, rtol=5e-4)
