@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from .capture import LayerHooks, LayerInfo
-from .device import notice, to_device
+from .device import to_device
 from .progress import Progress
 
 Tensor = torch.Tensor

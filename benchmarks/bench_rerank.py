@@ -1,0 +1,212 @@
+"""Rerank benchmark (#23): how close `query --rerank K` brings the index's top-10 to full-dimension
+influence, and what it costs.
+
+Quality, on bench_quality.py's fortunes task (tiny GPT-2, 2 blocks, 64 wide, 400 training texts,
+40 queries; no retraining needed): per query, the share of the top-10 proponents that are also in
+a reference top-10, averaged over queries, for the default index (f = 4, bf16, whitened, EK-FAC on
+text) at c in {1, 4}, reranked with K in {0 (no rerank), 50, 100, 200, 400}. References:
+
+* Kronfluence 1.0.1 EK-FAC (peer_kronfluence.py, as it comes: weights and biases, empirical
+  Fisher) at its default damping 1e-8 and at its heuristic 0.1·mean eigenvalue; their overlap with
+  each other is the "Kronfluence against itself" ceiling;
+* the exact whitened f = 1 scores: an index at f = 1, c = 64 (no truncation: every layer has
+  min(O, I) = 64), fp32, same preconditioner (EK-FAC with Λ over all rows), queried densely.
+
+Cost, at N >= 20k rows (the 400 texts repeated, distinct ids; the same model), 30 queries: a plain
+query (top-10) against a reranked one (streaming top-K, then rerank_results), wall time on one
+thread, and from the measured fixed and per-row costs the ratio estimated at 1M rows.
+
+    python benchmarks/bench_rerank.py              # ~15 min on one thread of the shared 2-core CPU
+    python benchmarks/bench_rerank.py --quick      # K in {0, 100}, c = 1, N = 4k for the cost: ~4 min
+
+Writes benchmarks/results/rerank[_quick].json. Needs the fortunes (apt-get install -y fortunes-min)
+and Kronfluence (pip install --no-deps kronfluence accelerate einconv einops opt_einsum).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_quality as bq  # noqa: E402
+import lorif_stream as ls  # noqa: E402
+from lorif_stream import rerank  # noqa: E402
+from lorif_stream.capture import LayerInfo  # noqa: E402
+from lorif_stream.config import QueryConfig, factor_key_of_index  # noqa: E402
+from lorif_stream.gradients import GradientSource  # noqa: E402
+from lorif_stream.projection import ProjectionSpec  # noqa: E402
+from lorif_stream.store import IndexReader  # noqa: E402
+from lorif_stream.task import resolve_task  # noqa: E402
+
+RESULTS = HERE / "results"
+TOP = 10
+KS, CS = (0, 50, 100, 200, 400), (1, 4)
+QUICK_KS, QUICK_CS = (0, 100), (1,)
+
+
+def top_rows(scores: np.ndarray, k: int = TOP) -> list[list[int]]:
+    """Each query's k highest-scoring rows (ties: lower row first, as the engine ranks them)."""
+    return [list(np.argsort(-s, kind="stable")[:k]) for s in scores]
+
+
+def overlap(a: list[list[int]], b: list[list[int]]) -> float:
+    return float(np.mean([len(set(x) & set(y)) / TOP for x, y in zip(a, b)]))
+
+
+@contextlib.contextmanager
+def opened(task, index):
+    """The task's model on the index's layers and a snapshot, as a query opens them."""
+    with IndexReader(index) as reader, reader.snapshot() as snap:
+        settings = reader.settings
+        spec = ProjectionSpec.from_factors(factor_key_of_index(settings["factors"]))
+        layers = [LayerInfo.from_dict(d) for d in settings["layers"]]
+        yield GradientSource.open(task, spec, torch.device("cpu"), layers=layers), snap, settings
+
+
+def reranked_query(task, index, k: int, batch_size: int) -> tuple[list[dict], dict]:
+    """A query with rerank k: the streaming pass keeps max(top-10, k) per list, then rerank_results."""
+    t0 = time.perf_counter()
+    res = ls.query(task, index, None, top_k=max(TOP, k), batch_size=batch_size, device="cpu", progress=False)
+    t1 = time.perf_counter()
+    if k == 0:
+        return res.results, {"query_s": t1 - t0, "rerank_s": 0.0, "candidates": 0}
+    with opened(task, index) as (source, snap, settings):
+        results, stats = rerank.rerank_results(res.results, source, snap, settings, list(task.query_examples()), k, TOP,
+                                               batch_size, QueryConfig().budget(), progress=False)
+    return results, {"query_s": t1 - t0, "rerank_s": time.perf_counter() - t1, "candidates": stats["rerank_candidates"],
+                     "metric": stats["rerank_metric"]}
+
+
+def quality(task, workdir: Path, ks, cs, batch_size: int) -> dict:
+    import peer_kronfluence as peer
+
+    refs, timing = {}, {}
+    for damping, label in (("default", "kronfluence_ekfac"), (None, "kronfluence_ekfac_heur")):
+        scores, stats = peer.kronfluence_scores(task, "ekfac", damping, batch_size=batch_size, workdir=workdir)
+        refs[label] = top_rows(scores)
+        timing[label] = stats["fit_s"] + stats["score_s"]
+        print(f"[bench_rerank] {label}: {timing[label]:.0f} s", flush=True)
+    exact_index, exact_scores = workdir / "exact", workdir / "exact.npy"
+    t0 = time.perf_counter()
+    ls.build(task, exact_index, f=1, rank=64, dtype="fp32", batch_size=batch_size, device="cpu", progress=False)
+    ls.query(task, exact_index, None, exact_scores, top_k=TOP, batch_size=batch_size, device="cpu", progress=False)
+    refs["exact_f1"] = top_rows(np.load(exact_scores))
+    timing["exact_f1"] = time.perf_counter() - t0
+    preconditioner = ls.info(exact_index)["preconditioner"]
+    rows = []
+    for c in cs:
+        index = workdir / f"c{c}"
+        ls.build(task, index, rank=c, batch_size=batch_size, device="cpu", progress=False)
+        info = ls.info(index)
+        for k in ks:
+            results, stats = reranked_query(task, index, k, batch_size)
+            mine = [[e["row"] for e in r["proponents"][:TOP]] for r in results]
+            row = {"c": c, "K": k, "preconditioner": info["preconditioner"],
+                   "bytes_per_example": float(info["bytes_per_example"]), **stats,
+                   **{f"overlap_{name}": overlap(mine, ref) for name, ref in refs.items()}}
+            rows.append(row)
+            print(f"[bench_rerank] c={c} K={k}: " + ", ".join(f"{n} {row[f'overlap_{n}']:.3f}" for n in refs)
+                  + f" ({stats['candidates']} candidates, query {stats['query_s']:.1f} s + rerank {stats['rerank_s']:.1f} s)",
+                  flush=True)
+    return {"rows": rows, "reference_seconds": timing, "exact_preconditioner": preconditioner,
+            "kronfluence_self_overlap": overlap(refs["kronfluence_ekfac"], refs["kronfluence_ekfac_heur"]),
+            "exact_vs_kronfluence": {n: overlap(refs["exact_f1"], refs[n])
+                                     for n in ("kronfluence_ekfac", "kronfluence_ekfac_heur")}}
+
+
+class Repeated:
+    """The fortunes task with its training texts repeated `copies` times (distinct ids) and its first
+    `queries` queries: an N >= 20k index for the cost, same model and token lengths."""
+
+    def __init__(self, task, copies: int, queries: int):
+        self.task, self.copies, self.queries = task, copies, queries
+        self.tracked_modules = task.tracked_modules
+
+    def model(self):
+        return self.task.model()
+
+    def train_examples(self):
+        return self.task.train_examples() * self.copies
+
+    def query_examples(self):
+        return self.task.query_examples()[: self.queries]
+
+    def collate(self, examples):
+        return self.task.collate(examples)
+
+    def loss(self, model, batch):
+        return self.task.loss(model, batch)
+
+
+def cost(task, workdir: Path, copies: int, queries: int, k: int, batch_size: int) -> dict:
+    big = resolve_task(Repeated(task, copies, queries))
+    index = workdir / "big"
+    t0 = time.perf_counter()
+    ls.build(big, index, batch_size=batch_size, device="cpu", progress=False)
+    build_s = time.perf_counter() - t0
+    N = ls.info(index)["rows"]
+    t0 = time.perf_counter()
+    ls.query(big, index, None, top_k=TOP, batch_size=batch_size, device="cpu", progress=False)
+    plain_s = time.perf_counter() - t0
+    _, stats = reranked_query(big, index, k, batch_size)
+    reranked_s = stats["query_s"] + stats["rerank_s"]
+    # a plain query's fixed part (model, query gradients, task check): the same query on a 1-copy index
+    small = resolve_task(Repeated(task, 1, queries))
+    ls.build(small, workdir / "small", batch_size=batch_size, device="cpu", progress=False)
+    t0 = time.perf_counter()
+    ls.query(small, workdir / "small", None, top_k=TOP, batch_size=batch_size, device="cpu", progress=False)
+    fixed_s = time.perf_counter() - t0
+    n_small = len(task.train_examples())
+    per_row = max(plain_s - fixed_s, 0.0) / max(N - n_small, 1)
+    plain_1m = fixed_s + per_row * 1_000_000
+    extra = reranked_s - plain_s
+    return {"rows": N, "queries": queries, "K": k, "build_s": build_s, "plain_s": plain_s, "reranked_s": reranked_s,
+            "ratio": reranked_s / plain_s, "rerank_s": stats["rerank_s"], "candidates": stats["candidates"],
+            "rerank_s_per_candidate": stats["rerank_s"] / max(stats["candidates"], 1),
+            "plain_fixed_s": fixed_s, "plain_s_per_row": per_row, "ratio_at_1M_estimated": (plain_1m + extra) / plain_1m}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="K in {0, 100}, c = 1, a 4k-row cost index")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--copies", type=int, default=None, help="training-set copies of the cost index (default 62: 24,800 rows)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out or RESULTS / f"rerank{'_quick' if args.quick else ''}.json")
+    t0 = time.perf_counter()
+    task = bq.make_task("fortunes", dict(bq.PLANS[("fortunes", False)]["task"]))
+    if task is None:
+        return 1
+    task = resolve_task(task)
+    print(f"[bench_rerank] fortunes model trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="lorif-rerank-") as tmp:
+        q = quality(task, Path(tmp), QUICK_KS if args.quick else KS, QUICK_CS if args.quick else CS, args.batch_size)
+        c = cost(task, Path(tmp), args.copies or (10 if args.quick else 62), 30, 100, args.batch_size)
+    print(f"[bench_rerank] cost: {json.dumps(c)}", flush=True)
+    result = {"benchmark": "rerank", "quick": args.quick, "threads": args.threads, "batch_size": args.batch_size,
+              "task": {"n_train": len(task.train_examples()), "n_query": len(task.query_examples()),
+                       "mean_tokens": task.wrapped.mean_tokens if hasattr(task, "wrapped") else None},
+              "top": TOP, "quality": q, "cost": c, "torch": torch.__version__, "machine": platform.machine(),
+              "seconds": time.perf_counter() - t0}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"[bench_rerank] wrote {out} ({result['seconds']:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
