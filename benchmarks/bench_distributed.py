@@ -39,7 +39,7 @@ SHAPE = "tiny"  # bench_build's tiny GPT-2; its own batch size is not this bench
 def worker(n: int, out: Path, workdir: Path) -> None:
     """One rank of the job: build and query every mode, then rank 0 writes what every rank measured."""
     import lorif_stream as ls
-    from lorif_stream.shards.comm import REDUCE_STATS, init_from_env, shutdown
+    from lorif_stream.comm import REDUCE_STATS, init_from_env, shutdown
 
     comm = init_from_env("cpu")
     task = TokensTask(SHAPE, n)

@@ -168,7 +168,7 @@ def _with_modules(task, regex: str | None):
 
 def _say(message: str) -> None:
     """The closing line of a command: once per job (rank 0 under torchrun)."""
-    from .shards.comm import current
+    from .comm import current
 
     if current().root:
         click.echo(message)
@@ -257,7 +257,7 @@ def query(index, out, scores, quiet, **kwargs):
     result = run(task, index, out, scores, cfg.QueryConfig(**kwargs), progress=not quiet)
     _say(f"scored {len(result.results)} queries against {result.rows:,} rows in {result.seconds:.1f}s -> {out}"
          + (f", {scores}" if scores else ""))
-    from .shards.comm import current
+    from .comm import current
 
     if current().root:
         # On a terminal, the first answer right away: each query's top proponent (id, score, text).
@@ -372,10 +372,10 @@ def main(argv: typing.Sequence[str] | None = None) -> None:
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if "RANK" not in os.environ:  # not a torchrun rank: skip shards.comm, whose torch import `--help` need not pay
+    if "RANK" not in os.environ:  # not a torchrun rank: skip comm.py, whose torch import `--help` need not pay
         _run_cli(args)
         return
-    from .shards.comm import init_from_env, launched_by_torchrun, shutdown
+    from .comm import init_from_env, launched_by_torchrun, shutdown
 
     command = next((a for a in args if not a.startswith("-")), None)
     if launched_by_torchrun():

@@ -12,11 +12,11 @@ What it does, in ``--out DIR`` (default ``./lorif-demo``):
    of the training fortunes), ``train_b.jsonl`` (the rest, added later) and ``queries.jsonl``;
 2. trains a byte-level BPE tokenizer and a tiny GPT-2 on ``train_a`` + ``train_b`` and saves
    both into ``DIR/model`` (``save_pretrained``);
-3. runs the real command line: ``lorif-stream build`` over ``train_a``, ``append`` of
-   ``train_b``, ``query`` of the queries, exactly as you would type them (they are printed);
+3. runs build over ``train_a``, append of ``train_b`` and query of the queries through the
+   Python API, printing for each the ``lorif-stream`` command that does the same;
 4. prints, for every query, the training fortunes that helped it most (proponents) and hurt
    it most (opponents), and where the index and ``results.jsonl`` are;
-5. runs ``lorif-stream report``, which writes ``report.html``: the same results with their texts,
+5. writes ``report.html`` (what ``lorif-stream report`` writes): the same results with their texts,
    a search box and the index's spectra, one self-contained page to open in a browser.
 
 Two queries are reworded copies of one training fortune each (one in the first build, one in
@@ -223,12 +223,9 @@ def _reset_folder(out: Path, echo) -> None:
     (out / MARKER).write_text("made by `lorif-stream demo`: its files may be replaced by `lorif-stream demo --force`\n")
 
 
-def _run_cli(args: list[str], echo) -> None:
-    """Run one lorif-stream command in this process, exactly as typed on the command line."""
-    from .cli import cli
-
+def _say_command(args: list[str], echo) -> None:
+    """The `lorif-stream` command line that does what the demo does next through the Python API."""
     echo("$ lorif-stream " + " ".join(shlex.quote(a) for a in args))
-    cli.main(args=args, prog_name="lorif-stream", standalone_mode=False)
 
 
 class _Quiet:
@@ -318,7 +315,13 @@ def run_demo(out_dir: str = "lorif-demo", quick: bool = False, device: str = "au
         size = DemoSize(**{**size.__dict__, "examples": examples})
     out = Path(out_dir)
     _check_folder(out, force)
+    # the engine is imported here, not at the top: `lorif-stream --help` loads this module too
+    from .build import append, build
+    from .config import BuildConfig, QueryConfig
     from .device import resolve_device
+    from .hf_task import HFCausalLMTask
+    from .query import query
+    from .report import make_report
 
     torch_device = resolve_device(device)  # a missing CUDA fails here, before any file is touched
     _reset_folder(out, echo)
@@ -362,16 +365,30 @@ def run_demo(out_dir: str = "lorif-demo", quick: bool = False, device: str = "au
         common = ["--hf-model", str(model_dir), "--id-field", "id", "--max-length", str(size.context),
                   "--index", str(index), "--device", device]
         quiet = [] if progress else ["--quiet"]
+
+        def task(**data):
+            return HFCausalLMTask(model_dir, id_field="id", max_length=size.context, **data)
+
         t = stage(3, f"build: index train_a ({len(train_a):,} fortunes)")
-        _run_cli(["build", *common, "--data", str(files["train_a"]), "--batch-size", "16", *quiet], echo)
+        _say_command(["build", *common, "--data", str(files["train_a"]), "--batch-size", "16", *quiet], echo)
+        built = build(task(train_data=files["train_a"]), index, BuildConfig(batch_size=16, device=device),
+                      progress=progress)
+        echo(f"indexed {built.new_rows:,} new rows ({built.rows:,} in all) into {built.index} in {built.seconds:.1f}s")
         timings["build"] = time.perf_counter() - t
         t = stage(4, f"append: add train_b ({len(train_b):,} fortunes) as new rows")
-        _run_cli(["append", *common, "--data", str(files["train_b"]), "--batch-size", "16", *quiet], echo)
+        _say_command(["append", *common, "--data", str(files["train_b"]), "--batch-size", "16", *quiet], echo)
+        appended = append(task(train_data=files["train_b"]), index, batch_size=16, device=device, progress=progress)
+        echo(f"appended {appended.new_rows:,} rows ({appended.rows:,} in all) to {appended.index} "
+             f"in {appended.seconds:.1f}s")
         timings["append"] = time.perf_counter() - t
         t = stage(5, f"query: score the {len(queries)} queries against all {len(train_a) + len(train_b):,} rows")
         results_file = out / "results.jsonl"
-        _run_cli(["query", *common, "--queries", str(files["queries"]),
-                  "--top-k", str(top_k), "--out", str(results_file), *quiet], echo)
+        _say_command(["query", *common, "--queries", str(files["queries"]),
+                      "--top-k", str(top_k), "--out", str(results_file), *quiet], echo)
+        scored = query(task(train_data=None, query_data=files["queries"]), index, results_file,
+                       config=QueryConfig(top_k=top_k, device=device), progress=progress)
+        echo(f"scored {len(scored.results)} queries against {scored.rows:,} rows in {scored.seconds:.1f}s "
+             f"-> {results_file}")
         timings["query"] = time.perf_counter() - t
 
     t = stage(6, "results, and report.html to open in a browser")
@@ -381,9 +398,16 @@ def run_demo(out_dir: str = "lorif-demo", quick: bool = False, device: str = "au
     echo(format_results(results, queries, texts, len(train_a), width=min(shutil.get_terminal_size((100, 20)).columns, 120)))
     echo("")
     report_file = out / "report.html"
-    _run_cli(["report", "--results", str(results_file), "--index", str(index), "--data", str(files["train_a"]),
-              "--data", str(files["train_b"]), "--queries", str(files["queries"]), "--id-field", "id",
-              "--out", str(report_file)], echo)
+    _say_command(["report", "--results", str(results_file), "--index", str(index), "--data", str(files["train_a"]),
+                  "--data", str(files["train_b"]), "--queries", str(files["queries"]), "--id-field", "id",
+                  "--out", str(report_file)], echo)
+    path, made = make_report(results_file, index, report_file, data=[files["train_a"], files["train_b"]],
+                             queries=files["queries"], id_field="id",
+                             options={"max_length": None, "chat_template": False, "skip_empty": False})
+    for note in made.notes:
+        click.echo(f"note: {note}", err=True)
+    echo(f"report of {len(made.results)} queries ({len(made.texts):,} training texts shown) -> {path} "
+         f"({path.stat().st_size / 1e3:,.0f} kB): open it in a browser")
     timings["report"] = time.perf_counter() - t
     seconds = time.perf_counter() - started
     summary = {

@@ -14,13 +14,15 @@ refined by streaming passes, and a damping λ; the result is stored for queries.
 from __future__ import annotations
 
 import hashlib
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import CurvatureConfig, default_memory_budget, factor_key_of_index, parse_size
+from .comm import Comm, current
+from .config import CurvatureConfig, budget_groups, default_memory_budget, factor_key_of_index, parse_size
 from .curvature import DampingPolicy, LayerCurvature, fit_layer_curvature, precondition
 from .ekfac import EkfacPreconditioner, LayerEigenStats
 from .device import notice, resolve_device
@@ -28,8 +30,8 @@ from .gpu import DeviceTimer
 from .loader import BlockLoader
 from .progress import Progress
 from .sketch import DENSE_MAX_D, LayerSketch
-from .store import IndexWriter, Snapshot
-from .store.shards import is_sharded
+from .store import IndexLayout, IndexReader, IndexWriter, Snapshot
+from .store.shards import ShardManifest, is_sharded, read_manifest
 from .whitening import WHITENING_META, load_eigenbases, tokens_per_example
 
 SKETCH_META = "sketch"
@@ -68,7 +70,7 @@ def check_finalize_budget(layers, config: CurvatureConfig, budget: int) -> None:
             )
 
 
-def _array_name(kind: str, layer: str, field: str) -> str:
+def state_array_name(kind: str, layer: str, field: str) -> str:
     return f"{kind}/{layer}/{field}"
 
 
@@ -110,7 +112,7 @@ class SketchSet:
         meta = writer.get_state_meta(SKETCH_META) or {}
         stored = meta.get("layers", {}).get(layer.name)
         if meta.get("key") == self.config.sketch_key() and stored is not None:
-            Y = writer.get_array(_array_name("sketch", layer.name, "Y"))
+            Y = writer.get_array(state_array_name("sketch", layer.name, "Y"))
             if Y is not None:
                 return LayerSketch.from_state(dict(stored, Y=Y), device=self.device)
         return LayerSketch(D=layer.D, k=self.config.sketch_width, seed=sketch_seed(self.config.sketch_seed, layer.name),
@@ -149,7 +151,7 @@ class SketchSet:
         for i, sketch in self.sketches.items():
             name = self.layout.layers[i].name
             state = sketch.to_state()
-            arrays[_array_name("sketch", name, "Y")] = state.pop("Y")
+            arrays[state_array_name("sketch", name, "Y")] = state.pop("Y")
             meta["layers"][name] = state
         writer.put_state(arrays, {SKETCH_META: meta})
 
@@ -184,7 +186,7 @@ class EkfacSet:
         for i, layer in enumerate(self.layout.layers):
             q_out, q_in = load_eigenbases(writer.get_array, layer.name, device)
             stored = meta.get("layers", {}).get(layer.name)
-            sums = writer.get_array(_array_name("ekfac", layer.name, "sums")) if stored and resume else None
+            sums = writer.get_array(state_array_name("ekfac", layer.name, "sums")) if stored and resume else None
             if sums is None:
                 self.stats[i] = LayerEigenStats.empty(q_out, q_in)
             else:
@@ -213,7 +215,7 @@ class EkfacSet:
                         lambda i, L, R: self.stats[i].update(L, R))
 
     def save(self, writer: IndexWriter) -> None:
-        arrays = {_array_name("ekfac", self.layout.layers[i].name, "sums"): s.to_numpy() for i, s in self.stats.items()}
+        arrays = {state_array_name("ekfac", self.layout.layers[i].name, "sums"): s.to_numpy() for i, s in self.stats.items()}
         meta = {"layers": {self.layout.layers[i].name: {"rows": s.rows} for i, s in self.stats.items()}}
         writer.put_state(arrays, {EKFAC_META: meta})
 
@@ -238,12 +240,12 @@ def store_ekfac_curvature(writer: IndexWriter, totals: dict[int, tuple[torch.Ten
         eig = sums.to(torch.float32)
         trace = float(sums.sum())
         damping = policy.value(eig.flatten(), trace, layer.D)
-        arrays[_array_name(f"curvature/{generation}", layer.name, "ekfac")] = eig.cpu().numpy()
+        arrays[state_array_name(f"curvature/{generation}", layer.name, "ekfac")] = eig.cpu().numpy()
         top = torch.topk(eig.flatten(), min(8, layer.D)).values.tolist()
         layers[layer.name] = {"rank": layer.D, "damping": damping, "trace": trace, "captured_energy": 1.0,
                               "rows": int(covered), "top_eigenvalues": top}
     summary = {"generation": generation, "config": asdict(config), "rows": int(rows), "layers": layers}
-    writer.put_state(arrays, {CURVATURE_META: summary}, drop=_stale_generation(old))
+    writer.put_state(arrays, {CURVATURE_META: summary}, drop=stale_generation(old))
     return summary
 
 
@@ -276,7 +278,7 @@ def store_no_curvature(writer: IndexWriter, rows: int, config: CurvatureConfig) 
                        "top_eigenvalues": []} for l in writer.layout.layers}
     summary = {"generation": int(old.get("generation", 0)) + 1, "config": asdict(config), "rows": int(rows),
                "layers": layers}
-    writer.put_state({}, {CURVATURE_META: summary}, drop=_stale_generation(old))
+    writer.put_state({}, {CURVATURE_META: summary}, drop=stale_generation(old))
     return summary
 
 
@@ -286,11 +288,11 @@ def curvature_statistics(writer: IndexWriter, device: torch.device, config: Curv
     return kinds[config.preconditioner].for_build(writer, device, config, budget)
 
 
-def _stale_generation(old: dict) -> list[str]:
+def stale_generation(old: dict) -> list[str]:
     if not old:
         return []
     fields = ("V", "sigma2", "ekfac")
-    return [_array_name(f"curvature/{old['generation']}", name, f) for name in old.get("layers", {}) for f in fields]
+    return [state_array_name(f"curvature/{old['generation']}", name, f) for name in old.get("layers", {}) for f in fields]
 
 
 # ------------------------------------------------------------------------------------ finalize
@@ -328,18 +330,18 @@ def finalize_curvature(writer: IndexWriter, sketches: SketchSet, config: Curvatu
         passes.catch_up(writer, progress)
         passes.save(writer)
         for i in group:
-            new_layers[layout.layers[i].name] = _finalize_layer(writer, passes.sketches.pop(i), i, config, device,
+            new_layers[layout.layers[i].name] = finalize_layer(writer, passes.sketches.pop(i), i, config, device,
                                                                 generation)
         missing = [i for i in missing if i not in group]
     sketches.catch_up(writer, progress)
     for i in sorted(sketches.sketches):
-        new_layers[layout.layers[i].name] = _finalize_layer(writer, sketches.sketches[i], i, config, device, generation)
+        new_layers[layout.layers[i].name] = finalize_layer(writer, sketches.sketches[i], i, config, device, generation)
     summary = {"generation": generation, "config": asdict(config), "rows": rows, "layers": new_layers}
-    writer.put_state({}, {CURVATURE_META: summary}, drop=_stale_generation(old))
+    writer.put_state({}, {CURVATURE_META: summary}, drop=stale_generation(old))
     return summary
 
 
-def _finalize_layer(writer: IndexWriter, sketch: LayerSketch, i: int, config: CurvatureConfig,
+def finalize_layer(writer: IndexWriter, sketch: LayerSketch, i: int, config: CurvatureConfig,
                     device: torch.device, generation: int) -> dict:
     layer = writer.layout.layers[i]
 
@@ -354,8 +356,8 @@ def _finalize_layer(writer: IndexWriter, sketch: LayerSketch, i: int, config: Cu
     curv = fit_layer_curvature(sketch, config.sketch_rank, _policy(config), config.refine,
                                block_source=blocks if config.refine else None, finalize="nystrom")
     sketch.drop_omega()
-    writer.put_state({_array_name(f"curvature/{generation}", layer.name, "V"): curv.V.cpu().numpy(),
-                      _array_name(f"curvature/{generation}", layer.name, "sigma2"): curv.sigma2.cpu().numpy()})
+    writer.put_state({state_array_name(f"curvature/{generation}", layer.name, "V"): curv.V.cpu().numpy(),
+                      state_array_name(f"curvature/{generation}", layer.name, "sigma2"): curv.sigma2.cpu().numpy()})
     return {"rank": curv.rank, "damping": curv.damping, "trace": curv.trace,
             "captured_energy": curv.captured_energy, "rows": sketch.rows, "top_eigenvalues": curv.sigma2[:8].tolist()}
 
@@ -391,10 +393,10 @@ def load_preconditioner(snap: Snapshot, layer: int, device: torch.device):
         return IdentityPreconditioner()
     if kind == "ekfac":
         q_out, q_in = load_eigenbases(snap.array, name, device)
-        eig = snap.array(_array_name(f"curvature/{meta['generation']}", name, "ekfac"))
+        eig = snap.array(state_array_name(f"curvature/{meta['generation']}", name, "ekfac"))
         return EkfacPreconditioner(q_out, q_in, torch.from_numpy(np.array(eig)).to(device), float(info["damping"]))
-    V = snap.array(_array_name(f"curvature/{meta['generation']}", name, "V"))
-    sigma2 = snap.array(_array_name(f"curvature/{meta['generation']}", name, "sigma2"))
+    V = snap.array(state_array_name(f"curvature/{meta['generation']}", name, "V"))
+    sigma2 = snap.array(state_array_name(f"curvature/{meta['generation']}", name, "sigma2"))
     return LowRankPreconditioner(LayerCurvature(torch.from_numpy(sigma2).to(device), torch.from_numpy(V).to(device),
                                                 float(info["damping"]), float(info["trace"])))
 
@@ -414,12 +416,8 @@ def fit(index, config: CurvatureConfig | None = None, *, device: str = "auto", m
         raise TypeError("pass either a CurvatureConfig or keyword options, not both")
     config = config or CurvatureConfig(**options)
     budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget(device)
-    from .shards.comm import current
-
     comm = current()
     if comm.on_root(lambda: is_sharded(index)):
-        from .shards.build import sharded_fit
-
         return sharded_fit(Path(index), config, comm, device, budget, progress)
     # one environment has one writer: under torchrun, rank 0 fits it and the other ranks wait
     return comm.on_root(lambda: _fit_environment(index, config, resolve_device(device), budget, progress))
@@ -440,3 +438,143 @@ def _fit_environment(index, config: CurvatureConfig, dev: torch.device, budget: 
             # recomputed from row 0 in one pass over the factors: fit never trusts a stored Λ
             return EkfacSet(writer, dev, resume=False).finalize(writer, config, budget, progress)
         return NoStatistics().finalize(writer, config, budget, progress)
+
+
+# ------------------------------------------------------------------------------------ sharded
+# The curvature of a sharded index: additive statistics per shard, summed, finalized once.
+# Every shard keeps its own running statistic over its own rows (the EK-FAC sums or the lowrank
+# sketches with their traces and row counts), saved in the shard and caught up from its blocks
+# exactly like a single index's, so a killed rank resumes from its own shard. To finalize, a rank
+# adds up the statistics of the shards it holds, the ranks all-reduce them, and rank 0 alone turns
+# the totals into a curvature generation stored in the head shard, where queries read it.
+
+
+class ShardedRefineError(ValueError):
+    pass
+
+
+def check_sharded_curvature(config: CurvatureConfig) -> None:
+    """Refinement streams every row through one subspace per pass: not across shards (yet)."""
+    if config.preconditioner == "lowrank" and config.refine:
+        raise ShardedRefineError(f"refine={config.refine} is not supported on a sharded index (the refinement passes "
+                                 f"would stream every shard through one process): use refine=0")
+
+
+def reduce_curvature(comm: Comm, head, writers: list, layout, config: CurvatureConfig, device: torch.device,
+                     budget: int, progress: bool = True, fresh: bool = False) -> dict:
+    """Finalize the curvature of a sharded index from the statistics of the shards in `writers` (this
+    rank's) and those of the other ranks; `head` is rank 0's writer of shard 0 (None elsewhere).
+    `fresh` recomputes the EK-FAC sums from row 0 (fit never trusts stored ones). Returns the summary.
+    Every rank calls it: what one rank does alone (its shards' statistics, rank 0's finalization) is
+    agreed on before the next collective, so a failure there is raised on every rank."""
+    check_sharded_curvature(config)
+    rows = comm.sum_int(comm.together(lambda: sum(w.rows for w in writers)))
+    if config.preconditioner == "none":
+        return comm.on_root(lambda: store_no_curvature(head, rows, config))
+    if config.preconditioner == "ekfac":
+        return _reduce_ekfac(comm, head, writers, layout, config, device, rows, progress, fresh)
+    return _reduce_lowrank(comm, head, writers, layout, config, device, budget, rows, progress)
+
+
+def _reduce_ekfac(comm: Comm, head, writers, layout, config, device, rows: int, progress: bool, fresh: bool):
+    totals = comm.together(lambda: _own_ekfac_sums(writers, device, progress, fresh))
+    out = {}
+    for i, layer in enumerate(layout.layers):
+        sums, covered = totals.get(i) or [torch.zeros(layer.d_out, layer.d_in, dtype=torch.float64, device=device), 0]
+        out[i] = (comm.sum_(sums), comm.sum_int(covered))
+    return comm.on_root(lambda: store_ekfac_curvature(head, out, rows, config))
+
+
+def _own_ekfac_sums(writers, device, progress: bool, fresh: bool) -> dict[int, list]:
+    """The EK-FAC sums and row counts of this rank's shards, each caught up and saved first."""
+    totals: dict[int, list] = {}
+    for w in writers:
+        stats = EkfacSet(w, device, resume=not fresh)
+        stats.catch_up(w, progress)
+        stats.save(w)
+        for i, s in stats.stats.items():
+            if i in totals:
+                totals[i][0] += s.sums
+                totals[i][1] += s.rows
+            else:
+                totals[i] = [s.sums.clone(), s.rows]
+    return totals
+
+
+def _reduce_lowrank(comm: Comm, head, writers, layout, config, device, budget: int, rows: int, progress: bool):
+    old = comm.on_root(lambda: head.get_state_meta(CURVATURE_META) or {})
+    generation = int(old.get("generation", 0)) + 1
+    # a rank adds each shard's sketch into a running total: room for two of each layer. Every rank
+    # must cut the same groups (each is agreed on): the smallest share is everyone's
+    share = min(comm.gather(budget // 2 // (2 if len(writers) > 1 else 1)))
+    layers: dict[str, dict] = {}
+    for group in budget_groups([sketch_memory_bytes(l.D, config.sketch_width) for l in layout.layers], share):
+        totals = comm.together(lambda: _own_sketches(writers, group, config, device, progress))
+        for i in group:
+            layer = layout.layers[i]
+            sketch = totals.pop(i, None) or LayerSketch(D=layer.D, k=config.sketch_width,
+                                                         seed=sketch_seed(config.sketch_seed, layer.name), device=device)
+            comm.sum_(sketch.Y)
+            sketch.trace = comm.sum_float(sketch.trace)
+            sketch.rows = comm.sum_int(sketch.rows)
+            # the eigendecomposition runs once
+            layers[layer.name] = comm.on_root(lambda: finalize_layer(head, sketch, i, config, device, generation))
+    summary = {"generation": generation, "config": asdict(config), "rows": rows, "layers": layers}
+    comm.on_root(lambda: head.put_state({}, {CURVATURE_META: summary}, drop=stale_generation(old)))
+    return summary
+
+
+def _own_sketches(writers, group: list[int], config, device, progress: bool) -> dict[int, LayerSketch]:
+    """The sketches of the layers of `group` summed over this rank's shards, each caught up and saved first."""
+    totals: dict[int, LayerSketch] = {}
+    for w in writers:
+        sketches = SketchSet(w, config, device)
+        sketches.sketches = {i: sketches._load_or_new(w, i) for i in group}
+        sketches.catch_up(w, progress)
+        sketches.save(w)
+        for i in group:
+            totals[i] = totals[i].merge(sketches.sketches[i]) if i in totals else sketches.sketches[i]
+    return totals
+
+
+def sharded_fit(path: Path, config: CurvatureConfig, comm: Comm, device, budget: int, progress: bool) -> dict:
+    """Recompute the curvature of a sharded index from its shards' factors, across the ranks."""
+    check_sharded_curvature(config)
+
+    def plan():
+        manifest = read_manifest(path)
+        if not manifest.segments[-1].get("finalized"):
+            last = manifest.segments[-1]
+            raise ValueError(f"index {path} has an unfinished {last['kind']}: rerun it before `fit`")
+        with IndexReader(path / manifest.shards[0].name) as head:
+            resolved = config.resolved(factor_key_of_index(head.settings["factors"])["projection_kind"],
+                                       tokens_per_example(_whitening_meta(head)))
+        if resolved.preconditioner == "auto":
+            raise ValueError(f"index {path} has no finished whitening pre-pass: rerun its build first")
+        return manifest.to_dict(), asdict(resolved)
+
+    manifest_dict, resolved = comm.on_root(plan)
+    manifest = ShardManifest.from_dict(manifest_dict)
+    config = CurvatureConfig(**resolved)
+    dev = comm.device_for(resolve_device(device))
+    with ExitStack() as stack:
+        writers: dict[int, IndexWriter] = {}
+        stack.callback(lambda: [w.close() for w in writers.values()])
+
+        def open_mine():
+            for position, entry in enumerate(manifest.shards):
+                if comm.owns(position):
+                    writers[position] = IndexWriter.open(path / entry.name)
+                    w = writers[position]
+                    w.update_settings(dict(w.settings, curvature=resolved))
+
+        comm.together(open_mine)
+        ordered = [writers[p] for p in sorted(writers)]
+        layout = comm.on_root(lambda: writers[0].layout.to_dict())
+        return reduce_curvature(comm, writers.get(0) if comm.root else None, ordered, IndexLayout.from_dict(layout),
+                                config, dev, budget, progress and comm.root, fresh=config.preconditioner == "ekfac")
+
+
+def _whitening_meta(reader):
+    with reader.snapshot() as snap:
+        return snap.state_meta(WHITENING_META)

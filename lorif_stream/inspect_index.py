@@ -80,8 +80,8 @@ def verify(index, progress: bool = True, max_errors: int = 20) -> VerifyReport:
 def _verify_shards(path: Path, max_errors: int, start) -> VerifyReport:
     """Each shard verified as the complete index it is, the manifest against the shards, and the ids
     unique across shards (each shard's own LMDB sees only its rows)."""
-    from .shards.comm import LOCAL
-    from .shards.ids import first_duplicate
+    from .comm import LOCAL
+    from .shard_ids import first_duplicate
     from .store.verify import run_isolated
 
     manifest = read_manifest(path)

@@ -324,7 +324,7 @@ def directions_for(cum, fraction: float) -> int | None:
 def layer_spectra(snap) -> list[LayerSpectrum]:
     """The curvature eigenvalues the index stores per layer (EK-FAC: all of them; low-rank: the top
     r and the trace); none for the dot-product preconditioner."""
-    from .fit import CURVATURE_META, _array_name, stored_preconditioner
+    from .fit import CURVATURE_META, state_array_name as _array_name, stored_preconditioner
 
     meta = snap.state_meta(CURVATURE_META) or {}
     kind = stored_preconditioner(meta) if meta else None

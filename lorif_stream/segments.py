@@ -93,7 +93,7 @@ def _digest_of(value) -> str:
     return h.hexdigest()
 
 
-def _example_digest(task, examples, i: int) -> str:
+def example_digest(task, examples, i: int) -> str:
     example = examples[i]
     h = hashlib.sha256(str(task.example_id(example, i)).encode("utf-8", "surrogatepass") + b"\0")
     _feed(h, example)
@@ -103,7 +103,7 @@ def _example_digest(task, examples, i: int) -> str:
 def segment_check(task, examples, n: int) -> dict:
     """What recognises a segment's data: digests (id + content) of a sample of its examples."""
     positions = _digest_positions(n)
-    return {"count": n, "positions": positions, "digests": [_example_digest(task, examples, p) for p in positions]}
+    return {"count": n, "positions": positions, "digests": [example_digest(task, examples, p) for p in positions]}
 
 
 def stored_check(writer: IndexWriter, segment: dict) -> dict:
@@ -132,7 +132,7 @@ def task_mismatch(writer: IndexWriter, segment: dict, task, examples, committed:
     for p, digest in zip(check.get("positions", []), check.get("digests", [])):
         if p >= committed:
             break
-        if _example_digest(task, examples, p) != digest:
+        if example_digest(task, examples, p) != digest:
             found.append((p, f"row {start + p} (id {str(task.example_id(examples[p], p))!r}): the task's example "
                              f"differs from the one the index's {kind} holds there"))
             break

@@ -210,7 +210,7 @@ def _candidates(task, snap, settings: dict, index) -> tuple[list[tuple[int, Any]
     n = len(examples)
     if n == 0:
         return [], "the task gives no training examples to recompute"
-    from .segments import SEGMENT_CHECK_META, _example_digest
+    from .segments import SEGMENT_CHECK_META, example_digest as _example_digest
 
     checks = snap.state_meta(SEGMENT_CHECK_META) or {}
     for segment in settings.get("segments") or []:

@@ -52,7 +52,7 @@ TIMEOUT = 180
 JOB = textwrap.dedent("""
     import json, sys
     from lorif_stream import cli
-    from lorif_stream.shards.comm import init_from_env, shutdown
+    from lorif_stream.comm import init_from_env, shutdown
     init_from_env("cpu")
     try:
         for args in json.loads(sys.argv[1]):
@@ -406,7 +406,7 @@ import sys
 sys.path.insert(0, {tasks!r})
 import mlp_task
 import lorif_stream as ls
-from lorif_stream.shards.comm import init_from_env, shutdown
+from lorif_stream.comm import init_from_env, shutdown
 
 comm = init_from_env("cpu")
 try:

@@ -9,8 +9,6 @@ import ast
 import warnings
 from pathlib import Path
 
-import pytest
-
 PACKAGE = "lorif_stream"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
@@ -135,12 +133,10 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(strict=True, reason='issue 22 item 2 in progress')
 def test_no_import_cycles():
     assert _cycles(_graph()) == []
 
 
-@pytest.mark.xfail(strict=True, reason='issue 22 item 2 in progress')
 def test_no_private_names_imported_across_modules():
     private = sorted(
         f"{importer} takes {imported}.{name}"

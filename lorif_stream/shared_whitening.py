@@ -16,9 +16,9 @@ import sys
 import numpy as np
 import torch
 
-from ..device import notice, to_device
-from ..projection import LayerProjection, make_projections
-from ..whitening import (
+from .device import notice, to_device
+from .projection import LayerProjection, make_projections
+from .whitening import (
     STORED_FIELDS, WHITENING_META, MomentCapture, array_name, load_projections, moment_groups, sample_indices,
     say_wide_sides, whiten_layer,
 )
@@ -49,7 +49,7 @@ def _prepass(comm: Comm, writers: list, head, source, task, config, todo, meta: 
     mine = indices[comm.rank::comm.world]
     meta = {"examples": int(len(indices)), "rho": config.whiten_damping, "layers": dict(meta.get("layers", {})),
             "partial": None}
-    # the budget is the same on every rank (shards/build.py _rank_budget): so are the groups, and the collectives
+    # the budget is the same on every rank (build.py _rank_budget): so are the groups, and the collectives
     groups = moment_groups(todo, source.spec, config.budget())
     if progress and comm.root:
         passes = f"{len(groups)} passes (layer groups within the memory budget)" if len(groups) > 1 else "one pass"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..progress import Progress
+from .progress import Progress
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # how long a collective may wait for the other ranks (a dead rank is noticed by torchrun sooner)
@@ -248,7 +248,7 @@ class SharedCounter:
         try:
             store = distributed_c10d._get_default_store()
         except (AttributeError, RuntimeError, ValueError):
-            from ..device import notice
+            from .device import notice
 
             notice("torch.distributed exposes no key-value store here: the progress bar counts rank 0's rows only")
             return None
