@@ -13,8 +13,9 @@ text) at c in {1, 4}, reranked with K in {0 (no rerank), 50, 100, 200, 400}. Ref
   min(O, I) = 64), fp32, same preconditioner (EK-FAC with Λ over all rows), queried densely.
 
 Cost, at N >= 20k rows (the 400 texts repeated, distinct ids; the same model), 30 queries: a plain
-query (top-10) against a reranked one (streaming top-K, then rerank_results), wall time on one
-thread, and from the measured fixed and per-row costs the ratio estimated at 1M rows.
+query (top-10) against `query --rerank 100`, wall time on one thread, and from the measured fixed
+and per-row costs of the plain query the ratio estimated at 1M rows (the rerank's cost does not grow
+with N).
 
     python benchmarks/bench_rerank.py              # ~15 min on one thread of the shared 2-core CPU
     python benchmarks/bench_rerank.py --quick      # K in {0, 100}, c = 1, N = 4k for the cost: ~4 min
@@ -25,7 +26,6 @@ and Kronfluence (pip install --no-deps kronfluence accelerate einconv einops opt
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import sys
@@ -41,12 +41,6 @@ sys.path.insert(0, str(HERE))
 
 import bench_quality as bq  # noqa: E402
 import lorif_stream as ls  # noqa: E402
-from lorif_stream import rerank  # noqa: E402
-from lorif_stream.capture import LayerInfo  # noqa: E402
-from lorif_stream.config import QueryConfig, factor_key_of_index  # noqa: E402
-from lorif_stream.gradients import GradientSource  # noqa: E402
-from lorif_stream.projection import ProjectionSpec  # noqa: E402
-from lorif_stream.store import IndexReader  # noqa: E402
 from lorif_stream.task import resolve_task  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -64,28 +58,14 @@ def overlap(a: list[list[int]], b: list[list[int]]) -> float:
     return float(np.mean([len(set(x) & set(y)) / TOP for x, y in zip(a, b)]))
 
 
-@contextlib.contextmanager
-def opened(task, index):
-    """The task's model on the index's layers and a snapshot, as a query opens them."""
-    with IndexReader(index) as reader, reader.snapshot() as snap:
-        settings = reader.settings
-        spec = ProjectionSpec.from_factors(factor_key_of_index(settings["factors"]))
-        layers = [LayerInfo.from_dict(d) for d in settings["layers"]]
-        yield GradientSource.open(task, spec, torch.device("cpu"), layers=layers), snap, settings
-
-
 def reranked_query(task, index, k: int, batch_size: int) -> tuple[list[dict], dict]:
-    """A query with rerank k: the streaming pass keeps max(top-10, k) per list, then rerank_results."""
+    """`query --rerank k` (k = 0: a plain query) and its timings."""
     t0 = time.perf_counter()
-    res = ls.query(task, index, None, top_k=max(TOP, k), batch_size=batch_size, device="cpu", progress=False)
-    t1 = time.perf_counter()
-    if k == 0:
-        return res.results, {"query_s": t1 - t0, "rerank_s": 0.0, "candidates": 0}
-    with opened(task, index) as (source, snap, settings):
-        results, stats = rerank.rerank_results(res.results, source, snap, settings, list(task.query_examples()), k, TOP,
-                                               batch_size, QueryConfig().budget(), progress=False)
-    return results, {"query_s": t1 - t0, "rerank_s": time.perf_counter() - t1, "candidates": stats["rerank_candidates"],
-                     "metric": stats["rerank_metric"]}
+    res = ls.query(task, index, None, top_k=TOP, rerank=k, batch_size=batch_size, device="cpu", progress=False)
+    total = time.perf_counter() - t0
+    rerank_s = res.stats.get("rerank_seconds", 0.0)
+    return res.results, {"query_s": total - rerank_s, "rerank_s": rerank_s, "candidates": res.stats.get("rerank_candidates", 0),
+                         "metric": res.stats.get("rerank_metric")}
 
 
 def quality(task, workdir: Path, ks, cs, batch_size: int) -> dict:

@@ -33,6 +33,7 @@ from .gpu import DeviceTimer, exact
 from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
 from .loader import BlockLoader
 from .progress import Progress
+from .rerank import rerank_results
 from .projection import ProjectionSpec
 from .store import Snapshot
 from .store.shards import ShardedReader, ShardManifest, is_sharded, open_index, read_manifest
@@ -216,18 +217,24 @@ def _query(task, path: Path, out, scores, config: QueryConfig, comm: Comm, progr
                     try:
                         top = comm.together(lambda: _stream_scores(snap, H, plan["layers"], device, config, writer, q0,
                                                                    stats, progress, bar=_Unclosed(bar))
-                                             if held else TopK(q1 - q0, config.top_k, device))
+                                             if held else TopK(q1 - q0, config.kept(), device))
                     except BaseException:
                         bar.close()  # rank 0's bar thread would otherwise outlive the job's store
                         raise
                     bar.close(synced=True)
                     parts = comm.gather(comm.together(lambda: _format(snap, plan["q_ids"][q0:q1], top)))
                     if comm.root:
-                        results.extend(merge_top(parts, config.top_k) if len(parts) > 1 else parts[0])
+                        results.extend(merge_top(parts, config.kept()) if len(parts) > 1 else parts[0])
             finally:
                 if writer is not None:
                     writer.close()
             comm.barrier()  # every rank's columns are in the scores file before rank 0 says it is done
+            if comm.root and config.rerank:
+                # rank 0 alone: the candidates are few whatever N is, and it holds the model
+                results, reranked = rerank_results(results, context["source"], snap, reader.settings,
+                                                   list(context["queries"]), config.rerank, config.top_k,
+                                                   config.batch_size, config.budget(), rows, progress)
+                stats.update(reranked)
             if comm.root:
                 # both outputs replace their targets only now: a failed query leaves existing files as they were
                 write_results(out, results)
@@ -377,7 +384,7 @@ def _stream_scores(snap: Snapshot, H: list[torch.Tensor], layers: list[int], dev
                    config: QueryConfig, writer, q0: int, stats: dict, progress: bool, bar=None) -> TopK:
     """Score every row `snap` holds against H; `bar` (default: a bar over snap.rows) hears of each block."""
     Q = H[0].shape[0]
-    top = TopK(Q, config.top_k, device)
+    top = TopK(Q, config.kept(), device)
     loader = BlockLoader(snap, layers, device, buffers=config.buffers, threads=config.loader_threads)
     timer = DeviceTimer(device)
     sink = _ScoreSink(writer, device) if writer is not None else None

@@ -47,17 +47,22 @@ class ReportError(ValueError):
 
 @dataclass(frozen=True)
 class Entry:
-    """One proponent or opponent: a training example by id and index row, with its score."""
+    """One proponent or opponent: a training example by id and index row, with its score (and, in the
+    results of `query --rerank`, the index's own score beside the full-dimension one)."""
 
     id: str
     row: int
     score: float
+    index_score: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.id, str) or isinstance(self.row, bool) or not isinstance(self.row, int) or self.row < 0 \
                 or isinstance(self.score, bool) or not isinstance(self.score, (int, float)):
             raise ValueError(f"an entry needs id (string), row (int >= 0) and score (number), got "
                              f"{{'id': {self.id!r}, 'row': {self.row!r}, 'score': {self.score!r}}}")
+        if self.index_score is not None and (isinstance(self.index_score, bool)
+                                             or not isinstance(self.index_score, (int, float))):
+            raise ValueError(f"an entry's index_score must be a number, got {self.index_score!r}")
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,7 @@ def _attribution(raw: bytes, where: str, lineno: int) -> Attribution:
 def _entry(value: Any) -> Entry:
     if not isinstance(value, dict):
         raise ValueError(f"an entry must be an object with id, row and score, got {value!r:.60}")
-    return Entry(value.get("id"), value.get("row"), value.get("score"))
+    return Entry(value.get("id"), value.get("row"), value.get("score"), value.get("index_score"))
 
 
 def check_against_index(results: Sequence[Attribution], id_of: Callable[[int], str], rows: int,
@@ -533,10 +538,17 @@ def _entries_html(kind: str, entries: Sequence[Entry], texts: dict[int, Text], s
         width = 100.0 * abs(e.score) / scale if scale > 0 else 0.0
         rows.append(f'<tr class="entry {css}"><td class="mute">{rank}</td>'
                     f'<td class="score"><span class="track"><span class="bar" style="width:{width:.1f}%"></span></span>'
-                    f'{fmt(e.score)}</td>'
+                    f'{fmt(e.score)}{_index_score_html(e, fmt)}</td>'
                     f'<td>{_bdi(e.id)} <span class="mute small">row {e.row:,}</span>'
                     f'<div class="text">{_text_html(texts.get(e.row), max_chars, missing)}</div></td></tr>')
     return f'<h3>{head}</h3><table>{"".join(rows)}</table>'
+
+
+def _index_score_html(e: Entry, fmt: Callable[[float], str]) -> str:
+    """A reranked entry's index score under its full-dimension one (the list is in reranked order)."""
+    if e.index_score is None:
+        return ""
+    return f'<div class="mute small" title="the index\'s compressed score; the rerank\'s is above">index {fmt(e.index_score)}</div>'
 
 
 def _query_html(i: int, a: Attribution, report: Report, train_missing: str, query_missing: str) -> str:

@@ -434,7 +434,7 @@ def ekfac_metrics(source, metrics: dict[str, LayerMetric], sample: list, rows: i
     return out
 
 
-def index_metrics(source, snap, settings: dict, task, batch_size: int, budget: int,
+def index_metrics(source, snap, settings: dict, task, batch_size: int, budget: int, rows: int,
                   progress: bool) -> tuple[dict[str, LayerMetric], str]:
     """The full-dimension counterpart of the index's scores, per layer, and its name for the results."""
     from .config import factor_key_of_index
@@ -450,25 +450,26 @@ def index_metrics(source, snap, settings: dict, task, batch_size: int, budget: i
 
     examples = build_examples(task, settings)
     positions = sample_indices(len(examples), int((snap.state_meta(WHITENING_META) or {})["examples"]))
-    return ekfac_metrics(source, metrics, [examples[int(p)] for p in positions], int(curvature.get("rows") or snap.rows),
+    return ekfac_metrics(source, metrics, [examples[int(p)] for p in positions], int(curvature.get("rows") or rows),
                          curvature.get("config") or {}, batch_size, progress), "EK-FAC"
 
 
 # ------------------------------------------------------------------------------------ results
 
 
-def candidate_examples(task, snap, settings: dict, rows: Sequence[int]) -> list:
-    """The task's training example at each index row: rows of a segment whose example count is the
-    task's, with matching ids; any other row is refused by name (its example is not available)."""
+def candidate_examples(task, settings: dict, rows: Sequence[int], ids: Sequence[str]) -> list:
+    """The task's training example at each index row (whose id the results give): rows of a segment
+    whose example count is the task's, with matching ids; any other row is refused by name (its
+    example is not available)."""
     examples = task.train_examples()
     n = len(examples)
     spans = [(s["start"], s["count"]) for s in settings.get("segments") or [] if s["count"] == n]
     out = []
-    for row in rows:
+    for row, row_id in zip(rows, ids):
         span = next(((start, count) for start, count in spans if start <= row < start + count), None)
         pos = None if span is None else row - span[0]
-        if pos is None or str(task.example_id(examples[pos], pos)) != snap.id_of(row):
-            raise ValueError(f"the rerank needs the training example of row {row} (id {snap.id_of(row)!r}) but the "
+        if pos is None or str(task.example_id(examples[pos], pos)) != row_id:
+            raise ValueError(f"the rerank needs the training example of row {row} (id {row_id!r}) but the "
                              f"task's {n:,} training examples do not hold it (an appended segment?): query with the "
                              f"task that gives those rows, or without --rerank")
         out.append(examples[pos])
@@ -494,12 +495,12 @@ def reranked(result: dict, rows: list[int], scores: Sequence[float], top_k: int)
 
 
 def rerank_results(results: list[dict], source, snap, settings: dict, queries: list, k: int, top_k: int,
-                   batch_size: int, budget: int, progress: bool = True) -> tuple[list[dict], dict]:
+                   batch_size: int, budget: int, rows: int, progress: bool = True) -> tuple[list[dict], dict]:
     """Rescore each query's top-k and bottom-k rows of `results` (the streaming pass's, at least k per
     list) at full dimension and re-choose its top_k proponents and opponents among them.
 
     `source` is the query's GradientSource (the task's model, the index's layers), `queries` the
-    task's query examples in the order of `results`. Returns the new results and stats (candidates,
+    task's query examples in the order of `results`, `rows` the index's (all shards'). Returns the new results and stats (candidates,
     seconds, the metric used)."""
     if k < 1:
         raise ValueError(f"rerank k={k} must be >= 1")
@@ -507,10 +508,11 @@ def rerank_results(results: list[dict], source, snap, settings: dict, queries: l
         raise ValueError(f"{len(results)} results for {len(queries)} queries")
     t0 = time.perf_counter()
     task = source.task
-    metrics, metric_name = index_metrics(source, snap, settings, task, batch_size, budget, progress)
+    metrics, metric_name = index_metrics(source, snap, settings, task, batch_size, budget, rows, progress)
     per_query = candidate_rows(results, k)
     union = sorted(set(r for rows in per_query for r in rows))
-    examples = candidate_examples(task, snap, settings, union)
+    id_of = {e["row"]: e["id"] for r in results for e in r["proponents"] + r["opponents"]}
+    examples = candidate_examples(task, settings, union, [id_of[r] for r in union])
     column = {r: j for j, r in enumerate(union)}
     out = []
     for q0, q1 in _batches(len(queries), _query_batch(source.layers, metrics, budget)):

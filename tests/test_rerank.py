@@ -4,8 +4,8 @@ densely, and the f=1 exact whitened index scores."""
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -35,7 +35,7 @@ def opened(task, index):
 
 def metrics_and_scores(task, index, candidates):
     with opened(task, index) as (source, snap, settings):
-        metrics, name = rerank.index_metrics(source, snap, settings, source.task, 5, 1 << 30, False)
+        metrics, name = rerank.index_metrics(source, snap, settings, source.task, 5, 1 << 30, snap.rows, False)
         scores = rerank.rerank_scores(source, metrics, task.query_examples(), candidates, 5)
     return metrics, name, scores.double()
 
@@ -179,9 +179,9 @@ def test_rows_outside_the_tasks_examples_are_refused_by_name(tmp_path):
     ls.append(MLPTask(rows=(30, 48)), tmp_path / "idx", progress=False)
     task = resolve_task(MLPTask(rows=(0, 30)))
     with IndexReader(tmp_path / "idx") as reader, reader.snapshot() as snap:
-        assert len(rerank.candidate_examples(task, snap, reader.settings, [0, 29])) == 2
+        assert len(rerank.candidate_examples(task, reader.settings, [0, 29], ["ex0", "ex29"])) == 2
         with pytest.raises(ValueError, match=r"row 31 \(id 'ex31'\)"):
-            rerank.candidate_examples(task, snap, reader.settings, [3, 31])
+            rerank.candidate_examples(task, reader.settings, [3, 31], ["ex3", snap.id_of(31)])
 
 
 # ------------------------------------------------------------------------------------ tiny GPT-2
@@ -209,3 +209,57 @@ def test_gpt2_rerank_with_padding_matches_the_explicit_oracle(tmp_path, precondi
     else:
         expected = ekfac_oracle(Gq, Gi, Gi, inverses, rows=len(cand))
     assert_scores(scores, expected, rtol=5e-4)
+
+
+# ------------------------------------------------------------------------------------ query --rerank
+
+
+def test_query_rerank_at_f1_full_rank_keeps_the_exact_index_scores_and_order(tmp_path):
+    task = MLPTask()
+    # f=1, rank 5 >= every min(O, I), fp32, K-FAC: the index's scores are the exact full-dimension ones
+    ls.build(task, tmp_path / "idx", f=1, rank=5, dtype="fp32", preconditioner="none", progress=False)
+    plain = ls.query(task, tmp_path / "idx", None, top_k=3, progress=False)
+    reranked = ls.query(task, tmp_path / "idx", tmp_path / "r.jsonl", top_k=3, rerank=48, progress=False)
+    assert reranked.stats["rerank_candidates"] == 48 and reranked.stats["rerank_metric"] == "K-FAC"
+    for p, r in zip(plain.results, reranked.results):
+        for side in ("proponents", "opponents"):
+            assert [e["row"] for e in r[side]] == [e["row"] for e in p[side]]
+            for e in r[side]:
+                assert e["score"] == pytest.approx(e["index_score"], rel=1e-4, abs=1e-6)
+    assert [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()] == reranked.results
+
+
+def test_cli_rerank_orders_by_the_full_dimension_score_among_the_candidates(tmp_path):
+    from click.testing import CliRunner
+
+    from lorif_stream.cli import cli
+
+    tasks = Path(__file__).parent / "tasks" / "mlp_task.py"
+    ls.build(MLPTask(), tmp_path / "idx", f=2, min_side=1, rank=1, progress=False)
+    out = CliRunner().invoke(cli, ["query", "--task", f"{tasks}:full", "--index", str(tmp_path / "idx"), "--top-k", "3",
+                                    "--rerank", "6", "--out", str(tmp_path / "r.jsonl"), "--quiet"])
+    assert out.exit_code == 0, out.output
+    plain = ls.query(MLPTask(), tmp_path / "idx", None, top_k=6, progress=False).results
+    for line, p in zip((tmp_path / "r.jsonl").read_text().splitlines(), plain):
+        r = json.loads(line)
+        candidates = {e["row"]: e["score"] for e in p["proponents"] + p["opponents"]}
+        pro, opp = r["proponents"], r["opponents"]
+        assert len(pro) == len(opp) == 3
+        assert [e["score"] for e in pro] == sorted((e["score"] for e in pro), reverse=True)
+        assert [e["score"] for e in opp] == sorted(e["score"] for e in opp)
+        for e in pro + opp:
+            assert e["index_score"] == candidates[e["row"]]  # the streaming pass's score, kept
+        assert pro[0]["score"] > opp[0]["score"]
+
+
+def test_report_shows_the_index_score_beside_the_reranked_one():
+    from lorif_stream import report
+
+    entry = report._entry({"id": "a", "row": 2, "score": 1.25, "index_score": 0.75})
+    assert entry.index_score == 0.75 and report._entry({"id": "a", "row": 2, "score": 1.0}).index_score is None
+    html = report._entries_html("proponents", [entry], {}, 1.25, report._score_format([1.25]), 100, "missing")
+    assert "+1.250" in html and "index +0.7500" in html
+    assert "index" not in report._entries_html("proponents", [report._entry({"id": "a", "row": 2, "score": 1.25})], {},
+                                               1.25, report._score_format([1.25]), 100, "missing").split("row 2")[0]
+    with pytest.raises(ValueError, match="index_score must be a number"):
+        report._entry({"id": "a", "row": 2, "score": 1.0, "index_score": "high"})
