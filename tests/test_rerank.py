@@ -263,3 +263,31 @@ def test_report_shows_the_index_score_beside_the_reranked_one():
                                                1.25, report._score_format([1.25]), 100, "missing").split("row 2")[0]
     with pytest.raises(ValueError, match="index_score must be a number"):
         report._entry({"id": "a", "row": 2, "score": 1.0, "index_score": "high"})
+
+
+def test_two_rank_rerank_of_a_sharded_index_equals_one_process(tmp_path):
+    """torchrun, 2 gloo ranks: rank 0 reranks with its own shards (the head's whitening and curvature,
+    the results' ids); one process reading every shard gives the same results."""
+    from test_distributed import MLP, torchrun_job
+
+    index = tmp_path / "idx"
+    args = ["--device", "cpu", "--batch-size", "4", "--quiet"]
+    torchrun_job(tmp_path, [
+        ["build", "--task", f"{MLP}:full", "--index", str(index), "--f", "2", "--min-side", "1", "--preconditioner",
+         "ekfac", "--block-size", "8", *args],
+        ["query", "--task", f"{MLP}:full", "--index", str(index), "--top-k", "3", "--rerank", "8",
+         "--out", str(tmp_path / "r2.jsonl"), *args]])
+    from lorif_stream.store.shards import is_sharded, read_manifest
+
+    assert is_sharded(index) and len(read_manifest(index).shards) == 2
+    two = [json.loads(line) for line in (tmp_path / "r2.jsonl").read_text().splitlines()]
+    # candidates from both shards: rank 0 reranked rows it does not hold
+    assert any(e["row"] >= read_manifest(index).shards[1].start for r in two for e in r["proponents"] + r["opponents"])
+    one = ls.query(MLPTask(), index, None, top_k=3, rerank=8, batch_size=4, progress=False)
+    assert one.stats["rerank_metric"] == "EK-FAC"
+    assert [[e["row"] for e in r["proponents"] + r["opponents"]] for r in two] == \
+        [[e["row"] for e in r["proponents"] + r["opponents"]] for r in one.results]
+    for a, b in zip(two, one.results):
+        for ea, eb in zip(a["proponents"] + a["opponents"], b["proponents"] + b["opponents"]):
+            assert ea["score"] == pytest.approx(eb["score"], rel=1e-4, abs=1e-6)
+            assert ea["index_score"] == pytest.approx(eb["index_score"], rel=1e-5, abs=1e-7)
