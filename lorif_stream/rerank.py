@@ -228,7 +228,7 @@ class _QueryLayer:
 
 def _query_side(source, metrics: dict[str, LayerMetric], queries: list, batch_size: int) -> dict[str, _QueryLayer]:
     """Each layer's query representation: whitened tokens first, then the dense form where cheaper."""
-    layers, device = source.layers, source.device
+    layers, device = [l for l in source.layers if l.name in metrics], source.device
     tokens: dict[str, list] = {l.name: [] for l in layers}
     calls: dict[str, list] = {}
 
@@ -287,7 +287,7 @@ def rerank_scores(source, metrics: dict[str, LayerMetric], queries: list, candid
         for s in range(0, xt.shape[0], step):
             window["s"][:, s:s + step] += dense_scores(rep.H, rotated_gradients(xt[s:s + step], dt[s:s + step]))
 
-    with _TokenHooks(source.model, source.layers, score) as hooks, \
+    with _TokenHooks(source.model, [l for l in source.layers if l.name in metrics], score) as hooks, \
             Progress("rerank", total=n, unit="ex", enabled=progress) as bar:
         for b0, b1 in _batches(n, batch_size):
             window["s"] = torch.zeros(Q, b1 - b0, dtype=torch.float32, device=source.device)
@@ -495,12 +495,14 @@ def reranked(result: dict, rows: list[int], scores: Sequence[float], top_k: int)
 
 
 def rerank_results(results: list[dict], source, snap, settings: dict, queries: list, k: int, top_k: int,
-                   batch_size: int, budget: int, rows: int, progress: bool = True) -> tuple[list[dict], dict]:
+                   batch_size: int, budget: int, rows: int, progress: bool = True,
+                   layers: Sequence[int] | None = None) -> tuple[list[dict], dict]:
     """Rescore each query's top-k and bottom-k rows of `results` (the streaming pass's, at least k per
     list) at full dimension and re-choose its top_k proponents and opponents among them.
 
     `source` is the query's GradientSource (the task's model, the index's layers), `queries` the
-    task's query examples in the order of `results`, `rows` the index's (all shards'). Returns the new results and stats (candidates,
+    task's query examples in the order of `results`, `rows` the index's (all shards'), `layers` the
+    positions in `source.layers` the index scores were summed over (None: all). Returns the new results and stats (candidates,
     seconds, the metric used)."""
     if k < 1:
         raise ValueError(f"rerank k={k} must be >= 1")
@@ -509,13 +511,16 @@ def rerank_results(results: list[dict], source, snap, settings: dict, queries: l
     t0 = time.perf_counter()
     task = source.task
     metrics, metric_name = index_metrics(source, snap, settings, task, batch_size, budget, rows, progress)
+    if layers is not None:
+        chosen = {source.layers[i].name for i in layers}
+        metrics = {name: m for name, m in metrics.items() if name in chosen}
     per_query = candidate_rows(results, k)
     union = sorted(set(r for rows in per_query for r in rows))
     id_of = {e["row"]: e["id"] for r in results for e in r["proponents"] + r["opponents"]}
     examples = candidate_examples(task, settings, union, [id_of[r] for r in union])
     column = {r: j for j, r in enumerate(union)}
     out = []
-    for q0, q1 in _batches(len(queries), _query_batch(source.layers, metrics, budget)):
+    for q0, q1 in _batches(len(queries), _query_batch([l for l in source.layers if l.name in metrics], budget)):
         # each query batch rescores the candidates of its own queries only
         mine = sorted(set(r for rows in per_query[q0:q1] for r in rows))
         scores = rerank_scores(source, metrics, queries[q0:q1], [examples[column[r]] for r in mine], batch_size,
@@ -528,7 +533,7 @@ def rerank_results(results: list[dict], source, snap, settings: dict, queries: l
                  "rerank_seconds": time.perf_counter() - t0}
 
 
-def _query_batch(layers: Sequence[LayerInfo], metrics: dict[str, LayerMetric], budget: int) -> int:
+def _query_batch(layers: Sequence[LayerInfo], budget: int) -> int:
     """Queries whose dense representation (O·I fp32 per layer, the bound of either form's size at
     the token counts where it is chosen) fits a quarter of the budget."""
     per_query = sum(l.in_features * l.out_features * 4 for l in layers)

@@ -291,3 +291,12 @@ def test_two_rank_rerank_of_a_sharded_index_equals_one_process(tmp_path):
         for ea, eb in zip(a["proponents"] + a["opponents"], b["proponents"] + b["opponents"]):
             assert ea["score"] == pytest.approx(eb["score"], rel=1e-4, abs=1e-6)
             assert ea["index_score"] == pytest.approx(eb["index_score"], rel=1e-5, abs=1e-7)
+
+
+def test_rerank_scores_the_layers_the_query_scored(tmp_path):
+    task = MLPTask()
+    ls.build(task, tmp_path / "idx", f=1, rank=5, dtype="fp32", preconditioner="none", progress=False)
+    # --layers 2: the index scores and the rerank both sum over layer "2" only
+    r = ls.query(task, tmp_path / "idx", None, top_k=3, rerank=48, layers=("^2$",), progress=False)
+    for e in (e for q in r.results for e in q["proponents"] + q["opponents"]):
+        assert e["score"] == pytest.approx(e["index_score"], rel=1e-4, abs=1e-6)
