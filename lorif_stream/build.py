@@ -973,6 +973,9 @@ def sharded_append(task, path: Path, config: BuildConfig, comm: Comm, progress: 
     if source.fingerprint != plan["settings"]["fingerprint"]:
         raise SettingsMismatchError(f"the task's model differs from the one index {path} was built with "
                                     f"(fingerprint {source.fingerprint[:12]} vs {plan['settings']['fingerprint'][:12]})")
+    # the same recorded-encoding check as one process's append: every rank holds the same settings
+    # and task options, so each refuses alike, before any collective
+    check_options(plan["settings"], task, path, "append")
     with ExitStack() as stack:
         writers: dict[int, IndexWriter] = {}
         stack.callback(lambda: [w.close() for w in writers.values()])

@@ -465,3 +465,23 @@ def test_modules_option_tracks_exactly_the_matching_layers(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["build", "--task", f"{MLP}:full", "--index", str(tmp_path / "bad"), "--modules", "(", *BUILD_ARGS])
     assert e.value.code != 0
+
+
+def test_append_to_a_sharded_index_checks_the_recorded_encoding(job, tmp_path):
+    """A task whose encoding_settings() differ from the build's record is refused by the sharded
+    append as by one process's, naming what differs, before any shard is added."""
+    from lorif_stream.store import IndexWriter
+    from lorif_stream.task_check import TaskMismatchError
+
+    index = tmp_path / "idx"
+    shutil.copytree(job["grown"], index)
+    head = index / read_manifest(index).shards[0].name
+    with IndexWriter.open(head) as writer:
+        writer.update_settings(dict(writer.settings, task_encoding={"kind": "mlp", "scale": 1}))
+    extra = mlp_task.MLPTask(rows=(0, 6))
+    extra.example_id = lambda example, i: f"extra{i}"
+    extra.encoding_settings = lambda: {"kind": "mlp", "scale": 2}
+    shards_before = len(read_manifest(index).shards)
+    with pytest.raises(TaskMismatchError, match=r"scale: 2 here, 1 at build"):
+        ls.append(extra, index, device="cpu", progress=False)
+    assert len(read_manifest(index).shards) == shards_before
