@@ -143,7 +143,7 @@ def build_options(fn):
                       help="track the layers whose qualified module name matches REGEX (re.search), instead of "
                            "the task's tracked_modules (default: every Linear / Conv1D, the LM head included: "
                            "measured +0.07 LDS on text for +23% bytes per example; its vocabulary side is "
-                           "sketched past --max-dense-side. Blocks only on GPT-2: --modules '^transformer\.h\.')")(fn)
+                           "sketched past --max-dense-side. Blocks only on GPT-2: --modules '^transformer\\.h\\.')")(fn)
     fn = config_options(cfg.CurvatureConfig)(fn)
     fn = config_options(cfg.BuildConfig, exclude=("curvature",))(fn)
     fn = click.option("--index", required=True, type=click.Path(file_okay=False),

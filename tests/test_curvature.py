@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import lorif_stream.curvature as curvature_module
 from lorif_stream.curvature import (
@@ -174,6 +174,8 @@ def test_woodbury_from_the_sketch_equals_dense_solve_when_rank_is_rank_A(policy)
 
 
 @settings(max_examples=20, deadline=None)
+@example(D=2, r=2, lam=0.001, spread=3.0, seed=0).via("fp32 rounding at cond 2e5")
+@example(D=2, r=1, lam=0.001, spread=5.0, seed=2).via("fp64 rounding at cond 3e6")
 @given(D=st.integers(2, 40), r=st.integers(1, 8), lam=st.floats(1e-3, 1e3), spread=st.floats(0, 6),
        seed=st.integers(0, 10_000))
 def test_woodbury_property(D, r, lam, spread, seed):
@@ -185,12 +187,14 @@ def test_woodbury_property(D, r, lam, spread, seed):
     curv = LayerCurvature(s2.float(), V.float(), lam, float(s2.sum()))
     g = torch.randn(3, D, generator=gen)
     h = precondition(g, curv)
-    # fp32 V carries ~1e-7 error, amplified by at most sigma2/lam in h's V-part.
-    tol = 1e-5 * max(1.0, float(s2[0]) / lam) ** 0.5
-    assert rel(h, oracle(A, lam, g)) < max(tol, 1e-5)
+    # Rounding of V (eps ~1e-7 in fp32, ~1e-16 in fp64) leaks g's span-of-V part into the
+    # complement, which is scaled by 1/lam instead of 1/(sigma2 + lam): the error grows linearly in
+    # the condition number sigma2/lam (a D = r = 2 case at lam = 1e-3 measured 5.6e-3 in fp32).
+    cond = max(1.0, float(s2[0]) / lam)
+    assert rel(h, oracle(A, lam, g)) < max(1e-6 * cond, 1e-5)
     # fp64 inputs are preconditioned in fp64.
     curv64 = LayerCurvature(s2, V, lam, float(s2.sum()))
-    assert rel(precondition(g.double(), curv64), oracle(A, lam, g)) < 1e-10
+    assert rel(precondition(g.double(), curv64), oracle(A, lam, g)) < max(1e-15 * cond, 1e-10)
 
 
 @pytest.mark.parametrize("device", DEVICES)
