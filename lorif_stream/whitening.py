@@ -44,7 +44,9 @@ from .capture import LayerHooks, LayerInfo
 from .config import budget_groups
 from .device import notice, to_device
 from .progress import Progress
-from .projection import DenseSide, LayerProjection, ProjectionSpec, SideProjection, SketchSide, make_projections
+from .projection import (
+    DenseSide, LayerProjection, ProjectionSpec, SideProjection, SketchSide, make_projections, side_projection,
+)
 
 WHITENING_META = "whitening"
 _CHECKPOINT_SECONDS = 300.0
@@ -404,9 +406,8 @@ STORED_FIELDS = ("P_in", "P_out", "w_in", "w_out", "q_in", "q_out")  # a layer s
 
 def load_projections(get_array, layers: Sequence[LayerInfo], spec: ProjectionSpec, device) -> dict[str, LayerProjection]:
     """The stored whitened projections (``get_array`` is a writer's or a snapshot's array getter);
-    a diagonal side's CountSketch is regenerated from ``spec``."""
-    base = make_projections(layers, spec, "cpu") if any(spec.sketched(dim) for l in layers
-                                                         for dim in (l.in_features, l.out_features)) else {}
+    a diagonal side's CountSketch is regenerated from ``spec`` (that side alone: every dense random
+    matrix of the model would be drawn and dropped)."""
     out = {}
     for layer in layers:
         sides = []
@@ -421,8 +422,8 @@ def load_projections(get_array, layers: Sequence[LayerInfo], spec: ProjectionSpe
                                      f"shape {P.shape}; the layer needs ({dim}, {d})")
                 sides.append(DenseSide(torch.from_numpy(np.array(P, np.float32))))
                 continue
-            sketch = getattr(base.get(layer.name), "inp" if side == "in" else "out", None)
-            if w.shape != (dim,) or not isinstance(sketch, SketchSide):
+            sketch = side_projection(dim, spec, layer.name, side) if spec.sketched(dim) else None
+            if w.shape != (dim,) or not isinstance(sketch, SketchSide) or sketch.d != d:
                 raise ValueError(f"the stored diagonal whitening of layer {layer.name!r} ({side}put side) has shape "
                                  f"{w.shape}; the layer needs a sketched side of {dim}")
             sides.append(SketchSide(sketch.weight * torch.from_numpy(np.array(w, np.float32)), sketch.bucket, d))
