@@ -264,10 +264,6 @@ class SideProjection(ABC):
     def identity(self) -> bool:
         """True when this side leaves its input as it is."""
 
-    @abstractmethod
-    def state_bytes(self) -> int:
-        """Bytes this side holds (the projection state a build keeps on its device)."""
-
 
 @dataclass(frozen=True)
 class DenseSide(SideProjection):
@@ -311,9 +307,6 @@ class DenseSide(SideProjection):
 
     def matrix(self) -> torch.Tensor:
         return self.P
-
-    def state_bytes(self) -> int:
-        return 0 if self.is_identity else 4 * self.P.numel()
 
 
 @dataclass(frozen=True)
@@ -376,9 +369,6 @@ class SketchSide(SideProjection):
         M[rows, cols] = self.weight
         return M
 
-    def state_bytes(self) -> int:
-        return 4 * self.dim + (0 if self.bucket is None else 8 * self.dim)
-
 
 def side_projection(dim: int, spec: ProjectionSpec, layer_name: str, side: str) -> SideProjection:
     """The seeded random projection of one side (on the CPU): dense, identity or CountSketch."""
@@ -439,9 +429,6 @@ class LayerProjection:
     @property
     def device(self) -> torch.device:
         return self.inp.device
-
-    def state_bytes(self) -> int:
-        return self.inp.state_bytes() + self.out.state_bytes()
 
     def to(self, device: torch.device | str) -> "LayerProjection":
         """The same projection on ``device`` (``self`` when it is already there)."""

@@ -20,6 +20,7 @@ from lorif_stream.capture import LayerInfo, tracked_layers
 from lorif_stream.estimate import InsufficientMemoryError
 from lorif_stream.projection import (
     DenseSide, LayerProjection, ProjectionSpec, SketchSide, count_sketch, make_projections, reduced_dim,
+    side_projection,
 )
 from lorif_stream.store import IndexReader
 
@@ -157,7 +158,13 @@ def test_sketch_side_applies_its_matrix_and_preserves_inner_products_on_average(
     estimates = torch.stack([(u @ sketch_matrix(dim, d, s, "a", "in").float()) @ (y @ sketch_matrix(dim, d, s, "a", "in").float())
                              for s in range(200)])
     assert abs(float(estimates.mean() - u @ y)) < 4 * float(estimates.std()) / 200 ** 0.5
-    assert side.state_bytes() == 12 * dim and unsketched.state_bytes() == 4 * dim
+    # the estimate's count of a side's state is what the side holds
+    from lorif_stream.estimate import side_state_bytes
+
+    spec = ProjectionSpec(f=4, max_dense_side=256)
+    sketched, dense = side_projection(dim, spec, "a", "in"), side_projection(200, spec, "a", "in")
+    assert side_state_bytes(dim, sketched.d, spec) == sketched.weight.nbytes + sketched.bucket.nbytes == 12 * dim
+    assert side_state_bytes(200, dense.d, spec) == dense.P.nbytes
     with pytest.raises(ValueError, match="d=3"):
         SketchSide(weight, None, 3)
 
