@@ -662,22 +662,14 @@ def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildC
 
 
 def _add(pending: list, grads: list[torch.Tensor], ids: list[str], c: int, storage: torch.dtype) -> None:
-    """Factorize one batch and keep its factors rounded to the storage dtype.
-
-    Layers of one shape are factorized as one stacked batch: on small models the per-call cost of
-    the factorization's few dozen small kernels, not their arithmetic, is what the build pays."""
-    Ls: list = [None] * len(grads)
-    Rs: list = [None] * len(grads)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, G in enumerate(grads):
-        by_shape.setdefault(tuple(G.shape), []).append(i)
-    for members in by_shape.values():
-        L, R = factorize(torch.cat([grads[i] for i in members]) if len(members) > 1 else grads[members[0]], c)
+    """Factorize one batch and keep its factors rounded to the storage dtype."""
+    Ls, Rs = [], []
+    for G in grads:
+        L, R = factorize(G, c)
         if storage == torch.float16:
-            _check_fp16_range(L, ids * len(members))
-        L, R = L.to(storage).float(), R.to(storage).float()
-        for i, l, r in zip(members, L.chunk(len(members)), R.chunk(len(members))):
-            Ls[i], Rs[i] = l, r
+            _check_fp16_range(L, ids)
+        Ls.append(L.to(storage).float())
+        Rs.append(R.to(storage).float())
     pending.append((Ls, Rs, ids))
 
 
