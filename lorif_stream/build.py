@@ -33,7 +33,7 @@ from .comm import Comm, GlobalProgress, current
 from .config import FACTOR_FIELDS, BuildConfig, CurvatureConfig, factor_key_of_index, factor_options
 from .device import notice, resolve_device
 from .estimate import InsufficientDiskError, announce, check_budget, check_fits, estimate_build, tokens_bound
-from .factorize import factorize
+from .factorize import factorize_layers
 from .fit import CURVATURE_META, check_sharded_curvature, curvature_statistics, reduce_curvature
 from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
 from .progress import Progress
@@ -664,8 +664,7 @@ def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildC
 def _add(pending: list, grads: list[torch.Tensor], ids: list[str], c: int, storage: torch.dtype) -> None:
     """Factorize one batch and keep its factors rounded to the storage dtype."""
     Ls, Rs = [], []
-    for G in grads:
-        L, R = factorize(G, c)
+    for L, R in factorize_layers(grads, c):
         if storage == torch.float16:
             _check_fp16_range(L, ids)
         Ls.append(L.to(storage).float())

@@ -457,11 +457,14 @@ class LayerProjection:
         one for a wide dense output side over a narrow input side and short sequences (an LM head
         over a small model: 1.6x fewer), where projecting Δ costs more than the layer itself.
         """
-        T, O = delta.shape[1], delta.shape[2]
+        B, T, O = delta.shape
         d_out, d_in = self.d_out, xp.shape[2]
         dense_out = isinstance(self.out, DenseSide) and not self.out.is_identity
         if dense_out and T * O * d_in + O * d_out * d_in < T * O * d_out + T * d_out * d_in:
-            return self.out.P.mT @ (delta.to(torch.float32).mT @ xp)
+            # (XPᵀ Δ) P_out as one (B·d_in, O) x (O, d_out) product: P_outᵀ @ (B, O, d_in) would
+            # be a batched product over B copies of P_out (1.4x slower for a 1024-wide LM head)
+            unprojected = xp.mT @ delta.to(torch.float32)  # (B, d_in, O)
+            return (unprojected.reshape(B * d_in, O) @ self.out.P).view(B, d_in, d_out).mT.contiguous()
         return self.project_out(delta).mT @ xp
 
 

@@ -121,6 +121,44 @@ def test_cholesky_orthonormalizer_used_on_gpus_is_accurate_too():
             assert (achieved_error(G, L, R) <= 1.01 * optimal_error(G, c) + 1e-5 * G.norm() + 1e-12).all()
 
 
+def test_both_power_forms_reach_the_optimum():
+    # the iteration on G (wide smaller sides) and on the Gram of the smaller side (narrow ones),
+    # each forced on the same matrices, tall and wide, with both orthonormalizers (CPU and GPU)
+    for G in (gradient_like(5, 96, 40, tokens=30, seed=14), gradient_like(5, 40, 96, tokens=30, seed=15),
+              low_rank_plus_noise(4, 48, 72, rank=10, seed=16), torch.zeros(2, 30, 20)):
+        for c in (1, 3):
+            for orth in (fz._householder_orthonormalize, fz._cholesky_orthonormalize):
+                on_g = fz._fix_signs(*fz._power_factors(G, c, fz.power_iterations(c), orth))
+                [on_gram] = fz._gram_power_factors([G], c, fz.power_iterations(c), orth)
+                on_gram = fz._fix_signs(*on_gram)
+                for L, R in (on_g, on_gram):
+                    assert torch.isfinite(L).all() and torch.isfinite(R).all()
+                    assert (achieved_error(G, L, R) <= 1.01 * optimal_error(G, c) + 1e-5 * G.norm() + 1e-12).all()
+
+
+def test_which_power_form_is_taken():
+    # narrow smaller sides iterate on their Gram; wide ones on G itself (the Gram would cost big·m²)
+    assert fz._gram_is_cheaper(1024, 32, 1) and fz._gram_is_cheaper(48, 32, 1)
+    assert fz._gram_is_cheaper(64, 64, 1) and fz._gram_is_cheaper(256, 256, 4)
+    assert not fz._gram_is_cheaper(768, 192, 1) and not fz._gram_is_cheaper(800, 800, 4)
+    assert not fz._gram_is_cheaper(14336, 4096, 1)
+
+
+def test_layers_factorized_together_equal_each_alone():
+    # layers sharing the Gram iteration's calls (same smaller side, tall and wide), one on G, one
+    # by SVD, one empty: each result is the one factorize gives for that layer alone
+    Gs = [gradient_like(4, 64, 32, tokens=20, seed=17), gradient_like(4, 32, 48, tokens=20, seed=18),
+          gradient_like(4, 256, 32, tokens=20, seed=19), gradient_like(2, 900, 600, tokens=8, seed=20),
+          gradient_like(4, 5, 2, tokens=3, seed=21), torch.zeros(0, 8, 8)]
+    assert fz._gram_is_cheaper(64, 32, 2) and not fz._gram_is_cheaper(900, 600, 2)
+    together = fz.factorize_layers(Gs, 2)
+    for G, (L, R) in zip(Gs, together):
+        L1, R1 = factorize(G, 2)
+        assert L.shape == L1.shape and R.shape == R1.shape
+        torch.testing.assert_close(L, L1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(R, R1, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_each_example_independent_of_its_batch(method):
     G = gradient_like(8, 64, 48, tokens=20, seed=11)
