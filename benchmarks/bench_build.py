@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _memory import PeakRSS  # noqa: E402
 
 import lorif_stream as ls  # noqa: E402
-from lorif_stream.factorize import factorize  # noqa: E402
+from lorif_stream.factorize import factorize_layers  # noqa: E402
 from lorif_stream.gradients import GradientSource  # noqa: E402
 from lorif_stream.projection import ProjectionSpec  # noqa: E402
 
@@ -130,8 +130,7 @@ def capture_loop(task: TokensTask, n: int, batch_size: int, device) -> dict:
             grads, _ = source.projected_gradients(cap, batch, [str(i) for i in range(len(batch))])
             _sync(device)
             t_f = time.perf_counter()
-            for G in grads:
-                L, R = factorize(G, 1)
+            for L, R in factorize_layers(grads, 1):
                 L.to(torch.bfloat16), R.to(torch.bfloat16)
             _sync(device)
             factorize_s += time.perf_counter() - t_f

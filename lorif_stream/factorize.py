@@ -8,7 +8,11 @@ The best rank-c approximation (Eckart-Young) is the truncated SVD; two ways to g
   ``min(d_out, d_in)`` singular triplets to keep ``c``.
 * ``"power"``: block power (subspace) iteration on the top right singular subspace, carrying
   ``OVERSAMPLE`` extra columns, then a Rayleigh-Ritz step (a ``c + OVERSAMPLE`` square
-  eigenproblem) -- batched matmuls, orthonormalisations of tall thin blocks, tiny eigh.
+  eigenproblem) -- batched matmuls, orthonormalisations of tall thin blocks, tiny eigh. Where
+  the smaller side ``m`` is narrow (:func:`_gram_is_cheaper`), each step multiplies by the
+  ``m x m`` Gram ``GᵀG`` (or ``GGᵀ``) formed once, and :func:`factorize_layers` runs every layer
+  with that ``m`` through the same calls: a build over a small model factorizes its 9 layers in
+  1.3 instead of 2.7 ms per batch of 8 (2 x 64 GPT-2, one thread).
 
 A gradient of a T-token example has rank <= T and its spectrum decays fast, so few iterations
 with oversampling reach the optimum: 4 for c=1 and 16 for c>1 (the paper used 8 and 16). Measured
