@@ -19,6 +19,7 @@ Writes benchmarks/results/build[_quick].json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import shutil
@@ -145,6 +146,15 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+@contextlib.contextmanager
+def _cpu_seconds(into: dict, key: str):
+    start = time.process_time()
+    try:
+        yield
+    finally:
+        into[key] = time.process_time() - start
+
+
 def build_row(result, floor_s: float, n: int) -> dict:
     rows_s = result.seconds - result.whiten_seconds - result.finalize_seconds
     return {"build_s": result.seconds, "ratio_to_floor": result.seconds / floor_s, "examples_per_s": n / result.seconds,
@@ -158,10 +168,17 @@ def time_model(shape: str, n: int, root: Path, device, common: dict) -> dict:
     batch = MODELS[shape]["batch"]
     opts = dict(common, batch_size=batch)
     ls.build(TokensTask(shape, batch * 2), root / f"{shape}-warm", **opts)  # numba, allocator, model init
-    floor = plain_loop(TokensTask(shape, n), n, batch, device)
+    # CPU seconds of this process (every thread) beside the wall clock: on a machine shared with
+    # other jobs the wall-clock ratio moves with their load, the CPU-time ratio much less (it
+    # counts the build's encoder and commit threads too, so it errs against the build)
+    cpu = {}
+    with _cpu_seconds(cpu, "floor"):
+        floor = plain_loop(TokensTask(shape, n), n, batch, device)
     capture = capture_loop(TokensTask(shape, n), n, batch, device)
-    default = ls.build(TokensTask(shape, n), root / f"{shape}-default", **opts)
-    paper = ls.build(TokensTask(shape, n), root / f"{shape}-paper", **opts, **PAPER)
+    with _cpu_seconds(cpu, "default"):
+        default = ls.build(TokensTask(shape, n), root / f"{shape}-default", **opts)
+    with _cpu_seconds(cpu, "paper"):
+        paper = ls.build(TokensTask(shape, n), root / f"{shape}-paper", **opts, **PAPER)
     info = ls.info(root / f"{shape}-default")
     rows_s = default.seconds - default.whiten_seconds - default.finalize_seconds
     stages = {  # where the default build's time goes, in seconds (a plain forward+backward = floor_s)
@@ -177,6 +194,7 @@ def time_model(shape: str, n: int, root: Path, device, common: dict) -> dict:
            "capture_factorize_s": capture["total_s"], "capture_ratio_to_floor": capture["total_s"] / floor,
            "stages_s": stages,
            "default": build_row(default, floor, n), "paper": build_row(paper, floor, n),
+           "cpu_s": cpu, "cpu_ratio_to_floor": {k: cpu[k] / cpu["floor"] for k in ("default", "paper")},
            "default_bytes_per_example": info["bytes_per_example"],
            "default_state_bytes": info["disk_bytes"] - info["factor_bytes"],
            "paper_state_bytes": ls.info(root / f"{shape}-paper")["disk_bytes"]
@@ -237,7 +255,8 @@ def report(res: dict) -> None:
             b = m[name]
             print(f"  {name:8s} build {b['build_s']:.1f}s = {b['ratio_to_floor']:.2f}x the floor "
                   f"({b['ratio_without_whitening']:.2f}x without the pre-pass): whitening {b['whiten_s']:.1f}s, "
-                  f"rows {b['rows_s']:.1f}s (statistics {b['stats_s']:.1f}s), finalize {b['finalize_s']:.1f}s")
+                  f"rows {b['rows_s']:.1f}s (statistics {b['stats_s']:.1f}s), finalize {b['finalize_s']:.1f}s; "
+                  f"CPU time {m['cpu_ratio_to_floor'][name]:.2f}x the floor's")
         print(f"  default index: {m['default_bytes_per_example']:.0f} B/example, state {m['default_state_bytes'] / 1e6:.1f} MB "
               f"(paper mode {m['paper_state_bytes'] / 1e6:.1f} MB); a pre-pass example costs "
               f"{m['whiten_per_example_vs_build']:.2f}x a build example")
