@@ -29,18 +29,17 @@ import numpy as np
 import torch
 
 from .capture import LayerInfo
-from .comm import Comm, GlobalProgress, current
+from .comm import LOCAL, Comm, GlobalProgress, current
 from .config import FACTOR_FIELDS, BuildConfig, CurvatureConfig, factor_key_of_index, factor_options
 from .device import notice, resolve_device
 from .estimate import InsufficientDiskError, announce, check_budget, check_fits, estimate_build, tokens_bound
 from .factorize import factorize_layers
-from .fit import CURVATURE_META, check_sharded_curvature, curvature_statistics, reduce_curvature
+from .fit import CURVATURE_META, check_sharded_curvature, curvature_statistics, finalize_curvature
 from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
-from .progress import Progress
 from .projection import ProjectionSpec
 from .shard_ids import first_duplicate
-from .shared_whitening import ensure_whitening_sharded
 from .store import IndexLayout, IndexReader, IndexWriter, WriteRefusedError
+from .store.placement import Placement
 from .store.sink import BlockSink
 from .store.format import DATA_FILE, LMDB_LOCK_FILE, WRITER_LOCK_FILE
 from .store.shards import ShardEntry, ShardManifest, is_sharded, read_manifest, shard_name, split_rows, write_manifest
@@ -143,7 +142,7 @@ def _build(task, path: Path, config: BuildConfig, progress: bool, whiten_only: b
     except BaseException:
         writer.close()
         raise
-    return _run(writer, source, task, config, progress, whiten_only)
+    return _write_environment(writer, source, task, config, progress, whiten_only)
 
 
 def new_layout(source: GradientSource, config: BuildConfig) -> IndexLayout:
@@ -315,13 +314,6 @@ def _finalized(writer: IndexWriter, segment: dict) -> bool:
     return (writer.get_state_meta(CURVATURE_META) or {}).get("rows") == writer.rows
 
 
-def _set_last_segment(writer: IndexWriter, **fields) -> None:
-    settings = dict(writer.settings)
-    segments = list(settings["segments"])
-    segments[-1] = dict(segments[-1], **fields)
-    writer.update_settings(dict(settings, segments=segments))
-
-
 def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: bool, kind: str,
                       whiten_only: bool = False, given: set[str] = frozenset(FACTOR_FIELDS),
                       source: GradientSource | None = None) -> BuildResult:
@@ -370,7 +362,7 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
                     f"this task has {n:,}: resume it with the same task"
                 )
             _check_resumed_segment(writer, last, task, examples)
-            return _run(writer, source, task, config, progress, whiten_only)
+            return _write_environment(writer, source, task, config, progress, whiten_only)
         if kind == "build":
             if last["kind"] != "build" or last["count"] != n:
                 raise SettingsMismatchError(
@@ -393,7 +385,7 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
         settings = dict(settings, segments=segments + [segment])
         settings["allow_duplicate_ids"] = settings.get("allow_duplicate_ids") or config.allow_duplicate_ids
         writer.update_settings(settings)
-        return _run(writer, source, task, config, progress, whiten_only)
+        return _write_environment(writer, source, task, config, progress, whiten_only)
     except BaseException:
         writer.close()
         raise
@@ -436,7 +428,7 @@ def _complete(writer: IndexWriter, source: GradientSource, task, config: BuildCo
     """A rerun of a build or append whose rows are all committed: finish its curvature step if a kill
     (or a full disk) stopped it there, else there is nothing to do."""
     if whiten_only:  # `whiten` on an index with rows: its pre-pass is done, nothing else is asked
-        return _run(writer, source, task, config, progress, whiten_only)
+        return _write_environment(writer, source, task, config, progress, whiten_only)
     what = f"{segment['kind']} of {segment['count']:,} rows"
     if _finalized(writer, segment):
         notice(f"index {writer.path}: the {what} is already complete (rows {segment['start']:,}.."
@@ -445,7 +437,7 @@ def _complete(writer: IndexWriter, source: GradientSource, task, config: BuildCo
         return BuildResult(str(writer.path), writer.rows, 0, 0.0, 0)
     notice(f"index {writer.path}: every row of the {what} is committed but its curvature was not finalized "
            f"(interrupted): finishing it")
-    return _run(writer, source, task, config, progress, whiten_only)
+    return _write_environment(writer, source, task, config, progress, whiten_only)
 
 
 def _whitened_layers(writer: IndexWriter) -> set[str]:
@@ -469,24 +461,82 @@ def _to_host(tensors: list[torch.Tensor], device: torch.device):
     return host, event
 
 
-def _run(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool,
-         whiten_only: bool = False) -> BuildResult:
+def _write_environment(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool,
+                       whiten_only: bool = False) -> BuildResult:
+    """The segment of a single environment, written by this process (its only writer)."""
+    with Placement.environment(writer) as placement:
+        return _write_segment(LOCAL, placement, source, task, task, config, progress, whiten_only, time.perf_counter())
+
+
+def _write_segment(comm: Comm, placement: Placement, source: GradientSource, task, view, config: BuildConfig,
+                   progress: bool, whiten_only: bool, t0: float) -> BuildResult:
+    """Whiten (if needed), index this rank's rows of the last segment into its own environment, check
+    ids across shards, finalize the curvature across the ranks, record the segment finished. `view`
+    is the task's rows of the own environment (the task itself for a single environment). Every rank
+    calls it, with the same index: a single environment (one process) or this rank's shards."""
     try:
-        check_budget(source.layers, source.spec, config, _whitened_layers(writer))
-        t0 = time.perf_counter()
-        if config.projection_kind == "whitened":
-            source.projections = ensure_whitening(writer, source, task, config, progress)
-            config = _resolve_preconditioner(writer, config)
-        whiten_s = time.perf_counter() - t0
-        if whiten_only:
-            return BuildResult(str(writer.path), writer.rows, 0, whiten_s, 0, whiten_seconds=whiten_s)
-        result = _extend(writer, source, task, config, progress)
-        return replace(result, seconds=result.seconds + whiten_s, whiten_seconds=whiten_s)
+        return _whiten_index_finalize(comm, placement, source, task, view, config, progress, whiten_only, t0)
     except BaseException:
-        _withdraw_empty_append(writer)
+        placement.withdraw_empty_segment()
         raise
-    finally:
-        writer.close()
+
+
+def _whiten_index_finalize(comm: Comm, placement: Placement, source: GradientSource, task, view, config: BuildConfig,
+                           progress: bool, whiten_only: bool, t0: float) -> BuildResult:
+    own = placement.own
+    comm.together(lambda: check_budget(source.layers, source.spec, config, _whitened_layers(own)))
+    t_whiten = time.perf_counter()
+    if config.projection_kind == "whitened":
+        source.projections = ensure_whitening(comm, placement, source, task, config, progress)
+        config = _agree_preconditioner(comm, placement, config)
+    whiten_s = time.perf_counter() - t_whiten
+    if whiten_only:
+        rows = comm.sum_int(sum(w.rows for w in placement.held))
+        return BuildResult(str(placement.path), rows, 0, whiten_s, 0, whiten_seconds=whiten_s)
+    segment = own.settings["segments"][-1]
+    before = comm.sum_int(own.rows)
+    bar = GlobalProgress(comm, segment["kind"], total=comm.sum_int(segment["start"] + segment["count"] - own.rows),
+                         unit="ex", enabled=progress, detail=source.overhead_text)
+    try:
+        statistic, written = comm.together(lambda: index_rows(own, source, view, config, progress and comm.root, bar,
+                                                              row_offset=placement.row_offset))
+    except BaseException:
+        bar.close()
+        raise
+    bar.close(synced=True)
+    comm.together(lambda: statistic.save(own))
+    sketch_seconds = statistic.seconds
+    statistic = None  # saved: the curvature step reloads it within the memory budget
+    if placement.sharded and not own.settings.get("allow_duplicate_ids"):
+        # (one environment's LMDB refuses a duplicate among its own rows itself)
+        duplicate = _duplicate(comm, placement)
+        if duplicate is not None:
+            _refuse_duplicate(comm, placement, duplicate)
+    pause = float(os.environ.get(PAUSE_BEFORE_FINALIZE_ENV) or 0)
+    if pause > 0:
+        time.sleep(pause)
+    t_final = time.perf_counter()
+    finalize_curvature(comm, placement, config.curvature, source.device, config.budget(), progress and comm.root)
+    # after the curvature switch (a kill in between is recognised by the curvature's row count)
+    comm.together(placement.finish_segment)
+    comm.on_root(placement.record_finished)
+    rows = comm.sum_int(sum(w.rows for w in placement.held))
+    return BuildResult(str(placement.path), rows, comm.sum_int(own.rows) - before, time.perf_counter() - t0,
+                       comm.sum_int(written), comm.sum_float(sketch_seconds) / comm.world, whiten_seconds=whiten_s,
+                       finalize_seconds=time.perf_counter() - t_final)
+
+
+def _agree_preconditioner(comm: Comm, placement: Placement, config: BuildConfig) -> BuildConfig:
+    """`auto` resolved once, on rank 0 (which says so); every environment stores the choice."""
+    curvature = comm.on_root(lambda: _resolve_preconditioner(placement.own, config).curvature)
+
+    def store():
+        for env in placement.held:  # rank 0's own stored it as it resolved it
+            if not (comm.root and env is placement.own) and env.settings.get("curvature") != asdict(curvature):
+                env.update_settings(dict(env.settings, curvature=asdict(curvature)))
+
+    comm.together(store)
+    return replace(config, curvature=curvature)
 
 
 def _resolve_preconditioner(writer: IndexWriter, config: BuildConfig) -> BuildConfig:
@@ -500,34 +550,27 @@ def _resolve_preconditioner(writer: IndexWriter, config: BuildConfig) -> BuildCo
     return replace(config, curvature=curvature)
 
 
-def _withdraw_empty_append(writer: IndexWriter) -> None:
-    """An append refused before its first row (duplicate ids, bad examples) leaves the index as it
-    was: its segment record would otherwise make every later append look like an unfinished one."""
-    segments = writer.settings["segments"]
-    if segments[-1]["kind"] == "append" and writer.rows == segments[-1]["start"]:
-        writer.update_settings(dict(writer.settings, segments=segments[:-1]))
+def _duplicate(comm: Comm, placement: Placement):
+    """The first id held twice across the shards (this segment's rows against every held shard's)."""
+    with ExitStack() as stack:
+        sources = comm.together(lambda: [(placement.manifest.shards[position].start,
+                                          stack.enter_context(w.reader().snapshot()))
+                                         for position, w in sorted(placement.writers.items())])
+        return first_duplicate(comm, sources)
 
 
-def _extend(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool) -> BuildResult:
-    t0 = time.perf_counter()
-    start_row = writer.rows
-    segment = writer.settings["segments"][-1]
-    bar = Progress(segment["kind"], total=segment["start"] + segment["count"] - start_row, unit="ex", enabled=progress,
-                   detail=source.overhead_text)
-    try:
-        sketches, bytes_written = index_rows(writer, source, task, config, progress, bar)
-    finally:
-        bar.close()
-    pause = float(os.environ.get(PAUSE_BEFORE_FINALIZE_ENV) or 0)
-    if pause > 0:
-        time.sleep(pause)
-    t_final = time.perf_counter()
-    sketches.save(writer)
-    sketches.finalize(writer, config.curvature, config.budget(), progress=progress)
-    # after the curvature switch (a kill in between is recognised by the curvature's row count)
-    _set_last_segment(writer, finalized=True)
-    return BuildResult(str(writer.path), writer.rows, writer.rows - start_row, time.perf_counter() - t0,
-                       bytes_written, sketches.seconds, finalize_seconds=time.perf_counter() - t_final)
+def _refuse_duplicate(comm: Comm, placement: Placement, duplicate) -> None:
+    """A duplicate id refuses the segment; an append's new shards are withdrawn (the index is left as
+    it was before it), a build's stay (its ids are the task's: fix them and use a new --index)."""
+    name, row, earlier = duplicate
+    message = (f"example id {name!r} (row {row}) is already in the index at row {earlier}: ids must be unique "
+               f"across shards (pass --allow-duplicate-ids to allow it)")
+    if placement.manifest.segments[-1]["kind"] == "append":
+        comm.on_root(lambda: write_manifest(placement.path, placement.manifest.without_last_segment()))
+        placement.own.close()
+        shutil.rmtree(placement.own.path)
+        message += "; the append was withdrawn, the index is as it was"
+    raise WriteRefusedError(message)
 
 
 def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool, bar,
@@ -736,16 +779,14 @@ def sharded_build(task, path: Path, config: BuildConfig, comm: Comm, progress: b
                    f"nothing to do")
         return BuildResult(str(path), manifest.planned_rows, 0, 0.0, 0)
     layout = IndexLayout.from_dict(plan["layout"])
-    with ExitStack() as stack:
-        position = segment["shards"][0] + comm.rank
-        entry = manifest.shards[position]
-        view = ShardTask(task, entry.start - segment["start"], entry.count)
-        settings = dict(new_settings(task, source, config, entry.count), shard=_shard_record(entry, position))
-        writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config,
-                                                         source, "build"))
-        stack.callback(writer.close)
-        return _write_segment(comm, path, manifest, {position: writer}, writer, source, task, view, config,
-                              progress, whiten_only, t0)
+    position = segment["shards"][0] + comm.rank
+    entry = manifest.shards[position]
+    view = ShardTask(task, entry.start - segment["start"], entry.count)
+    settings = dict(new_settings(task, source, config, entry.count), shard=_shard_record(entry, position))
+    writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config,
+                                                     source, "build"))
+    with Placement(path, manifest, {position: writer}, writer) as placement:
+        return _write_segment(comm, placement, source, task, view, config, progress, whiten_only, t0)
 
 
 def _same_everywhere(comm: Comm, n: int, fingerprint: str) -> None:
@@ -860,84 +901,6 @@ def _open_or_create(path: Path, entry: ShardEntry, position: int, layout: IndexL
         raise
 
 
-def _write_segment(comm: Comm, path: Path, manifest: ShardManifest, writers: dict[int, IndexWriter],
-                   writer: IndexWriter, source, task, view, config: BuildConfig, progress: bool,
-                   whiten_only: bool, t0: float) -> BuildResult:
-    """Whiten (if needed), index this rank's rows into `writer`, check ids, finalize the curvature
-    across the ranks. `writers` are all the shards this rank holds (by position), `writer` among them."""
-    head = writers.get(0)
-    ordered = [writers[p] for p in sorted(writers)]
-    t_whiten = time.perf_counter()
-    if config.projection_kind == "whitened":
-        source.projections = ensure_whitening_sharded(comm, [writer], head if comm.root else None, source, task, config,
-                                                      progress)
-        # decided (and said) once: every shard stores the choice
-        curvature = comm.on_root(lambda: _resolve_preconditioner(writer, config).curvature)
-        config = replace(config, curvature=curvature)
-        for shard in ordered:
-            if shard.settings.get("curvature") != asdict(curvature):
-                shard.update_settings(dict(shard.settings, curvature=asdict(curvature)))
-    whiten_s = time.perf_counter() - t_whiten
-    if whiten_only:
-        return BuildResult(str(path), 0, 0, whiten_s, 0, whiten_seconds=whiten_s)
-    segment = manifest.segments[-1]
-    before = comm.sum_int(writer.rows)
-    bar = GlobalProgress(comm, segment["kind"], total=segment["count"] - before, unit="ex", enabled=progress)
-    try:
-        statistic, written = comm.together(lambda: index_rows(writer, source, view, config, progress and comm.root, bar,
-                                                              row_offset=manifest.shards[_position(writers, writer)].start))
-    except BaseException:
-        bar.close()
-        raise
-    bar.close(synced=True)
-    comm.together(lambda: statistic.save(writer))
-    duplicate = None
-    if not writer.settings.get("allow_duplicate_ids"):
-        duplicate = _duplicate(comm, manifest, writers)
-    if duplicate is not None:
-        _refuse_duplicate(comm, path, manifest, writers, writer, duplicate)
-    pause = float(os.environ.get(PAUSE_BEFORE_FINALIZE_ENV) or 0)
-    if pause > 0:
-        time.sleep(pause)
-    t_final = time.perf_counter()
-    reduce_curvature(comm, head if comm.root else None, ordered, writer.layout, config.curvature, source.device,
-                     config.budget(), progress and comm.root)
-    comm.together(lambda: _set_last_segment(writer, finalized=True))
-    comm.on_root(lambda: write_manifest(path, manifest.with_last_segment(finalized=True)))
-    rows = comm.sum_int(sum(w.rows for w in ordered))
-    new_rows = comm.sum_int(writer.rows) - before
-    return BuildResult(str(path), rows, new_rows, time.perf_counter() - t0, comm.sum_int(written),
-                       comm.sum_float(statistic.seconds) / comm.world, whiten_seconds=whiten_s,
-                       finalize_seconds=time.perf_counter() - t_final)
-
-
-def _position(writers: dict[int, IndexWriter], writer: IndexWriter) -> int:
-    return next(p for p, w in writers.items() if w is writer)
-
-
-def _duplicate(comm: Comm, manifest: ShardManifest, writers: dict[int, IndexWriter]):
-    with ExitStack() as stack:
-        sources = comm.together(lambda: [(manifest.shards[position].start, stack.enter_context(w.reader().snapshot()))
-                                         for position, w in sorted(writers.items())])
-        return first_duplicate(comm, sources)
-
-
-def _refuse_duplicate(comm: Comm, path: Path, manifest: ShardManifest, writers, writer, duplicate) -> None:
-    """A duplicate id refuses the segment; an append's new shards are withdrawn (the index is left as
-    it was before it), a build's stay (its ids are the task's: fix them and use a new --index)."""
-    name, row, earlier = duplicate
-    segment = manifest.segments[-1]
-    message = (f"example id {name!r} (row {row}) is already in the index at row {earlier}: ids must be unique "
-               f"across shards (pass --allow-duplicate-ids to allow it)")
-    if segment["kind"] == "append":
-        comm.on_root(lambda: write_manifest(path, manifest.without_last_segment()))
-        shard_path = writer.path
-        writer.close()
-        shutil.rmtree(shard_path)
-        message += "; the append was withdrawn, the index is as it was"
-    raise WriteRefusedError(message)
-
-
 # ------------------------------------------------------------------------------------ append
 
 
@@ -967,27 +930,25 @@ def sharded_append(task, path: Path, config: BuildConfig, comm: Comm, progress: 
     # the same recorded-encoding check as one process's append: every rank holds the same settings
     # and task options, so each refuses alike, before any collective
     check_options(plan["settings"], task, path, "append")
-    with ExitStack() as stack:
-        writers: dict[int, IndexWriter] = {}
-        stack.callback(lambda: [w.close() for w in writers.values()])
-        manifest, resumed = _plan_append_segment(comm, path, manifest, task, n, writers)
-        if manifest is None:
-            if comm.root:
-                notice(f"index {path}: the append of {n:,} rows is already complete; nothing to do")
-            return BuildResult(str(path), resumed, 0, 0.0, 0)
-        segment = manifest.segments[-1]
-        position = segment["shards"][0] + comm.rank
-        entry = manifest.shards[position]
-        view = ShardTask(task, entry.start - segment["start"], entry.count)
-        settings = dict(plan["settings"], segments=[{"kind": "append", "start": 0, "count": entry.count}],
-                        nonfinite_rows=[], shard=_shard_record(entry, position),
-                        allow_duplicate_ids=bool(plan["settings"].get("allow_duplicate_ids") or config.allow_duplicate_ids))
-        layout = IndexLayout.from_dict(plan["layout"])
-        writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config,
-                                                         source, "append"))
-        writers[position] = writer
-        comm.together(lambda: _hold_old_shards(comm, path, manifest, writers, config))
-        return _write_segment(comm, path, manifest, writers, writer, source, task, view, config, progress, False, t0)
+    manifest, resumed = _plan_append_segment(comm, path, manifest, task, n)
+    if manifest is None:
+        if comm.root:
+            notice(f"index {path}: the append of {n:,} rows is already complete; nothing to do")
+        return BuildResult(str(path), resumed, 0, 0.0, 0)
+    segment = manifest.segments[-1]
+    position = segment["shards"][0] + comm.rank
+    entry = manifest.shards[position]
+    view = ShardTask(task, entry.start - segment["start"], entry.count)
+    settings = dict(plan["settings"], segments=[{"kind": "append", "start": 0, "count": entry.count}],
+                    nonfinite_rows=[], shard=_shard_record(entry, position),
+                    allow_duplicate_ids=bool(plan["settings"].get("allow_duplicate_ids") or config.allow_duplicate_ids))
+    layout = IndexLayout.from_dict(plan["layout"])
+    writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config,
+                                                     source, "append"))
+    with Placement(path, manifest, {position: writer}, writer) as placement:
+        # the shards before this segment that this rank holds: their statistics enter the curvature
+        comm.together(lambda: placement.hold(range(segment["shards"][0]), comm.owns, config.durability))
+        return _write_segment(comm, placement, source, task, view, config, progress, False, t0)
 
 
 def _plan_append_head(path: Path) -> dict:
@@ -1002,7 +963,7 @@ def _plan_append_head(path: Path) -> dict:
         return {"manifest": manifest.to_dict(), "settings": settings, "layout": head.layout.to_dict()}
 
 
-def _plan_append_segment(comm: Comm, path: Path, manifest: ShardManifest, task, n: int, writers: dict):
+def _plan_append_segment(comm: Comm, path: Path, manifest: ShardManifest, task, n: int):
     """(manifest with the segment to write, None) for a new or resumed append; (None, rows) when the
     same append is complete already. Recognising the same data takes every rank: each checks the
     shards of the last segment it holds."""
@@ -1033,11 +994,3 @@ def _holds_task(comm: Comm, path: Path, manifest: ShardManifest, segment: dict, 
             if task_mismatch(w, w.settings["segments"][-1], view, view.train_examples(), entry.count):
                 return False
     return True
-
-
-def _hold_old_shards(comm: Comm, path: Path, manifest: ShardManifest, writers: dict, config: BuildConfig) -> None:
-    """The shards before this segment that this rank holds (their statistics enter the curvature)."""
-    first = manifest.segments[-1]["shards"][0]
-    for position in range(first):
-        if comm.owns(position) and position not in writers:
-            writers[position] = IndexWriter.open(path / manifest.shards[position].name, durability=config.durability)

@@ -265,10 +265,10 @@ class GlobalProgress:
     """One bar for the job: drawn by rank 0 with every rank's rows (so its rate is the global
     rate); the other ranks only count. Without a shared store, rank 0's own rows."""
 
-    def __init__(self, comm: Comm, desc: str, total: int, unit: str, enabled: bool = True):
+    def __init__(self, comm: Comm, desc: str, total: int, unit: str, enabled: bool = True, detail=None):
         self.comm = comm
         self.counter = comm.counter(desc)
-        self.bar = Progress(desc, total=total, unit=unit, enabled=enabled and comm.root)
+        self.bar = Progress(desc, total=total, unit=unit, enabled=enabled and comm.root, detail=detail)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._poller = None

@@ -14,7 +14,6 @@ refined by streaming passes, and a damping λ; the result is stored for queries.
 from __future__ import annotations
 
 import hashlib
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +29,8 @@ from .gpu import DeviceTimer
 from .loader import BlockLoader
 from .progress import Progress
 from .sketch import DENSE_MAX_D, LayerSketch
-from .store import IndexLayout, IndexReader, IndexWriter, Snapshot
+from .store import IndexLayout, IndexWriter, Snapshot
+from .store.placement import Placement
 from .store.shards import ShardManifest, is_sharded, read_manifest
 from .whitening import WHITENING_META, load_eigenbases, tokens_per_example
 
@@ -155,8 +155,6 @@ class SketchSet:
             meta["layers"][name] = state
         writer.put_state(arrays, {SKETCH_META: meta})
 
-    def finalize(self, writer: IndexWriter, config: CurvatureConfig, budget: int, progress: bool = True) -> dict:
-        return finalize_curvature(writer, self, config, self.device, budget, progress=progress)
 
 
 def replay_rows(writer: IndexWriter, layers: list[int], start: int, stop: int, device: torch.device,
@@ -219,12 +217,6 @@ class EkfacSet:
         meta = {"layers": {self.layout.layers[i].name: {"rows": s.rows} for i, s in self.stats.items()}}
         writer.put_state(arrays, {EKFAC_META: meta})
 
-    def finalize(self, writer: IndexWriter, config: CurvatureConfig, budget: int, progress: bool = True) -> dict:
-        """Store each layer's Λ and damping as a new curvature generation (queries switch atomically)."""
-        self.catch_up(writer, progress)
-        self.save(writer)
-        return store_ekfac_curvature(writer, {i: (s.sums, s.rows) for i, s in self.stats.items()}, writer.rows, config)
-
 
 def store_ekfac_curvature(writer: IndexWriter, totals: dict[int, tuple[torch.Tensor, int]], rows: int,
                           config: CurvatureConfig) -> dict:
@@ -267,9 +259,6 @@ class NoStatistics:
     def save(self, writer: IndexWriter) -> None:
         pass
 
-    def finalize(self, writer: IndexWriter, config: CurvatureConfig, budget: int, progress: bool = True) -> dict:
-        return store_no_curvature(writer, writer.rows, config)
-
 
 def store_no_curvature(writer: IndexWriter, rows: int, config: CurvatureConfig) -> dict:
     """The `none` preconditioner's curvature generation: a summary that says so, covering `rows` rows."""
@@ -295,50 +284,13 @@ def stale_generation(old: dict) -> list[str]:
     return [state_array_name(f"curvature/{old['generation']}", name, f) for name in old.get("layers", {}) for f in fields]
 
 
-# ------------------------------------------------------------------------------------ finalize
+# ------------------------------------------------------------------------------------ layers
 
 
 def _policy(config: CurvatureConfig) -> DampingPolicy:
     if config.damping is not None:
         return DampingPolicy("explicit", config.damping)
     return DampingPolicy(config.damping_policy, config.damping_scale)
-
-
-def finalize_curvature(writer: IndexWriter, sketches: SketchSet, config: CurvatureConfig, device: torch.device,
-                       budget: int, progress: bool = True) -> dict:
-    """Bring every layer's sketch up to the index's rows (post-build passes within the budget),
-    then compute and store each layer's eigenpairs and damping. Returns the curvature summary."""
-    layout = writer.layout
-    rows = writer.rows
-    old = writer.get_state_meta(CURVATURE_META) or {}
-    # each fit writes a new generation of arrays and switches to it in one transaction at the end,
-    # so a query running meanwhile sees the old curvature or the new one, never a mix of layers
-    generation = int(old.get("generation", 0)) + 1
-    new_layers: dict[str, dict] = {}
-    check_finalize_budget(layout.layers, config, budget)
-    # layers without an in-memory sketch: group them by what fits, one pass per group
-    missing = [i for i in range(len(layout.layers)) if i not in sketches.sketches]
-    while missing:
-        group, used = [], 0
-        for i in missing:
-            need = sketch_memory_bytes(layout.layers[i].D, config.sketch_width)
-            if not group or used + need <= budget // 2:
-                group.append(i)
-                used += need
-        passes = SketchSet(writer, config, device)
-        passes.sketches = {i: passes._load_or_new(writer, i) for i in group}
-        passes.catch_up(writer, progress)
-        passes.save(writer)
-        for i in group:
-            new_layers[layout.layers[i].name] = finalize_layer(writer, passes.sketches.pop(i), i, config, device,
-                                                                generation)
-        missing = [i for i in missing if i not in group]
-    sketches.catch_up(writer, progress)
-    for i in sorted(sketches.sketches):
-        new_layers[layout.layers[i].name] = finalize_layer(writer, sketches.sketches[i], i, config, device, generation)
-    summary = {"generation": generation, "config": asdict(config), "rows": rows, "layers": new_layers}
-    writer.put_state({}, {CURVATURE_META: summary}, drop=stale_generation(old))
-    return summary
 
 
 def finalize_layer(writer: IndexWriter, sketch: LayerSketch, i: int, config: CurvatureConfig,
@@ -401,52 +353,13 @@ def load_preconditioner(snap: Snapshot, layer: int, device: torch.device):
                                                 float(info["damping"]), float(info["trace"])))
 
 
-# ------------------------------------------------------------------------------------ public
-
-
-def fit(index, config: CurvatureConfig | None = None, *, device: str = "auto", memory_budget=None,
-        progress: bool = True, **options) -> dict:
-    """Recompute the curvature of `index` from its stored factors (factors are not touched).
-
-    Options are the fields of CurvatureConfig. Stored sketches are reused when the sketch width
-    and seed are unchanged (then only rank, damping and refinement change); otherwise the
-    sketches are rebuilt with one pass per group of layers that fits `memory_budget`.
-    """
-    if config is not None and options:
-        raise TypeError("pass either a CurvatureConfig or keyword options, not both")
-    config = config or CurvatureConfig(**options)
-    budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget(device)
-    comm = current()
-    if comm.on_root(lambda: is_sharded(index)):
-        return sharded_fit(Path(index), config, comm, device, budget, progress)
-    # one environment has one writer: under torchrun, rank 0 fits it and the other ranks wait
-    return comm.on_root(lambda: _fit_environment(index, config, resolve_device(device), budget, progress))
-
-
-def _fit_environment(index, config: CurvatureConfig, dev: torch.device, budget: int, progress: bool) -> dict:
-    with IndexWriter.open(Path(index)) as writer:
-        settings = dict(writer.settings)
-        config = config.resolved(factor_key_of_index(settings["factors"])["projection_kind"],
-                                 tokens_per_example(writer.get_state_meta(WHITENING_META)))
-        if config.preconditioner == "auto":
-            raise ValueError(f"index {index} has no finished whitening pre-pass: rerun its build first")
-        settings["curvature"] = asdict(config)
-        writer.update_settings(settings)
-        if config.preconditioner == "lowrank":
-            return finalize_curvature(writer, SketchSet(writer, config, dev), config, dev, budget, progress)
-        if config.preconditioner == "ekfac":
-            # recomputed from row 0 in one pass over the factors: fit never trusts a stored Λ
-            return EkfacSet(writer, dev, resume=False).finalize(writer, config, budget, progress)
-        return NoStatistics().finalize(writer, config, budget, progress)
-
-
-# ------------------------------------------------------------------------------------ sharded
-# The curvature of a sharded index: additive statistics per shard, summed, finalized once.
-# Every shard keeps its own running statistic over its own rows (the EK-FAC sums or the lowrank
-# sketches with their traces and row counts), saved in the shard and caught up from its blocks
-# exactly like a single index's, so a killed rank resumes from its own shard. To finalize, a rank
-# adds up the statistics of the shards it holds, the ranks all-reduce them, and rank 0 alone turns
-# the totals into a curvature generation stored in the head shard, where queries read it.
+# ------------------------------------------------------------------------------------ finalize
+# One finalization for every index and world: every environment keeps its own running statistic
+# over its own rows (the EK-FAC sums, or the lowrank sketches with their traces and row counts),
+# saved in it and caught up from its blocks, so a killed rank resumes from its own shard. A rank
+# adds up the statistics of the environments it holds, the ranks all-reduce them (the identity in
+# one process), and rank 0 alone turns the totals into a curvature generation stored in the head
+# environment, where queries read it.
 
 
 class ShardedRefineError(ValueError):
@@ -460,15 +373,19 @@ def check_sharded_curvature(config: CurvatureConfig) -> None:
                                  f"would stream every shard through one process): use refine=0")
 
 
-def reduce_curvature(comm: Comm, head, writers: list, layout, config: CurvatureConfig, device: torch.device,
-                     budget: int, progress: bool = True, fresh: bool = False) -> dict:
-    """Finalize the curvature of a sharded index from the statistics of the shards in `writers` (this
-    rank's) and those of the other ranks; `head` is rank 0's writer of shard 0 (None elsewhere).
-    `fresh` recomputes the EK-FAC sums from row 0 (fit never trusts stored ones). Returns the summary.
-    Every rank calls it: what one rank does alone (its shards' statistics, rank 0's finalization) is
-    agreed on before the next collective, so a failure there is raised on every rank."""
-    check_sharded_curvature(config)
+def finalize_curvature(comm: Comm, placement: Placement, config: CurvatureConfig, device: torch.device, budget: int,
+                       progress: bool = True, fresh: bool = False) -> dict:
+    """Finalize the curvature of the index from the statistics of the environments this rank holds
+    and those of the other ranks; store it in the head environment. `fresh` recomputes the EK-FAC
+    sums from row 0 (fit never trusts stored ones). Returns the summary. Every rank calls it: what
+    one rank does alone (its statistics, rank 0's finalization) is agreed on before the next
+    collective, so a failure there is raised on every rank."""
+    if placement.sharded:
+        check_sharded_curvature(config)
+    writers = placement.held
+    head = placement.head if comm.root else None
     rows = comm.sum_int(comm.together(lambda: sum(w.rows for w in writers)))
+    layout = IndexLayout.from_dict(comm.on_root(lambda: head.layout.to_dict()))
     if config.preconditioner == "none":
         return comm.on_root(lambda: store_no_curvature(head, rows, config))
     if config.preconditioner == "ekfac":
@@ -486,7 +403,7 @@ def _reduce_ekfac(comm: Comm, head, writers, layout, config, device, rows: int, 
 
 
 def _own_ekfac_sums(writers, device, progress: bool, fresh: bool) -> dict[int, list]:
-    """The EK-FAC sums and row counts of this rank's shards, each caught up and saved first."""
+    """The EK-FAC sums and row counts of this rank's environments, each caught up and saved first."""
     totals: dict[int, list] = {}
     for w in writers:
         stats = EkfacSet(w, device, resume=not fresh)
@@ -502,7 +419,10 @@ def _own_ekfac_sums(writers, device, progress: bool, fresh: bool) -> dict[int, l
 
 
 def _reduce_lowrank(comm: Comm, head, writers, layout, config, device, budget: int, rows: int, progress: bool):
+    comm.together(lambda: check_finalize_budget(layout.layers, config, budget))
     old = comm.on_root(lambda: head.get_state_meta(CURVATURE_META) or {})
+    # each fit writes a new generation of arrays and switches to it in one transaction at the end,
+    # so a query running meanwhile sees the old curvature or the new one, never a mix of layers
     generation = int(old.get("generation", 0)) + 1
     # a rank adds each shard's sketch into a running total: room for two of each layer. Every rank
     # must cut the same groups (each is agreed on): the smallest share is everyone's
@@ -525,7 +445,7 @@ def _reduce_lowrank(comm: Comm, head, writers, layout, config, device, budget: i
 
 
 def _own_sketches(writers, group: list[int], config, device, progress: bool) -> dict[int, LayerSketch]:
-    """The sketches of the layers of `group` summed over this rank's shards, each caught up and saved first."""
+    """The sketches of the layers of `group` summed over this rank's environments, each caught up and saved first."""
     totals: dict[int, LayerSketch] = {}
     for w in writers:
         sketches = SketchSet(w, config, device)
@@ -537,44 +457,59 @@ def _own_sketches(writers, group: list[int], config, device, progress: bool) -> 
     return totals
 
 
-def sharded_fit(path: Path, config: CurvatureConfig, comm: Comm, device, budget: int, progress: bool) -> dict:
-    """Recompute the curvature of a sharded index from its shards' factors, across the ranks."""
-    check_sharded_curvature(config)
-
-    def plan():
-        manifest = read_manifest(path)
-        if not manifest.segments[-1].get("finalized"):
-            last = manifest.segments[-1]
-            raise ValueError(f"index {path} has an unfinished {last['kind']}: rerun it before `fit`")
-        with IndexReader(path / manifest.shards[0].name) as head:
-            resolved = config.resolved(factor_key_of_index(head.settings["factors"])["projection_kind"],
-                                       tokens_per_example(_whitening_meta(head)))
-        if resolved.preconditioner == "auto":
-            raise ValueError(f"index {path} has no finished whitening pre-pass: rerun its build first")
-        return manifest.to_dict(), asdict(resolved)
-
-    manifest_dict, resolved = comm.on_root(plan)
-    manifest = ShardManifest.from_dict(manifest_dict)
-    config = CurvatureConfig(**resolved)
-    dev = comm.device_for(resolve_device(device))
-    with ExitStack() as stack:
-        writers: dict[int, IndexWriter] = {}
-        stack.callback(lambda: [w.close() for w in writers.values()])
-
-        def open_mine():
-            for position, entry in enumerate(manifest.shards):
-                if comm.owns(position):
-                    writers[position] = IndexWriter.open(path / entry.name)
-                    w = writers[position]
-                    w.update_settings(dict(w.settings, curvature=resolved))
-
-        comm.together(open_mine)
-        ordered = [writers[p] for p in sorted(writers)]
-        layout = comm.on_root(lambda: writers[0].layout.to_dict())
-        return reduce_curvature(comm, writers.get(0) if comm.root else None, ordered, IndexLayout.from_dict(layout),
-                                config, dev, budget, progress and comm.root, fresh=config.preconditioner == "ekfac")
+# ------------------------------------------------------------------------------------ public
 
 
-def _whitening_meta(reader):
-    with reader.snapshot() as snap:
-        return snap.state_meta(WHITENING_META)
+def fit(index, config: CurvatureConfig | None = None, *, device: str = "auto", memory_budget=None,
+        progress: bool = True, **options) -> dict:
+    """Recompute the curvature of `index` from its stored factors (factors are not touched).
+
+    Options are the fields of CurvatureConfig. Stored sketches are reused when the sketch width
+    and seed are unchanged (then only rank, damping and refinement change); otherwise the
+    sketches are rebuilt with one pass per group of layers that fits `memory_budget`. Under
+    torchrun every rank fits the shards it holds (a single environment is rank 0's alone).
+    """
+    if config is not None and options:
+        raise TypeError("pass either a CurvatureConfig or keyword options, not both")
+    config = config or CurvatureConfig(**options)
+    budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget(device)
+    comm = current()
+    path = Path(index)
+    manifest = comm.on_root(lambda: _finished_manifest(path))
+    with Placement(path, ShardManifest.from_dict(manifest) if manifest else None) as placement:
+        if placement.sharded:
+            check_sharded_curvature(config)
+        comm.together(lambda: _hold_every_environment(comm, placement))
+        config = CurvatureConfig(**comm.on_root(lambda: asdict(_resolved_for_fit(placement.head, path, config))))
+        comm.together(lambda: [w.update_settings(dict(w.settings, curvature=asdict(config))) for w in placement.held])
+        return finalize_curvature(comm, placement, config, comm.device_for(resolve_device(device)), budget,
+                                  progress and comm.root, fresh=config.preconditioner == "ekfac")
+
+
+def _finished_manifest(path: Path) -> dict | None:
+    """Rank 0: a sharded index's manifest (None for a single environment); an unfinished build or
+    append of its shards is refused (each shard may lack its rows)."""
+    if not is_sharded(path):
+        return None
+    manifest = read_manifest(path)
+    last = manifest.segments[-1]
+    if not last.get("finalized"):
+        raise ValueError(f"index {path} has an unfinished {last['kind']}: rerun it before `fit`")
+    return manifest.to_dict()
+
+
+def _hold_every_environment(comm: Comm, placement: Placement) -> None:
+    """The environments of the index this rank holds: its shards, or (rank 0) the single environment."""
+    if placement.sharded:
+        placement.hold(range(len(placement.manifest.shards)), comm.owns)
+    elif comm.owns(0):
+        placement.writers[0] = IndexWriter.open(placement.path)
+
+
+def _resolved_for_fit(head: IndexWriter, path: Path, config: CurvatureConfig) -> CurvatureConfig:
+    """Rank 0: `auto` resolved for the index's projections and its whitening sample's tokens."""
+    resolved = config.resolved(factor_key_of_index(head.settings["factors"])["projection_kind"],
+                               tokens_per_example(head.get_state_meta(WHITENING_META)))
+    if resolved.preconditioner == "auto":
+        raise ValueError(f"index {path} has no finished whitening pre-pass: rerun its build first")
+    return resolved

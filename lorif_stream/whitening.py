@@ -41,9 +41,9 @@ import numpy as np
 import torch
 
 from .capture import LayerHooks, LayerInfo
+from .comm import Comm, GlobalProgress
 from .config import budget_groups
 from .device import notice, to_device
-from .progress import Progress
 from .projection import (
     DenseSide, LayerProjection, ProjectionSpec, SideProjection, SketchSide, make_projections, side_projection,
 )
@@ -285,31 +285,24 @@ def moment_groups(layers: Sequence[LayerInfo], spec: ProjectionSpec, budget: int
     return [[layers[i] for i in group] for group in budget_groups(needs, budget // 2)]
 
 
-def ensure_whitening(writer, source, task, config, progress: bool = True) -> dict[str, LayerProjection]:
-    """The index's whitened projections, computing (or resuming) the pre-pass first if needed.
+def ensure_whitening(comm: Comm, placement, source, task, config, progress: bool = True) -> dict[str, LayerProjection]:
+    """The index's whitened projections, computing (or resuming) the pre-pass first if the head
+    environment lacks some, and stored into the environment this rank writes if it lacks them.
 
-    `config` is the BuildConfig (whiten_examples, whiten_damping, batch_size, memory budget);
-    `source` the GradientSource whose random projections get whitened.
+    `placement` (store/placement.py) holds this rank's environment (`own`) and, on rank 0, the head;
+    `task` is the whole task (the sample spans every shard); `config` is the BuildConfig
+    (whiten_examples, whiten_damping, batch_size, memory budget); `source` the GradientSource whose
+    random projections get whitened. Every rank calls it; a failure on one rank is raised on all.
     """
-    rho, batch_size, budget = config.whiten_damping, config.batch_size, config.budget()
-    meta = writer.get_state_meta(WHITENING_META) or {}
-    layers = source.layers
-    done = set(meta.get("layers", {}))
-    todo = [l for l in layers if l.name not in done]
-    say_wide_sides(todo, source.spec)
+    own, head = placement.own, placement.head if comm.root else None
+    meta = comm.on_root(lambda: head.get_state_meta(WHITENING_META) or {})
+    todo = [l for l in source.layers if l.name not in set(meta.get("layers", {}))]
+    if comm.root:
+        say_wide_sides(todo, source.spec)
     if todo:
-        n = len(task.train_examples())
-        indices = sample_indices(n, config.whiten_examples)
-        meta = {"examples": int(len(indices)), "rho": rho, "layers": meta.get("layers", {}),
-                "partial": meta.get("partial")}
-        groups = moment_groups(todo, source.spec, budget)
-        if progress:
-            passes = f"{len(groups)} passes (layer groups within the memory budget)" if len(groups) > 1 else "one pass"
-            print(f"[lorif-stream] whitening: token moments of {len(todo)} layers over {len(indices):,} training "
-                  f"examples, {passes}", flush=True, file=sys.stderr)
-        for group in groups:
-            _whiten_group(writer, source, task, group, indices, meta, rho, batch_size, progress)
-    return load_projections(writer.get_array, layers, source.spec, source.device)
+        meta = _prepass(comm, own, head, source, task, config, todo, meta, progress)
+    _copy_to_own(comm, own, head, source.layers, meta)
+    return comm.together(lambda: load_projections(own.get_array, source.layers, source.spec, source.device))
 
 
 def say_wide_sides(layers: Sequence[LayerInfo], spec: ProjectionSpec) -> None:
@@ -324,40 +317,118 @@ def say_wide_sides(layers: Sequence[LayerInfo], spec: ProjectionSpec) -> None:
                    f"those sides get {how}")
 
 
-def _whiten_group(writer, source, task, group: list[LayerInfo], indices: np.ndarray, meta: dict,
-                  rho: float, batch_size: int, progress: bool) -> None:
+def _prepass(comm: Comm, own, head, source, task, config, todo: list[LayerInfo], meta: dict, progress: bool) -> dict:
+    """The moments of the `todo` layers, one pass over this rank's share of the sample per layer
+    group; each group's are summed over the ranks and whitened once. Each step a rank may fail in
+    alone (its forward passes, rank 0's eigendecompositions, the stores) is agreed on before the
+    next collective, so no rank is left waiting in one."""
+    indices = sample_indices(len(task.train_examples()), config.whiten_examples)
+    meta = {"examples": int(len(indices)), "rho": config.whiten_damping, "layers": dict(meta.get("layers", {})),
+            "partial": meta.get("partial")}
+    # the budget is the same on every rank (build.py _rank_budget): so are the groups, and the collectives
+    groups = moment_groups(todo, source.spec, config.budget())
+    if progress and comm.root:
+        passes = f"{len(groups)} passes (layer groups within the memory budget)" if len(groups) > 1 else "one pass"
+        ranks = f" on {comm.world} ranks" if comm.world > 1 else ""
+        print(f"[lorif-stream] whitening: token moments of {len(todo)} layers over {len(indices):,} training "
+              f"examples{ranks}, {passes}", flush=True, file=sys.stderr)
+    # rank r takes every world-th sample example; its checkpoints of a group are its own environment's
+    share = indices[comm.rank::comm.world]
+    partial = comm.together(lambda: (own.get_state_meta(WHITENING_META) or {}).get("partial"))
+    for group in groups:
+        _whiten_group(comm, own, head, source, task, group, share, len(indices), meta, partial, config, progress)
+    return meta
+
+
+def _whiten_group(comm: Comm, own, head, source, task, group: list[LayerInfo], share: np.ndarray, sampled: int,
+                  meta: dict, partial: dict | None, config, progress: bool) -> None:
     capture = MomentCapture(source.model, group, source.spec, source.device)
-    start = _resume_partial(writer, capture, group, meta)
+    start = comm.together(lambda: _resume_partial(own, capture, group, partial))
+    bar = GlobalProgress(comm, "whiten", total=sampled - comm.sum_int(start), unit="ex", enabled=progress)
+    try:
+        comm.together(lambda: _accumulate(own, capture, source, task, group, share, start, meta, config.batch_size, bar))
+    except BaseException:
+        bar.close()
+        raise
+    bar.close(synced=True)
+    tokens = {}
+    for layer in group:
+        for A in (capture.A_in[layer.name], capture.A_out[layer.name]):
+            if A is not None:
+                comm.sum_(A)
+        tokens[layer.name] = comm.sum_int(capture.tokens[layer.name])
+    # the eigendecompositions run once, on rank 0; every rank gets the arrays
+    arrays, whitened = comm.on_root(lambda: _whitened_arrays(group, capture, tokens, source.spec, config.whiten_damping,
+                                                             meta))
+    meta.update(whitened)
+    capture = None  # the moments are whitened: free them before the next group's
+    drop = [_partial_name(layer.name, side) for layer in group for side in ("in", "out")]
+    # projections, summary and the removal of the checkpoint land in one transaction
+    comm.together(lambda: [w.put_state(arrays, {WHITENING_META: meta}, drop=drop) for w in _unique(own, head)])
+
+
+def _accumulate(own, capture: MomentCapture, source, task, group: list[LayerInfo], share: np.ndarray, start: int,
+                meta: dict, batch_size: int, bar) -> None:
+    """This rank's share of the sample (from `start`) through the model, its token moments into
+    `capture`, checkpointed into its environment every few minutes."""
     examples = task.train_examples()
     last_checkpoint = time.perf_counter()
-    with capture, Progress("whiten", total=len(indices) - start, unit="ex", enabled=progress) as bar:
-        for b0 in range(start, len(indices), batch_size):
-            b1 = min(len(indices), b0 + batch_size)
-            batch = to_device(task.collate([examples[int(i)] for i in indices[b0:b1]]), source.device)
+    with capture:
+        for b0 in range(start, len(share), batch_size):
+            b1 = min(len(share), b0 + batch_size)
+            batch = to_device(task.collate([examples[int(i)] for i in share[b0:b1]]), source.device)
             with torch.enable_grad():
                 losses = task.loss(source.model, batch)
-                if not bool(torch.isfinite(losses.detach()).all()):
-                    bad = [int(indices[b0 + j]) for j in torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()]
+                finite = torch.isfinite(losses.detach())
+                if not bool(finite.all()):
+                    bad = [int(share[b0 + j]) for j in torch.nonzero(~finite).flatten().tolist()]
                     notice(f"whitening: skipped {len(bad)} sample example(s) with a non-finite loss (rows {bad[:5]})")
                     capture.reset()
                     continue
                 capture.accumulate(losses)
             bar.update(b1 - b0)
-            if time.perf_counter() - last_checkpoint > _CHECKPOINT_SECONDS and b1 < len(indices):
-                _save_partial(writer, capture, group, meta, b1)
+            if time.perf_counter() - last_checkpoint > _CHECKPOINT_SECONDS and b1 < len(share):
+                _save_partial(own, capture, group, meta, b1)
                 last_checkpoint = time.perf_counter()
+
+
+def _whitened_arrays(group: list[LayerInfo], capture: MomentCapture, tokens: dict, spec: ProjectionSpec, rho: float,
+                     meta: dict) -> tuple[dict, dict]:
+    """Rank 0: the whitened projections of `group` from the summed moments, and `meta` recording them."""
     # the group's random projections only: all layers' at once would hold every dense P twice
-    base = make_projections(group, source.spec, "cpu")
-    arrays, drop, tokens = {}, [], capture.tokens
+    base = make_projections(group, spec, "cpu")
+    arrays = {}
     for layer in group:
-        w = whiten_layer(capture.A_in[layer.name], capture.A_out[layer.name], tokens[layer.name],
-                         base[layer.name], rho)
+        w = whiten_layer(capture.A_in[layer.name], capture.A_out[layer.name], tokens[layer.name], base[layer.name], rho)
         arrays.update({array_name(layer.name, field): value for field, value in w.arrays.items()})
         meta["layers"][layer.name] = w.summary
-        drop += [_partial_name(layer.name, "in"), _partial_name(layer.name, "out")]
     meta["partial"] = None
-    # projections, summary and the removal of the checkpoint land in one transaction
-    writer.put_state(arrays, {WHITENING_META: meta}, drop=drop)
+    return arrays, meta
+
+
+def _unique(*writers) -> list:
+    """The environments among `writers` (None left out), each once: rank 0's own is the head in a build."""
+    out = []
+    for w in writers:
+        if w is not None and all(w is not o for o in out):
+            out.append(w)
+    return out
+
+
+def _copy_to_own(comm: Comm, own, head, layers, meta: dict) -> None:
+    """A shard that lacks the index's projections (an append's, or one killed before it stored
+    them) gets rank 0's copy from the head shard."""
+    names = set(meta.get("layers", {}))
+    lacking = comm.together(lambda: _whitened(own) != names)
+    if not any(comm.gather(lacking)):
+        return
+    arrays = comm.on_root(lambda: {name: np.array(array) for l in layers for f in STORED_FIELDS
+                                   if (array := head.get_array(name := array_name(l.name, f))) is not None})
+    comm.together(lambda: own.put_state(arrays, {WHITENING_META: meta}) if lacking else None)
+
+
+def _whitened(writer) -> set[str]:
+    return set((writer.get_state_meta(WHITENING_META) or {}).get("layers", {}))
 
 
 def _save_partial(writer, capture: MomentCapture, group: list[LayerInfo], meta: dict, done: int) -> None:
@@ -371,9 +442,9 @@ def _save_partial(writer, capture: MomentCapture, group: list[LayerInfo], meta: 
     writer.put_state(arrays, {WHITENING_META: meta})
 
 
-def _resume_partial(writer, capture: MomentCapture, group: list[LayerInfo], meta: dict) -> int:
-    """Load a checkpoint of exactly this group (same sample); else start the group from scratch."""
-    partial = meta.get("partial")
+def _resume_partial(writer, capture: MomentCapture, group: list[LayerInfo], partial: dict | None) -> int:
+    """Load `partial`, the writer's checkpoint, if it is of exactly this group (same sample); else
+    start the group from scratch."""
     if not partial or partial.get("layers") != [l.name for l in group]:
         return 0
     for layer in group:
