@@ -96,14 +96,14 @@ def whiten(task, index, config: BuildConfig | None = None, *, progress: bool = T
 
 
 def _build_here_or_sharded(task, path: Path, config: BuildConfig, progress: bool, whiten_only: bool) -> BuildResult:
-    """A torchrun job (or a rerun on a sharded index) builds shards (sharded_build); a plain process one environment."""
+    """A torchrun job (or a rerun on a sharded index) builds shards (_build_shards); a plain process one environment."""
     comm = current()
     if comm.active or is_sharded(path):
-        return sharded_build(task, path, config, comm, progress, whiten_only)
-    return _build(task, path, config, progress, whiten_only)
+        return _build_shards(task, path, config, comm, progress, whiten_only)
+    return _build_environment(task, path, config, progress, whiten_only)
 
 
-def _build(task, path: Path, config: BuildConfig, progress: bool, whiten_only: bool) -> BuildResult:
+def _build_environment(task, path: Path, config: BuildConfig, progress: bool, whiten_only: bool) -> BuildResult:
     source = None
     if (path / DATA_FILE).exists():
         writer = IndexWriter.open(path, durability=config.durability)
@@ -124,9 +124,8 @@ def _build(task, path: Path, config: BuildConfig, progress: bool, whiten_only: b
             (path / name).unlink(missing_ok=True)
     else:
         _check_new_directory(path)
-    device = resolve_device(config.device)
     if source is None:
-        source = GradientSource.open(task, _spec(config), device)
+        source, _ = _open_source(LOCAL, task, config)
     config = _clamp_rank(config, source.layers)
     examples = task.train_examples()
     n = len(examples)
@@ -175,7 +174,7 @@ def _changed_empty_build(writer: IndexWriter, task, config: BuildConfig):
     segments = settings.get("segments") or []
     if writer.rows or len(segments) != 1 or segments[0]["kind"] != "build":
         return None, None
-    source = GradientSource.open(task, _spec(config), resolve_device(config.device))
+    source, n = _open_source(LOCAL, task, config)
     config = _clamp_rank(config, source.layers)
     stored = factor_key_of_index(settings["factors"])
     if stored != config.factor_key():
@@ -184,7 +183,6 @@ def _changed_empty_build(writer: IndexWriter, task, config: BuildConfig):
         return "the task's model tracks other layers", source
     if source.fingerprint != settings["fingerprint"]:
         return "the task's model differs from the one it was started with", source
-    n = _train_len(task)
     if n != segments[0]["count"]:
         return f"the task has {n:,} examples, not the {segments[0]['count']:,} it was started with", source
     return None, source
@@ -219,7 +217,7 @@ def append(task, index, config: BuildConfig | None = None, *, progress: bool = T
     comm = current()
     if comm.active or is_sharded(index):
         # new rows go to new shards, one per rank (of this job, or this process)
-        return sharded_append(task, Path(index), config, comm, progress, given)
+        return _append_shards(task, Path(index), config, comm, progress, given)
     writer = IndexWriter.open(index, durability=config.durability)
     return _resume_or_extend(writer, task, config, progress, kind="append", given=given)
 
@@ -292,6 +290,39 @@ def _clamp_rank(config: BuildConfig, layers, stored_rank: int | None = None) -> 
     return replace(config, rank=top)
 
 
+def _open_source(comm: Comm, task, config: BuildConfig, layers: list[LayerInfo] | None = None):
+    """The task's GradientSource on this rank's device (`layers`: an index's tracked layers) and its
+    number of training examples; every rank must load the same task."""
+    device = comm.device_for(resolve_device(config.device))
+    source, n = comm.together(lambda: (GradientSource.open(task, _spec(config), device, layers=layers),
+                                       _train_len(task)))
+    _same_everywhere(comm, n, source.fingerprint)
+    return source, n
+
+
+def _index_layers(settings: dict) -> list[LayerInfo]:
+    return [LayerInfo.from_dict(d) for d in settings["layers"]]
+
+
+def _index_factors(config: BuildConfig, settings: dict, given) -> BuildConfig:
+    """`config` with the index's factor settings for those not `given` (an append uses the index's
+    own, whatever today's defaults; a build gives them all) and its rank clamped as the index's was;
+    a given setting that differs from the index's is refused."""
+    stored = factor_key_of_index(settings["factors"])
+    config = replace(config, **{k: v for k, v in factor_options(stored).items() if k not in given})
+    config = _clamp_rank(config, _index_layers(settings), stored_rank=stored.get("rank"))
+    _check_same({"factors": stored}, "factors", config.factor_key(), "factor settings")
+    return config
+
+
+def _check_same_model(source: GradientSource, settings: dict, path) -> None:
+    if source.fingerprint != settings["fingerprint"]:
+        raise SettingsMismatchError(
+            f"the task's model differs from the one index {path} was built with "
+            f"(fingerprint {source.fingerprint[:12]} vs {settings['fingerprint'][:12]}): different weights, weight dtype or layers"
+        )
+
+
 def _say_curvature_is_kept(writer: IndexWriter, config: BuildConfig) -> None:
     """Curvature options live with an index that has rows: name those of this command that differ."""
     kind = config.projection_kind
@@ -319,14 +350,7 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
                       source: GradientSource | None = None) -> BuildResult:
     try:
         settings = writer.settings
-        stored = factor_key_of_index(settings["factors"])
-        layers = [LayerInfo.from_dict(d) for d in settings["layers"]]
-        if kind == "append":
-            # an append uses the index's own factor settings for those not given, whatever today's defaults
-            config = replace(config, **{k: v for k, v in factor_options(stored).items() if k not in given},
-                             curvature=CurvatureConfig(**settings["curvature"]))
-        config = _clamp_rank(config, layers, stored_rank=stored.get("rank"))
-        _check_same({"factors": stored}, "factors", config.factor_key(), "factor settings")
+        config = _index_factors(config, settings, given)
         if kind == "build" and writer.rows == 0:
             # nothing is fitted yet (a failed start, or `whiten` alone): this command's curvature applies
             settings = dict(settings, curvature=asdict(config.curvature))
@@ -336,14 +360,9 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
         # curvature settings live with the index (change them with `fit`)
         config = replace(config, curvature=CurvatureConfig(**settings["curvature"]).resolved(config.projection_kind))
 
-        device = resolve_device(config.device)
         if source is None:
-            source = GradientSource.open(task, _spec(config), device, layers=layers)
-        if source.fingerprint != settings["fingerprint"]:
-            raise SettingsMismatchError(
-                f"the task's model differs from the one index {writer.path} was built with "
-                f"(fingerprint {source.fingerprint[:12]} vs {settings['fingerprint'][:12]}): different weights, weight dtype or layers"
-            )
+            source, _ = _open_source(LOCAL, task, config, _index_layers(settings))
+        _check_same_model(source, settings, writer.path)
         # rows written with another encoding than the index's would be scored silently wrong
         check_options(settings, task, writer.path, kind)
         _check_recomputed_rows(writer, source, task, settings, kind)
@@ -755,15 +774,13 @@ def _single_process_index(path: Path, what: str) -> SettingsMismatchError:
 # ------------------------------------------------------------------------------------ build
 
 
-def sharded_build(task, path: Path, config: BuildConfig, comm: Comm, progress: bool,
+def _build_shards(task, path: Path, config: BuildConfig, comm: Comm, progress: bool,
                   whiten_only: bool = False) -> BuildResult:
     t0 = time.perf_counter()
     check_sharded_curvature(config.curvature)
     config = _rank_budget(config, comm)
-    device = comm.device_for(resolve_device(config.device))
-    source, n = comm.together(lambda: (GradientSource.open(task, _spec(config), device), len(task.train_examples())))
+    source, n = _open_source(comm, task, config)
     config = _clamp_rank(config, source.layers)
-    _same_everywhere(comm, n, source.fingerprint)
     if n == 0:
         raise ValueError("the task has no training examples (train_examples() is empty)")
     check_budget(source.layers, source.spec, config)
@@ -904,29 +921,18 @@ def _open_or_create(path: Path, entry: ShardEntry, position: int, layout: IndexL
 # ------------------------------------------------------------------------------------ append
 
 
-def sharded_append(task, path: Path, config: BuildConfig, comm: Comm, progress: bool,
+def _append_shards(task, path: Path, config: BuildConfig, comm: Comm, progress: bool,
                    given: set[str] = frozenset(FACTOR_FIELDS)) -> BuildResult:
     t0 = time.perf_counter()
     config = _rank_budget(config, comm)
     plan = comm.on_root(lambda: _plan_append_head(path))
     manifest = ShardManifest.from_dict(plan["manifest"])
-    stored = factor_key_of_index(plan["settings"]["factors"])
-    config = replace(config, **{k: v for k, v in factor_options(stored).items() if k not in given},
-                     curvature=CurvatureConfig(**plan["settings"]["curvature"]))
-    config = _clamp_rank(config, [LayerInfo.from_dict(d) for d in plan["settings"]["layers"]],
-                         stored_rank=stored.get("rank"))
-    if config.factor_key() != stored:
-        raise SettingsMismatchError(f"factor settings differ from the index's ({_diff(stored, config.factor_key())})")
-    config = replace(config, curvature=config.curvature.resolved(config.projection_kind))
+    config = _index_factors(config, plan["settings"], given)
+    # curvature settings live with the index (change them with `fit`)
+    config = replace(config, curvature=CurvatureConfig(**plan["settings"]["curvature"]).resolved(config.projection_kind))
     check_sharded_curvature(config.curvature)
-    device = comm.device_for(resolve_device(config.device))
-    layers = [LayerInfo.from_dict(d) for d in plan["settings"]["layers"]]
-    source, n = comm.together(lambda: (GradientSource.open(task, _spec(config), device, layers=layers),
-                                       len(task.train_examples())))
-    _same_everywhere(comm, n, source.fingerprint)
-    if source.fingerprint != plan["settings"]["fingerprint"]:
-        raise SettingsMismatchError(f"the task's model differs from the one index {path} was built with "
-                                    f"(fingerprint {source.fingerprint[:12]} vs {plan['settings']['fingerprint'][:12]})")
+    source, n = _open_source(comm, task, config, _index_layers(plan["settings"]))
+    _check_same_model(source, plan["settings"], path)
     # the same recorded-encoding check as one process's append: every rank holds the same settings
     # and task options, so each refuses alike, before any collective
     check_options(plan["settings"], task, path, "append")
