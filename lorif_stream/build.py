@@ -8,6 +8,11 @@ queue into an encoder thread and a committer thread, so block n+1 encodes while 
 with the new row count, in one transaction. The queue bounds memory and gives back-pressure; zstd,
 numba and torch release the GIL so all stages overlap.
 
+Opening the index differs by its layout: one environment is created, resumed or extended in place;
+a shard directory is planned by rank 0 and each rank opens its own shard. Everything after is one
+pipeline over a placement (store/placement.py) and a communicator (comm.py; one process: every
+collective the identity): whitening, rows, ids, curvature, the segment record (_write_segment).
+
 Both operations extend the index by one *segment* of rows (the build's, then one per append),
 recorded in the index settings before the first row is written. An interrupted segment resumes
 at its first uncommitted row, once the task is shown to hold the same examples there (segments.py:
@@ -745,18 +750,16 @@ def _check_fp16_range(L: torch.Tensor, ids: list[str]) -> None:
                          f"or --dtype fp32")
 
 
-# ------------------------------------------------------------------------------------ sharded
-# build / append of a sharded index, by the ranks of a torchrun job (or one process). The index
-# directory holds `shards.json` and one shard per rank per segment (store/shards.py). A segment (the
-# build, then each append) is split into one contiguous run of rows per rank; rank r writes shard
-# `first + r` of it with index_rows over a view of its rows (task_view.py). What is shared is
-# computed once: rank 0 plans the segment and writes the manifest, the whitening moments and the
-# curvature statistics are all-reduced and finalized on rank 0 (shared_whitening.py, fit.py), ids
-# are checked unique across shards (shard_ids.py). Rank 0 alone writes the manifest and the head
-# shard's index-wide state; a rank opens only the shards it writes or holds (shard s is held by
-# rank s % world), so shards may sit on node-local disks. A rerun of the same command resumes:
-# every shard continues at its first missing row. The world size of a resumed segment must be the
-# one it started with (one shard per rank); another is refused in one line.
+# ------------------------------------------------------------------------------------ shards
+# Opening a sharded index for a build or an append, by the ranks of a torchrun job (or one
+# process); what follows is the one write pipeline (_write_segment). The index directory holds
+# `shards.json` and one shard per rank per segment (store/shards.py). A segment (the build, then
+# each append) is split into one contiguous run of rows per rank; rank r writes shard `first + r`
+# of it over a view of its rows (task_view.py). Rank 0 plans the segment and writes the manifest
+# before any shard exists; a rank opens only the shards it writes or holds (shard s is held by rank
+# s % world), so shards may sit on node-local disks. A rerun of the same command resumes: every
+# shard continues at its first missing row. The world size of a resumed segment must be the one it
+# started with (one shard per rank); another is refused in one line.
 
 
 def _rank_budget(config: BuildConfig, comm: Comm) -> BuildConfig:

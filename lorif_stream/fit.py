@@ -3,7 +3,9 @@
 Three preconditioners (CurvatureConfig.preconditioner): `lowrank`, the paper's top-r eigenpairs
 of Σ g gᵀ from D x k Nyström sketches; `ekfac`, a diagonal in the whitening's Kronecker eigenbasis
 (ekfac.py, D numbers per layer); `none`, the plain dot product. Each has a statistics object with
-the same life cycle: fed during the build, caught up from the stored factors, saved, finalized.
+the same life cycle: fed during the build, caught up from the stored factors, saved; then
+finalize_curvature, one step for every index and world, sums the saved statistics of the
+environments a rank holds over the ranks and stores the curvature once.
 
 Sketches are additive over rows, so they are kept in the index with the row count each covers
 and only ever *caught up*: a resumed build, an append, or a post-build pass for layers whose

@@ -19,7 +19,9 @@ groups sized to the memory budget (one pass over the sample per group), checkpoi
 accumulators in the index so a killed pre-pass resumes, eigendecomposes on the device and stores
 per layer ``P_in'``, ``P_out'`` (used unchanged by build, append and query, so stored rows stay
 comparable) plus the eigenbases of the *projected* moments, which the EK-FAC preconditioner
-(``ekfac.py``) uses.
+(``ekfac.py``) uses. It is one pre-pass in any world (a Comm: one process by default): under
+torchrun each rank takes every world-th sample example and checkpoints into its own shard, the
+moments are all-reduced and rank 0 eigendecomposes once.
 
 Sides wider than the spec's ``max_dense_side`` (an LM head over a 152k vocabulary, a 14k MLP) are
 whitened by the diagonal of their moment instead: their ``dim x dim`` fp64 moment (185 GB at 152k)
