@@ -139,14 +139,21 @@ def _build_environment(task, path: Path, config: BuildConfig, progress: bool, wh
     # everything that can refuse the build does so before the index exists
     layout = new_layout(source, config)
     check_plan(path, source, task, examples, config, layout, n, progress)
-    settings = new_settings(task, source, config, n)
+    writer = _create_environment(path, layout, new_settings(task, source, config, n), task, config)
+    return _write_environment(writer, source, task, config, progress, whiten_only)
+
+
+def _create_environment(path: Path, layout: IndexLayout, settings: dict, task, config: BuildConfig) -> IndexWriter:
+    """A new environment (an index, or a shard of one) whose first segment holds `task`'s examples,
+    with the content digests that later reruns are checked against (segments.py)."""
     writer = IndexWriter.create(path, layout, settings, durability=config.durability)
     try:
-        store_check(writer, settings["segments"][0], segment_check(task, examples, n))
+        examples = task.train_examples()
+        store_check(writer, settings["segments"][0], segment_check(task, examples, len(examples)))
     except BaseException:
         writer.close()
         raise
-    return _write_environment(writer, source, task, config, progress, whiten_only)
+    return writer
 
 
 def new_layout(source: GradientSource, config: BuildConfig) -> IndexLayout:
@@ -886,13 +893,7 @@ def _open_or_create(path: Path, entry: ShardEntry, position: int, layout: IndexL
         estimate = estimate_build(source.layers, source.spec, config, layout, entry.count,
                                   tokens_bound(view, view.train_examples(), config.batch_size))
         check_fits(estimate, shard_path.parent, config, source.device)
-        writer = IndexWriter.create(shard_path, layout, settings, durability=config.durability)
-        try:
-            store_check(writer, settings["segments"][0], segment_check(view, view.train_examples(), entry.count))
-        except BaseException:
-            writer.close()
-            raise
-        return writer
+        return _create_environment(shard_path, layout, settings, view, config)
     writer = IndexWriter.open(shard_path, durability=config.durability)
     try:
         stored = writer.settings
