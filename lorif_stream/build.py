@@ -78,6 +78,17 @@ class BuildResult:
     finalize_seconds: float = 0.0  # catching up and finalizing the curvature after the last row
 
 
+@dataclass
+class _Opened:
+    """An index opened for writing one segment, by whichever layout: what the write pipeline needs."""
+
+    placement: Placement
+    source: GradientSource
+    view: object  # the task's rows of the own environment (the task itself for a single environment)
+    config: BuildConfig
+    started: float  # perf_counter when the command started its work (BuildResult.seconds)
+
+
 # ------------------------------------------------------------------------------------ public
 
 
@@ -88,7 +99,7 @@ def build(task, index, config: BuildConfig | None = None, *, progress: bool = Tr
     built with the same task and settings is resumed at its first uncommitted row; different
     settings raise SettingsMismatchError naming them. Options are the fields of BuildConfig.
     """
-    return _build_here_or_sharded(_task(task), Path(index), _config(config, options), progress, whiten_only=False)
+    return _build_or_whiten(_task(task), Path(index), _config(config, options), progress, whiten_only=False)
 
 
 def whiten(task, index, config: BuildConfig | None = None, *, progress: bool = True, **options) -> BuildResult:
@@ -97,18 +108,31 @@ def whiten(task, index, config: BuildConfig | None = None, *, progress: bool = T
     config = _config(config, options)
     if config.projection_kind != "whitened":
         raise ValueError(f"whiten needs projection_kind='whitened', got {config.projection_kind!r}")
-    return _build_here_or_sharded(_task(task), Path(index), config, progress, whiten_only=True)
+    return _build_or_whiten(_task(task), Path(index), config, progress, whiten_only=True)
 
 
-def _build_here_or_sharded(task, path: Path, config: BuildConfig, progress: bool, whiten_only: bool) -> BuildResult:
-    """A torchrun job (or a rerun on a sharded index) builds shards (_build_shards); a plain process one environment."""
+def _build_or_whiten(task, path: Path, config: BuildConfig, progress: bool, whiten_only: bool) -> BuildResult:
+    """Open the index for the build's segment by its layout (a torchrun job, or a rerun on a sharded
+    index: shards; a plain process: one environment), then the one write pipeline."""
     comm = current()
     if comm.active or is_sharded(path):
-        return _build_shards(task, path, config, comm, progress, whiten_only)
-    return _build_environment(task, path, config, progress, whiten_only)
+        opened = _open_shards_for_build(task, path, config, comm, progress)
+    else:
+        opened = _open_environment_for_build(task, path, config, progress, whiten_only)
+    return _write(comm, opened, task, progress, whiten_only)
 
 
-def _build_environment(task, path: Path, config: BuildConfig, progress: bool, whiten_only: bool) -> BuildResult:
+def _write(comm: Comm, opened: "_Opened | BuildResult", task, progress: bool, whiten_only: bool) -> BuildResult:
+    """The opened segment through the write pipeline (a BuildResult: the segment was complete already)."""
+    if isinstance(opened, BuildResult):
+        return opened
+    with opened.placement:
+        return _write_segment(comm, opened.placement, opened.source, task, opened.view, opened.config, progress,
+                              whiten_only, opened.started)
+
+
+def _open_environment_for_build(task, path: Path, config: BuildConfig, progress: bool,
+                                whiten_only: bool) -> "_Opened | BuildResult":
     source = None
     if (path / DATA_FILE).exists():
         writer = IndexWriter.open(path, durability=config.durability)
@@ -140,7 +164,7 @@ def _build_environment(task, path: Path, config: BuildConfig, progress: bool, wh
     layout = new_layout(source, config)
     check_plan(path, source, task, examples, config, layout, n, progress)
     writer = _create_environment(path, layout, new_settings(task, source, config, n), task, config)
-    return _write_environment(writer, source, task, config, progress, whiten_only)
+    return _opened_environment(writer, source, task, config)
 
 
 def _create_environment(path: Path, layout: IndexLayout, settings: dict, task, config: BuildConfig) -> IndexWriter:
@@ -229,9 +253,11 @@ def append(task, index, config: BuildConfig | None = None, *, progress: bool = T
     comm = current()
     if comm.active or is_sharded(index):
         # new rows go to new shards, one per rank (of this job, or this process)
-        return _append_shards(task, Path(index), config, comm, progress, given)
-    writer = IndexWriter.open(index, durability=config.durability)
-    return _resume_or_extend(writer, task, config, progress, kind="append", given=given)
+        opened = _open_shards_for_append(task, Path(index), config, comm, progress, given)
+    else:
+        writer = IndexWriter.open(index, durability=config.durability)
+        opened = _resume_or_extend(writer, task, config, progress, kind="append", given=given)
+    return _write(comm, opened, task, progress, whiten_only=False)
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -359,7 +385,9 @@ def _finalized(writer: IndexWriter, segment: dict) -> bool:
 
 def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: bool, kind: str,
                       whiten_only: bool = False, given: set[str] = frozenset(FACTOR_FIELDS),
-                      source: GradientSource | None = None) -> BuildResult:
+                      source: GradientSource | None = None) -> "_Opened | BuildResult":
+    """A single environment that exists, opened for this build or append: its unfinished segment
+    resumed, its complete one recognised, or a new append segment recorded."""
     try:
         settings = writer.settings
         config = _index_factors(config, settings, given)
@@ -393,7 +421,7 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
                     f"this task has {n:,}: resume it with the same task"
                 )
             _check_resumed_segment(writer, last, task, examples)
-            return _write_environment(writer, source, task, config, progress, whiten_only)
+            return _opened_environment(writer, source, task, config)
         if kind == "build":
             if last["kind"] != "build" or last["count"] != n:
                 raise SettingsMismatchError(
@@ -416,7 +444,7 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
         settings = dict(settings, segments=segments + [segment])
         settings["allow_duplicate_ids"] = settings.get("allow_duplicate_ids") or config.allow_duplicate_ids
         writer.update_settings(settings)
-        return _write_environment(writer, source, task, config, progress, whiten_only)
+        return _opened_environment(writer, source, task, config)
     except BaseException:
         writer.close()
         raise
@@ -455,11 +483,11 @@ def _check_resumed_segment(writer: IndexWriter, segment: dict, task, examples) -
 
 
 def _complete(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool,
-              whiten_only: bool, segment: dict) -> BuildResult:
+              whiten_only: bool, segment: dict) -> "_Opened | BuildResult":
     """A rerun of a build or append whose rows are all committed: finish its curvature step if a kill
     (or a full disk) stopped it there, else there is nothing to do."""
     if whiten_only:  # `whiten` on an index with rows: its pre-pass is done, nothing else is asked
-        return _write_environment(writer, source, task, config, progress, whiten_only)
+        return _opened_environment(writer, source, task, config)
     what = f"{segment['kind']} of {segment['count']:,} rows"
     if _finalized(writer, segment):
         notice(f"index {writer.path}: the {what} is already complete (rows {segment['start']:,}.."
@@ -468,7 +496,7 @@ def _complete(writer: IndexWriter, source: GradientSource, task, config: BuildCo
         return BuildResult(str(writer.path), writer.rows, 0, 0.0, 0)
     notice(f"index {writer.path}: every row of the {what} is committed but its curvature was not finalized "
            f"(interrupted): finishing it")
-    return _write_environment(writer, source, task, config, progress, whiten_only)
+    return _opened_environment(writer, source, task, config)
 
 
 def _whitened_layers(writer: IndexWriter) -> set[str]:
@@ -492,11 +520,9 @@ def _to_host(tensors: list[torch.Tensor], device: torch.device):
     return host, event
 
 
-def _write_environment(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool,
-                       whiten_only: bool = False) -> BuildResult:
-    """The segment of a single environment, written by this process (its only writer)."""
-    with Placement.environment(writer) as placement:
-        return _write_segment(LOCAL, placement, source, task, task, config, progress, whiten_only, time.perf_counter())
+def _opened_environment(writer: IndexWriter, source: GradientSource, task, config: BuildConfig) -> _Opened:
+    """A single environment's segment, to be written by this process (its only writer)."""
+    return _Opened(Placement.environment(writer), source, task, config, time.perf_counter())
 
 
 def _write_segment(comm: Comm, placement: Placement, source: GradientSource, task, view, config: BuildConfig,
@@ -784,8 +810,9 @@ def _single_process_index(path: Path, what: str) -> SettingsMismatchError:
 # ------------------------------------------------------------------------------------ build
 
 
-def _build_shards(task, path: Path, config: BuildConfig, comm: Comm, progress: bool,
-                  whiten_only: bool = False) -> BuildResult:
+def _open_shards_for_build(task, path: Path, config: BuildConfig, comm: Comm, progress: bool) -> "_Opened | BuildResult":
+    """This rank's shard of a sharded build: planned by rank 0 (a new manifest, or the unfinished
+    build to resume), created or reopened by each rank."""
     t0 = time.perf_counter()
     check_sharded_curvature(config.curvature)
     config = _rank_budget(config, comm)
@@ -812,8 +839,7 @@ def _build_shards(task, path: Path, config: BuildConfig, comm: Comm, progress: b
     settings = dict(new_settings(task, source, config, entry.count), shard=_shard_record(entry, position))
     writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config,
                                                      source, "build"))
-    with Placement(path, manifest, {position: writer}, writer) as placement:
-        return _write_segment(comm, placement, source, task, view, config, progress, whiten_only, t0)
+    return _Opened(Placement(path, manifest, {position: writer}, writer), source, view, config, t0)
 
 
 def _same_everywhere(comm: Comm, n: int, fingerprint: str) -> None:
@@ -925,8 +951,10 @@ def _open_or_create(path: Path, entry: ShardEntry, position: int, layout: IndexL
 # ------------------------------------------------------------------------------------ append
 
 
-def _append_shards(task, path: Path, config: BuildConfig, comm: Comm, progress: bool,
-                   given: set[str] = frozenset(FACTOR_FIELDS)) -> BuildResult:
+def _open_shards_for_append(task, path: Path, config: BuildConfig, comm: Comm, progress: bool,
+                            given: set[str] = frozenset(FACTOR_FIELDS)) -> "_Opened | BuildResult":
+    """This rank's new shard of an append to a sharded index (the segment planned by rank 0, or
+    resumed), and the older shards it holds, whose statistics enter the curvature."""
     t0 = time.perf_counter()
     config = _rank_budget(config, comm)
     plan = comm.on_root(lambda: _plan_append_head(path))
@@ -955,10 +983,13 @@ def _append_shards(task, path: Path, config: BuildConfig, comm: Comm, progress: 
     layout = IndexLayout.from_dict(plan["layout"])
     writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config,
                                                      source, "append"))
-    with Placement(path, manifest, {position: writer}, writer) as placement:
-        # the shards before this segment that this rank holds: their statistics enter the curvature
+    placement = Placement(path, manifest, {position: writer}, writer)
+    try:
         comm.together(lambda: placement.hold(range(segment["shards"][0]), comm.owns, config.durability))
-        return _write_segment(comm, placement, source, task, view, config, progress, False, t0)
+    except BaseException:
+        placement.close()
+        raise
+    return _Opened(placement, source, view, config, t0)
 
 
 def _plan_append_head(path: Path) -> dict:
