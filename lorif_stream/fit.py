@@ -452,8 +452,10 @@ def _own_sketches(writers, group: list[int], config, device, progress: bool) -> 
     for w in writers:
         sketches = SketchSet(w, config, device)
         sketches.sketches = {i: sketches._load_or_new(w, i) for i in group}
+        behind = any(sketch.rows < w.rows for sketch in sketches.sketches.values())
         sketches.catch_up(w, progress)
-        sketches.save(w)
+        if behind:  # a sketch the build saved with every row is not written again (D x k per layer)
+            sketches.save(w)
         for i in group:
             totals[i] = totals[i].merge(sketches.sketches[i]) if i in totals else sketches.sketches[i]
     return totals
