@@ -548,10 +548,35 @@ def _whiten_index_finalize(comm: Comm, placement: Placement, source: GradientSou
         config = _agree_preconditioner(comm, placement, config)
     whiten_s = time.perf_counter() - t_whiten
     if whiten_only:
-        rows = comm.sum_int(sum(w.rows for w in placement.held))
-        return BuildResult(str(placement.path), rows, 0, whiten_s, 0, whiten_seconds=whiten_s)
-    segment = own.settings["segments"][-1]
+        return BuildResult(str(placement.path), _index_rows_held(comm, placement), 0, whiten_s, 0, whiten_seconds=whiten_s)
     before = comm.sum_int(own.rows)
+    written, sketch_seconds = _index_own_rows(comm, placement, source, view, config, progress)
+    _check_ids_across_shards(comm, placement)
+    pause = float(os.environ.get(PAUSE_BEFORE_FINALIZE_ENV) or 0)
+    if pause > 0:
+        time.sleep(pause)
+    t_final = time.perf_counter()
+    finalize_curvature(comm, placement, config.curvature, source.device, config.budget(), progress and comm.root)
+    # after the curvature switch (a kill in between is recognised by the curvature's row count)
+    comm.together(placement.finish_segment)
+    comm.on_root(placement.record_finished)
+    return BuildResult(str(placement.path), _index_rows_held(comm, placement), comm.sum_int(own.rows) - before,
+                       time.perf_counter() - t0, written, sketch_seconds, whiten_seconds=whiten_s,
+                       finalize_seconds=time.perf_counter() - t_final)
+
+
+def _index_rows_held(comm: Comm, placement: Placement) -> int:
+    """The rows of every environment the ranks hold (one process: the index's)."""
+    return comm.sum_int(sum(w.rows for w in placement.held))
+
+
+def _index_own_rows(comm: Comm, placement: Placement, source: GradientSource, view, config: BuildConfig,
+                    progress: bool) -> tuple[int, float]:
+    """Every rank's uncommitted rows of the segment into its own environment, under one progress bar,
+    the statistic saved with them. Returns the bytes written and the seconds spent feeding the
+    statistic (the ranks' mean)."""
+    own = placement.own
+    segment = own.settings["segments"][-1]
     bar = GlobalProgress(comm, segment["kind"], total=comm.sum_int(segment["start"] + segment["count"] - own.rows),
                          unit="ex", enabled=progress, detail=source.overhead_text)
     try:
@@ -561,26 +586,19 @@ def _whiten_index_finalize(comm: Comm, placement: Placement, source: GradientSou
         bar.close()
         raise
     bar.close(synced=True)
+    # saved: the curvature step reloads it within the memory budget
     comm.together(lambda: statistic.save(own))
-    sketch_seconds = statistic.seconds
-    statistic = None  # saved: the curvature step reloads it within the memory budget
-    if placement.sharded and not own.settings.get("allow_duplicate_ids"):
-        # (one environment's LMDB refuses a duplicate among its own rows itself)
-        duplicate = _duplicate(comm, placement)
-        if duplicate is not None:
-            _refuse_duplicate(comm, placement, duplicate)
-    pause = float(os.environ.get(PAUSE_BEFORE_FINALIZE_ENV) or 0)
-    if pause > 0:
-        time.sleep(pause)
-    t_final = time.perf_counter()
-    finalize_curvature(comm, placement, config.curvature, source.device, config.budget(), progress and comm.root)
-    # after the curvature switch (a kill in between is recognised by the curvature's row count)
-    comm.together(placement.finish_segment)
-    comm.on_root(placement.record_finished)
-    rows = comm.sum_int(sum(w.rows for w in placement.held))
-    return BuildResult(str(placement.path), rows, comm.sum_int(own.rows) - before, time.perf_counter() - t0,
-                       comm.sum_int(written), comm.sum_float(sketch_seconds) / comm.world, whiten_seconds=whiten_s,
-                       finalize_seconds=time.perf_counter() - t_final)
+    return comm.sum_int(written), comm.sum_float(statistic.seconds) / comm.world
+
+
+def _check_ids_across_shards(comm: Comm, placement: Placement) -> None:
+    """Each environment's LMDB refuses a duplicate among its own rows; shards are checked against
+    each other here (shard_ids.py), unless the index allows duplicates."""
+    if not placement.sharded or placement.own.settings.get("allow_duplicate_ids"):
+        return
+    duplicate = _duplicate(comm, placement)
+    if duplicate is not None:
+        _refuse_duplicate(comm, placement, duplicate)
 
 
 def _agree_preconditioner(comm: Comm, placement: Placement, config: BuildConfig) -> BuildConfig:

@@ -83,10 +83,8 @@ class Placement:
             self.own.update_settings(dict(self.own.settings, segments=segments[:-1]))
 
     def close(self) -> None:
-        for writer in self.writers.values():
+        for writer in self.writers.values():  # the own environment is among them
             writer.close()
-        if self.own is not None and all(w is not self.own for w in self.writers.values()):
-            self.own.close()
 
     def __enter__(self) -> "Placement":
         return self
