@@ -943,10 +943,8 @@ def _open_or_create(path: Path, entry: ShardEntry, position: int, layout: IndexL
         stored = writer.settings
         if stored.get("shard") != settings["shard"]:
             raise SettingsMismatchError(f"shard {shard_path} is for rows {stored.get('shard')}, not {settings['shard']}")
-        mine = factor_key_of_index(settings["factors"])
-        theirs = factor_key_of_index(stored["factors"])
-        if theirs != mine:
-            raise SettingsMismatchError(f"factor settings differ from the index's ({_diff(theirs, mine)})")
+        _check_same({"factors": factor_key_of_index(stored["factors"])}, "factors",
+                    factor_key_of_index(settings["factors"]), "factor settings")
         if stored["fingerprint"] != source.fingerprint or stored["layers"] != settings["layers"]:
             raise SettingsMismatchError(f"the task's model differs from the one index {path} was built with "
                                         f"(fingerprint {source.fingerprint[:12]} vs {stored['fingerprint'][:12]})")
