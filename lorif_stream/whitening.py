@@ -219,58 +219,76 @@ def diagonal_whitening(diagonal: torch.Tensor, rho: float) -> tuple[torch.Tensor
 
 
 @dataclass(frozen=True)
-class LayerWhitening:
-    """What the index stores per layer: the whitened projections and the projected moments' eigenbases.
+class WhitenedSide:
+    """What the index stores for one side of a layer: its whitened projection (a dense side's
+    ``P' = W P``, dim x d; a sketched side's CountSketch with its diagonal ``w`` in the weights),
+    the EK-FAC eigenbasis of its projected moment, the stored arrays and a summary."""
 
-    A dense side stores ``P' = W P`` (``P_in``/``P_out``, dim x d); a diagonal side stores its
-    diagonal ``w`` (``w_in``/``w_out``, dim), its CountSketch being regenerated from the seed.
-    """
-
-    inp: SideProjection
-    out: SideProjection
-    q_in: torch.Tensor  # (d_in, d_in) fp32, eigenvectors of P_in'ᵀ A_in P_in' (EK-FAC basis)
-    q_out: torch.Tensor  # (d_out, d_out) fp32
-    arrays: dict  # field -> numpy array, what the index stores for the layer (with q_in, q_out)
+    projection: SideProjection
+    q: torch.Tensor  # (d, d) fp32, eigenvectors of P'ᵀ A P'
+    arrays: dict  # field -> numpy array (P_in / w_in, without the eigenbasis)
     summary: dict
-
-    def projection(self, device) -> LayerProjection:
-        return LayerProjection(self.inp, self.out).to(device)
 
 
 @torch.no_grad()
-def whiten_layer(A_in: torch.Tensor | None, A_out: torch.Tensor | None, tokens: int, base: LayerProjection,
-                 rho: float) -> LayerWhitening:
-    """Whitened projections of one layer from its summed moments over ``tokens`` tokens: a
-    (dim, dim) moment whitens a dense side, a (dim,) one a sketched side by its diagonal; a side
-    whose moment is None keeps its random projection (format 2's wide sides)."""
+def whiten_side(side: str, A: torch.Tensor | None, tokens: int, P: SideProjection, rho: float,
+                whitening: SideWhitening | None = None) -> WhitenedSide:
+    """One side's whitened projection from its moment summed over ``tokens`` tokens: a (dim, dim)
+    moment whitens a dense side, a (dim,) one a sketched side by its diagonal, None keeps the
+    random projection (format 2's wide sides). ``whitening``, when given, is the eigendecomposition
+    of this very moment (shared by the layers that read the same input)."""
     scale = 1.0 / max(tokens, 1)
-    sides, arrays = {}, {}
-    for side, A, P in (("in", A_in, base.inp), ("out", A_out, base.out)):
-        eye = torch.eye(P.d)
-        if A is None:
-            sides[side] = (P.to("cpu"), eye, {"dim": P.dim, "whitened": False})
-            arrays[f"P_{side}"] = P.matrix().cpu().numpy()
-        elif A.dim() == 1:
-            if not isinstance(P, SketchSide):
-                raise ValueError(f"a diagonal moment needs a sketched side, got a {type(P).__name__}")
-            w, summary = diagonal_whitening(A * scale, rho)
-            w32 = w.to(torch.float32).cpu()
-            sketch = P.to("cpu")
-            sides[side] = (SketchSide(sketch.weight * w32, sketch.bucket, sketch.d), eye, summary)
-            arrays[f"w_{side}"] = w32.numpy()
+    eye = torch.eye(P.d)
+    if A is None:
+        return WhitenedSide(P.to("cpu"), eye, {f"P_{side}": P.matrix().cpu().numpy()}, {"dim": P.dim, "whitened": False})
+    if A.dim() == 1:
+        if not isinstance(P, SketchSide):
+            raise ValueError(f"a diagonal moment needs a sketched side, got a {type(P).__name__}")
+        w, summary = diagonal_whitening(A * scale, rho)
+        w32 = w.to(torch.float32).cpu()
+        sketch = P.to("cpu")
+        return WhitenedSide(SketchSide(sketch.weight * w32, sketch.bucket, sketch.d), eye, {f"w_{side}": w32.numpy()},
+                            summary)
+    A = A * scale
+    w = whitening or side_whitening(A, rho)
+    Pw = w.apply(P.matrix().to(A.device, torch.float64))
+    # the EK-FAC eigenbasis lives in the projected space: eigenvectors of Pᵀ W A W P
+    S = Pw.T @ A @ Pw
+    _, q = torch.linalg.eigh((S + S.T) / 2)
+    Pw32 = Pw.to(torch.float32).cpu()
+    return WhitenedSide(DenseSide(Pw32), q.to(torch.float32).cpu(), {f"P_{side}": Pw32.numpy()}, w.summary())
+
+
+def layer_arrays(inp: WhitenedSide, out: WhitenedSide) -> dict:
+    """A layer's stored whitening arrays: both sides' projections and eigenbases."""
+    return {**inp.arrays, **out.arrays, "q_in": inp.q.numpy(), "q_out": out.q.numpy()}
+
+
+def same_moment_sides(sides: Sequence[tuple], moments: dict, tokens: dict) -> list[list]:
+    """``sides`` ((layer name, side) pairs) in classes of bitwise-equal dense moments over equal token
+    counts, in order of first appearance; every other side is a class of its own.
+
+    Layers that read the same input (an attention block's q/k/v projections, an MLP's gate/up)
+    have the same input moment, and its eigendecomposition, the pre-pass's largest fixed cost at
+    LLM widths (one 4,096² eigh per side), is then done once per class. A cheap fingerprint finds
+    the candidates; ``torch.equal`` decides, so only identical moments are ever shared."""
+    classes: list[list] = []
+    by_print: dict[tuple, list[int]] = {}
+    for key in sides:
+        A = moments[key]
+        if A is None or A.dim() != 2:
+            classes.append([key])
+            continue
+        fingerprint = (tuple(A.shape), tokens[key[0]], float(A.diagonal().sum()), float(A[::7, ::5].sum()))
+        for c in by_print.get(fingerprint, []):
+            first = classes[c][0]
+            if tokens[first[0]] == tokens[key[0]] and torch.equal(moments[first], A):
+                classes[c].append(key)
+                break
         else:
-            A = A * scale
-            w = side_whitening(A, rho)
-            Pw = w.apply(P.matrix().to(A.device, torch.float64))
-            # the EK-FAC eigenbasis lives in the projected space: eigenvectors of Pᵀ W A W P
-            S = Pw.T @ A @ Pw
-            _, q = torch.linalg.eigh((S + S.T) / 2)
-            Pw32 = Pw.to(torch.float32).cpu()
-            sides[side] = (DenseSide(Pw32), q.to(torch.float32).cpu(), w.summary())
-            arrays[f"P_{side}"] = Pw32.numpy()
-    arrays.update(q_in=sides["in"][1].numpy(), q_out=sides["out"][1].numpy())
-    return LayerWhitening(sides["in"][0], sides["out"][0], sides["in"][1], sides["out"][1], arrays,
-                          {"tokens": int(tokens), "in": sides["in"][2], "out": sides["out"][2]})
+            by_print.setdefault(fingerprint, []).append(len(classes))
+            classes.append([key])
+    return classes
 
 
 # ------------------------------------------------------------------------------------ pre-pass
@@ -396,14 +414,28 @@ def _accumulate(own, capture: MomentCapture, source, task, group: list[LayerInfo
 
 def _whitened_arrays(group: list[LayerInfo], capture: MomentCapture, tokens: dict, spec: ProjectionSpec, rho: float,
                      meta: dict) -> tuple[dict, dict]:
-    """Rank 0: the whitened projections of `group` from the summed moments, and `meta` recording them."""
+    """Rank 0: the whitened projections of `group` from the summed moments, and `meta` recording them.
+
+    Sides are whitened one class of equal moments at a time (:func:`same_moment_sides`), so one
+    eigendecomposition is held at a time, as before the sharing."""
     # the group's random projections only: all layers' at once would hold every dense P twice
     base = make_projections(group, spec, "cpu")
+    moments = {(l.name, side): (capture.A_in if side == "in" else capture.A_out)[l.name]
+               for l in group for side in ("in", "out")}
+    projections = {(l.name, "in"): base[l.name].inp for l in group} | {(l.name, "out"): base[l.name].out for l in group}
+    done: dict[tuple, WhitenedSide] = {}
+    for members in same_moment_sides(list(moments), moments, tokens):
+        (name, _), A = members[0], moments[members[0]]
+        # the moment scaled exactly as whiten_side scales it: a shared side equals an unshared one bit for bit
+        shared = side_whitening(A * (1.0 / max(tokens[name], 1)), rho) if len(members) > 1 else None
+        for key in members:
+            done[key] = whiten_side(key[1], moments[key], tokens[key[0]], projections[key], rho, shared)
+        shared = None
     arrays = {}
     for layer in group:
-        w = whiten_layer(capture.A_in[layer.name], capture.A_out[layer.name], tokens[layer.name], base[layer.name], rho)
-        arrays.update({array_name(layer.name, field): value for field, value in w.arrays.items()})
-        meta["layers"][layer.name] = w.summary
+        inp, out = done[(layer.name, "in")], done[(layer.name, "out")]
+        arrays.update({array_name(layer.name, field): value for field, value in layer_arrays(inp, out).items()})
+        meta["layers"][layer.name] = {"tokens": int(tokens[layer.name]), "in": inp.summary, "out": out.summary}
     meta["partial"] = None
     return arrays, meta
 

@@ -375,3 +375,52 @@ def test_bad_whitening_options_are_refused_naming_the_value(tmp_path):
     assert not (tmp_path / "idx").exists()  # refused before anything was written
     with pytest.raises(ValueError, match="whiten needs projection_kind='whitened'"):
         ls.whiten(MLPTask(), tmp_path / "idx", projection_kind="random", progress=False)
+
+
+class TwinInputMLP(MLPTask):
+    """Two layers read the same input (as an attention block's q/k/v or an MLP's gate/up do)."""
+
+    def model(self):
+        torch.manual_seed(3)
+
+        class Twin(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.gate, self.up, self.down = nn.Linear(6, 5), nn.Linear(6, 5), nn.Linear(5, 3)
+
+            def forward(self, x):
+                return self.down(torch.tanh(self.gate(x)) * self.up(x))
+
+        return Twin()
+
+
+def test_layers_reading_one_input_share_its_eigendecomposition_bit_for_bit(tmp_path, monkeypatch):
+    calls = []
+    side_whitening = whitening.side_whitening
+    monkeypatch.setattr(whitening, "side_whitening", lambda A, rho: calls.append(A.shape) or side_whitening(A, rho))
+    ls.whiten(TwinInputMLP(), tmp_path / "shared", f=1, batch_size=8, progress=False)
+    shared_calls = len(calls)
+    # the same pre-pass with every side a class of its own: what the index held before the sharing
+    monkeypatch.setattr(whitening, "same_moment_sides", lambda sides, moments, tokens: [[s] for s in sides])
+    calls.clear()
+    ls.whiten(TwinInputMLP(), tmp_path / "alone", f=1, batch_size=8, progress=False)
+    assert (shared_calls, len(calls)) == (5, 6)  # gate/up's input moment is decomposed once
+    for layer in ("gate", "up", "down"):
+        for field in ("P_in", "P_out", "q_in", "q_out"):
+            name = whitening.array_name(layer, field)
+            assert np.array_equal(stored_array(tmp_path / "shared", name), stored_array(tmp_path / "alone", name)), name
+    gate_in = stored_array(tmp_path / "shared", whitening.array_name("gate", "P_in"))
+    assert np.array_equal(gate_in, stored_array(tmp_path / "shared", whitening.array_name("up", "P_in")))
+
+
+def test_only_bitwise_equal_moments_over_equal_token_counts_share_a_class():
+    A = torch.randn(4, 4, dtype=torch.float64)
+    A = A @ A.T
+    nudged = A.clone()
+    nudged[1, 2] += 1e-12
+    moments = {("a", "in"): A, ("b", "in"): A.clone(), ("c", "in"): nudged, ("d", "in"): A.clone(),
+               ("a", "out"): None, ("b", "out"): torch.ones(4, dtype=torch.float64), ("c", "out"): torch.ones(4, dtype=torch.float64)}
+    tokens = {"a": 10, "b": 10, "c": 10, "d": 11}
+    classes = whitening.same_moment_sides(list(moments), moments, tokens)
+    assert classes == [[("a", "in"), ("b", "in")], [("c", "in")], [("d", "in")], [("a", "out")], [("b", "out")],
+                       [("c", "out")]]
