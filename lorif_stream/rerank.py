@@ -85,6 +85,12 @@ class SideMap:
             v = v @ self.basis
         return v * self.scale if self.scale is not None else v
 
+    def transpose_apply(self, v: Tensor) -> Tensor:
+        """``v -> (v * scale) Uᵀ``: the adjoint, so that ``<apply(a), b> = <a, transpose_apply(b)>``."""
+        if self.scale is not None:
+            v = v * self.scale
+        return v @ self.basis.T if self.basis is not None else v
+
     def to(self, device) -> "SideMap":
         move = lambda t: None if t is None else t.to(device, torch.float32)  # noqa: E731
         return SideMap(self.dim, move(self.basis), move(self.scale))
@@ -220,14 +226,21 @@ def _pad_cat(parts: list[Tensor]) -> Tensor:
 
 @dataclass
 class _QueryLayer:
+    """One layer's query representation with the metric folded in, so that a candidate's *raw*
+    tokens score against it: ``<H̃_q, M_outᵀ G M_in> = <M_out H̃_q M_inᵀ, G>`` for G = δᵀx, and
+    ``(δ̃_qt·δ̃_s)(x̃_qt·x̃_s)`` with ``δ̃_s = δ_s M_out`` is ``(δ̃_qt M_outᵀ·δ_s)(x̃_qt M_inᵀ·x_s)``.
+    Mapping the candidates' tokens instead cost T·(O² + I²) per candidate and layer, 4x the
+    gradient itself on the benchmark's model; the fold costs Q·(O²I + OI²) once per query batch."""
+
     plan: str
-    H: Tensor | None = None  # DENSE: (Q, O, I), rescaled by the EK-FAC inverse if any
-    qx: Tensor | None = None  # TOKENS: (Q, Tq, I)
-    qd: Tensor | None = None  # TOKENS: (Q, Tq, O)
+    H: Tensor | None = None  # DENSE: (Q, O, I) = M_out H̃ M_inᵀ, H̃ rescaled by the EK-FAC inverse if any
+    qx: Tensor | None = None  # TOKENS: (Q, Tq, I) = x̃ M_inᵀ
+    qd: Tensor | None = None  # TOKENS: (Q, Tq, O) = δ̃ M_outᵀ
 
 
 def _query_side(source, metrics: dict[str, LayerMetric], queries: list, batch_size: int) -> dict[str, _QueryLayer]:
-    """Each layer's query representation: whitened tokens first, then the dense form where cheaper."""
+    """Each layer's query representation: whitened tokens first, then the dense form where cheaper,
+    then the metric folded back in (see _QueryLayer)."""
     layers, device = [l for l in source.layers if l.name in metrics], source.device
     tokens: dict[str, list] = {l.name: [] for l in layers}
     calls: dict[str, list] = {}
@@ -258,10 +271,13 @@ def _query_side(source, metrics: dict[str, LayerMetric], queries: list, batch_si
         metric = metrics[l.name]
         plan = layer_plan(l, Q, t_mean, t_mean, metric.inverse is None)
         if plan == TOKENS:
-            out[l.name] = _QueryLayer(TOKENS, qx=qx, qd=qd)
+            out[l.name] = _QueryLayer(TOKENS, qx=metric.inp.transpose_apply(qx), qd=metric.out.transpose_apply(qd))
         else:
             H = rotated_gradients(qx, qd)
-            out[l.name] = _QueryLayer(DENSE, H=H if metric.inverse is None else H * metric.inverse)
+            H = H if metric.inverse is None else H * metric.inverse
+            H = metric.inp.transpose_apply(H)  # (Q, O, I) @ ... along I
+            H = metric.out.transpose_apply(H.transpose(1, 2)).transpose(1, 2).contiguous()
+            out[l.name] = _QueryLayer(DENSE, H=H)
     return out
 
 
@@ -278,14 +294,15 @@ def rerank_scores(source, metrics: dict[str, LayerMetric], queries: list, candid
     window = {}
 
     def score(name, x, delta):
-        xt, dt = whitened_tokens(metrics[name], x, delta)
+        # the candidates' raw tokens: the metric is folded into the query side
+        x, delta = x.to(torch.float32), delta.to(torch.float32)
         rep = side[name]
         if rep.plan == TOKENS:
-            window["s"] += token_scores(rep.qx, rep.qd, xt, dt)
+            window["s"] += token_scores(rep.qx, rep.qd, x, delta)
             return
         step = max(1, _CHUNK_ELEMENTS // max(1, rep.H[0].numel()))
-        for s in range(0, xt.shape[0], step):
-            window["s"][:, s:s + step] += dense_scores(rep.H, rotated_gradients(xt[s:s + step], dt[s:s + step]))
+        for s in range(0, x.shape[0], step):
+            window["s"][:, s:s + step] += dense_scores(rep.H, rotated_gradients(x[s:s + step], delta[s:s + step]))
 
     with _TokenHooks(source.model, [l for l in source.layers if l.name in metrics], score) as hooks, \
             Progress("rerank", total=n, unit="ex", enabled=progress) as bar:
