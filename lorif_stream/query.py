@@ -233,7 +233,8 @@ def _query(task, path: Path, out, scores, config: QueryConfig, comm: Comm, progr
                 # rank 0 alone: the candidates are few whatever N is, and it holds the model
                 results, reranked = rerank_results(results, context["source"], snap, reader.settings,
                                                    list(context["queries"]), config.rerank, config.top_k,
-                                                   config.batch_size, config.budget(), rows, progress, plan["layers"])
+                                                   config.batch_size, config.budget(), rows, progress, plan["layers"],
+                                                   cache=path)
                 stats.update(reranked)
             if comm.root:
                 # both outputs replace their targets only now: a failed query leaves existing files as they were

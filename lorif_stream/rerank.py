@@ -41,15 +41,20 @@ model in batches, their contributions summed inside the backward hooks one layer
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .capture import LayerHooks, LayerInfo
-from .device import to_device
+from .device import notice, to_device
 from .progress import Progress
 
 Tensor = torch.Tensor
@@ -496,23 +501,183 @@ def ekfac_metrics(source, metrics: dict[str, LayerMetric], sample: list, rows: i
 
 
 def index_metrics(source, snap, settings: dict, task, batch_size: int, budget: int, rows: int,
-                  progress: bool) -> tuple[dict[str, LayerMetric], str]:
-    """The full-dimension counterpart of the index's scores, per layer, and its name for the results."""
+                  progress: bool, cache: str | os.PathLike | None = None) -> tuple[dict[str, LayerMetric], str]:
+    """The full-dimension counterpart of the index's scores, per layer, and its name for the results.
+
+    With `cache` (the index's directory), a whitened index's metric is read from ``cache /
+    CACHE_FILE`` when that was written for the same index state, model, whitening sample and batch
+    size, and written there after it is computed (see :func:`metric_cache_key`): the two passes
+    over the whitening sample cost the same for every query run (~1,000 forward+backward passes)."""
     from .config import factor_key_of_index
     from .fit import CURVATURE_META, stored_preconditioner
 
     if factor_key_of_index(settings["factors"])["projection_kind"] != "whitened":
         return {l.name: identity_metric(l) for l in source.layers}, "gradient dot product"
-    metrics = whitening_metrics(source, snap, settings, task, batch_size, budget, progress)
     curvature = snap.state_meta(CURVATURE_META) or {}
-    if stored_preconditioner(curvature) != "ekfac":
-        return metrics, "K-FAC"
+    name = "EK-FAC" if stored_preconditioner(curvature) == "ekfac" else "K-FAC"
+    key = None
+    if cache is not None:
+        try:
+            key = metric_cache_key(source, snap, settings, task, batch_size, rows)
+        except ValueError:
+            key = None  # no build segment of the task's size: the computation below says so if it matters
+    file = None if key is None else Path(cache) / CACHE_FILE
+    if file is not None:
+        cached = load_cached_metrics(file, key, [l.name for l in source.layers])
+        if cached is not None:
+            return cached, name
+    metrics = whitening_metrics(source, snap, settings, task, batch_size, budget, progress)
+    if name == "EK-FAC":
+        from .whitening import WHITENING_META, sample_indices
+
+        examples = build_examples(task, settings)
+        positions = sample_indices(len(examples), int((snap.state_meta(WHITENING_META) or {})["examples"]))
+        metrics = ekfac_metrics(source, metrics, [examples[int(p)] for p in positions],
+                                int(curvature.get("rows") or rows), curvature.get("config") or {}, batch_size, progress)
+    if file is not None:
+        save_cached_metrics(file, key, metrics)
+    return metrics, name
+
+
+# ------------------------------------------------------------------------------------ the metric's cache
+
+# The cached metric: one .npz in the index's directory (no pickle), its arrays' SHA-256 and the key
+# in a JSON header. A version bump, another key or a failed checksum means the metric is recomputed.
+CACHE_FILE = "rerank-metric.npz"
+CACHE_VERSION = 1
+_HEADER = "header"
+
+
+def _hash_value(h, value) -> None:
+    """Feed a collated batch (tensors, arrays, nested containers, plain values) to a hash."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous().numpy() if value.dtype != torch.bfloat16 else \
+            value.detach().cpu().to(torch.float32).numpy()
+    if isinstance(value, np.ndarray):
+        h.update(f"<{value.dtype.str}{value.shape}>".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, dict):
+        h.update(b"{")
+        for k in sorted(value, key=str):
+            h.update(repr(k).encode())
+            _hash_value(h, value[k])
+        h.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for v in value:
+            _hash_value(h, v)
+        h.update(b"]")
+    else:
+        h.update(repr(value).encode())
+
+
+@torch.no_grad()
+def _model_digest(model) -> str:
+    """Every parameter and buffer: name, shape, dtype, and its sum and sum of squares in fp64 (on
+    its device: no copy of the weights), so that a change anywhere in the model -- the sample's
+    token moments depend on untracked layers too -- gives another key."""
+    h = hashlib.sha256()
+    for kind, named in (("p", model.named_parameters()), ("b", model.named_buffers())):
+        for name, t in named:
+            v = t.detach().to(torch.float64)
+            h.update(f"{kind}:{name}:{tuple(t.shape)}:{t.dtype}:{float(v.sum())!r}:{float((v * v).sum())!r}".encode())
+    return h.hexdigest()
+
+
+def metric_cache_key(source, snap, settings: dict, task, batch_size: int, rows: int) -> str:
+    """What the metric depends on: the index's whitening (its stored arrays and meta), curvature
+    meta, factors, layers and row count; the model; the whitening sample's data (its collated
+    batches); the batch size (a non-finite batch is skipped whole) and the device type."""
+    from .fit import CURVATURE_META
     from .whitening import WHITENING_META, sample_indices
 
+    meta = snap.state_meta(WHITENING_META) or {}
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": CACHE_VERSION, "whitening": meta, "curvature": snap.state_meta(CURVATURE_META),
+                         "factors": settings.get("factors"), "layers": [l.to_dict() for l in source.layers],
+                         "rows": rows, "batch_size": batch_size, "device": source.device.type,
+                         "fingerprint": source.fingerprint}, sort_keys=True, default=str).encode())
+    for l in source.layers:
+        for field in ("P_in", "P_out", "w_in", "w_out"):
+            _hash_value(h, (field, _stored(snap, l.name, field)))
+    h.update(_model_digest(source.model).encode())
     examples = build_examples(task, settings)
-    positions = sample_indices(len(examples), int((snap.state_meta(WHITENING_META) or {})["examples"]))
-    return ekfac_metrics(source, metrics, [examples[int(p)] for p in positions], int(curvature.get("rows") or rows),
-                         curvature.get("config") or {}, batch_size, progress), "EK-FAC"
+    positions = sample_indices(len(examples), int(meta.get("examples") or 0)) if meta.get("examples") else []
+    _hash_value(h, ("sample", len(examples), np.asarray(positions)))
+    for b0, b1 in _batches(len(positions), batch_size):
+        _hash_value(h, task.collate([examples[int(p)] for p in positions[b0:b1]]))
+    return h.hexdigest()
+
+
+def _metric_arrays(metrics: dict[str, LayerMetric]) -> tuple[dict[str, np.ndarray], list]:
+    arrays, layers = {}, []
+    for i, (name, m) in enumerate(metrics.items()):
+        layers.append({"name": name, "in": m.inp.dim, "out": m.out.dim})
+        for side, sm in (("in", m.inp), ("out", m.out)):
+            for field in ("basis", "scale"):
+                t = getattr(sm, field)
+                if t is not None:
+                    arrays[f"{i}.{side}.{field}"] = t.detach().cpu().numpy()
+        if m.inverse is not None:
+            arrays[f"{i}.inverse"] = m.inverse.detach().cpu().numpy()
+    return arrays, layers
+
+
+def _checksum(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        _hash_value(h, (name, arrays[name]))
+    return h.hexdigest()
+
+
+def save_cached_metrics(file: Path, key: str, metrics: dict[str, LayerMetric]) -> bool:
+    """Write the metric atomically (a temporary file, then a rename); where it cannot be written,
+    say so once and go on: the rerank is the same, only the next one recomputes it."""
+    arrays, layers = _metric_arrays(metrics)
+    header = {"version": CACHE_VERSION, "key": key, "layers": layers, "sha256": _checksum(arrays)}
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **{_HEADER: np.frombuffer(json.dumps(header).encode(), np.uint8)}, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, file)
+        return True
+    except OSError as e:
+        notice(f"rerank: cannot cache the full-dimension metric in {file} ({e.strerror or e}): "
+               f"every rerank of this index recomputes it")
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        return False
+
+
+def load_cached_metrics(file: Path, key: str, names: Sequence[str]) -> dict[str, LayerMetric] | None:
+    """The cached metric if `file` holds one for `key` whose checksum holds; None (recompute)
+    otherwise, with a notice when the file is there but unreadable or corrupt."""
+    if not file.is_file():
+        return None
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            header = json.loads(bytes(z[_HEADER]).decode())
+            if header.get("version") != CACHE_VERSION or header.get("key") != key:
+                return None  # another index state, model or sample: not this metric (it is rewritten below)
+            arrays = {n: z[n] for n in z.files if n != _HEADER}
+        if _checksum(arrays) != header.get("sha256"):
+            raise ValueError("checksum mismatch")
+        layers = header["layers"]
+        if [l["name"] for l in layers] != list(names):
+            raise ValueError("other layers")
+        out = {}
+        for i, l in enumerate(layers):
+            get = lambda n: None if n not in arrays else torch.from_numpy(np.array(arrays[n], np.float32))  # noqa: E731
+            sides = [SideMap(int(l[side]), get(f"{i}.{side}.basis"), get(f"{i}.{side}.scale")) for side in ("in", "out")]
+            out[l["name"]] = LayerMetric(sides[0], sides[1], get(f"{i}.inverse"))
+        return out
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError, UnicodeDecodeError) as e:
+        notice(f"rerank: the cached full-dimension metric {file} is unreadable ({e}): recomputing it")
+        return None
 
 
 # ------------------------------------------------------------------------------------ results
@@ -557,21 +722,23 @@ def reranked(result: dict, rows: list[int], scores: Sequence[float], top_k: int)
 
 def rerank_results(results: list[dict], source, snap, settings: dict, queries: list, k: int, top_k: int,
                    batch_size: int, budget: int, rows: int, progress: bool = True,
-                   layers: Sequence[int] | None = None) -> tuple[list[dict], dict]:
+                   layers: Sequence[int] | None = None, cache: str | os.PathLike | None = None) -> tuple[list[dict], dict]:
     """Rescore each query's top-k and bottom-k rows of `results` (the streaming pass's, at least k per
     list) at full dimension and re-choose its top_k proponents and opponents among them.
 
     `source` is the query's GradientSource (the task's model, the index's layers), `queries` the
     task's query examples in the order of `results`, `rows` the index's (all shards'), `layers` the
-    positions in `source.layers` the index scores were summed over (None: all). Returns the new results and stats (candidates,
-    seconds, the metric used)."""
+    positions in `source.layers` the index scores were summed over (None: all), `cache` the index's
+    directory for the metric's cache (None: no cache). Returns the new results and stats
+    (candidates, seconds, the metric used and its seconds)."""
     if k < 1:
         raise ValueError(f"rerank k={k} must be >= 1")
     if len(results) != len(queries):
         raise ValueError(f"{len(results)} results for {len(queries)} queries")
     t0 = time.perf_counter()
     task = source.task
-    metrics, metric_name = index_metrics(source, snap, settings, task, batch_size, budget, rows, progress)
+    metrics, metric_name = index_metrics(source, snap, settings, task, batch_size, budget, rows, progress, cache)
+    metric_seconds = time.perf_counter() - t0
     if layers is not None:
         chosen = {source.layers[i].name for i in layers}
         metrics = {name: m for name, m in metrics.items() if name in chosen}
@@ -591,7 +758,7 @@ def rerank_results(results: list[dict], source, snap, settings: dict, queries: l
             rows = per_query[q]
             out.append(reranked(results[q], rows, scores[q - q0, [at[r] for r in rows]].tolist(), top_k))
     return out, {"rerank": k, "rerank_candidates": len(union), "rerank_metric": metric_name,
-                 "rerank_seconds": time.perf_counter() - t0}
+                 "rerank_metric_seconds": metric_seconds, "rerank_seconds": time.perf_counter() - t0}
 
 
 def _query_batch(layers: Sequence[LayerInfo], budget: int) -> int:

@@ -300,3 +300,116 @@ def test_rerank_scores_the_layers_the_query_scored(tmp_path):
     r = ls.query(task, tmp_path / "idx", None, top_k=3, rerank=48, layers=("^2$",), progress=False)
     for e in (e for q in r.results for e in q["proponents"] + q["opponents"]):
         assert e["score"] == pytest.approx(e["index_score"], rel=1e-4, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------ the metric's cache
+
+
+def cached_query(task, index, **options):
+    return ls.query(task, index, None, top_k=3, rerank=8, batch_size=4, progress=False, **options)
+
+
+def test_a_cached_metric_gives_the_uncached_rerank_without_the_sample_passes(tmp_path, monkeypatch):
+    task = MLPTask()
+    ls.build(task, tmp_path / "idx", f=2, min_side=1, rank=1, preconditioner="ekfac", progress=False)
+    first = cached_query(task, tmp_path / "idx")
+    assert first.stats["rerank_metric"] == "EK-FAC" and (tmp_path / "idx" / rerank.CACHE_FILE).is_file()
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the whitening sample was passed through the model again")
+
+    monkeypatch.setattr(rerank, "recomputed_moments", no_pass)
+    monkeypatch.setattr(rerank, "ekfac_metrics", no_pass)
+    second = cached_query(task, tmp_path / "idx")
+    assert second.results == first.results  # the cached fp32 metric is the computed one, bit for bit
+
+
+def test_a_corrupt_cache_is_announced_and_recomputed(tmp_path, capsys):
+    task = MLPTask()
+    ls.build(task, tmp_path / "idx", f=2, min_side=1, rank=1, preconditioner="ekfac", progress=False)
+    expected = cached_query(task, tmp_path / "idx").results
+    file = tmp_path / "idx" / rerank.CACHE_FILE
+    with opened(task, tmp_path / "idx") as (source, snap, settings):
+        key = rerank.metric_cache_key(source, snap, settings, source.task, 4, snap.rows)
+        metrics = rerank.load_cached_metrics(file, key, [l.name for l in source.layers])
+    assert metrics is not None
+    # the same key and header over other values: only the checksum can tell
+    name, m = next(iter(metrics.items()))
+    metrics[name] = rerank.LayerMetric(m.inp, m.out, m.inverse * 2)
+    arrays, layers = rerank._metric_arrays(metrics)
+    import numpy as np_
+
+    with np_.load(file) as z:
+        header = z[rerank._HEADER]
+    with open(file, "wb") as fh:
+        np_.savez(fh, **{rerank._HEADER: header}, **arrays)
+    assert cached_query(task, tmp_path / "idx").results == expected
+    assert "is unreadable (checksum mismatch): recomputing it" in capsys.readouterr().err
+    file.write_bytes(file.read_bytes()[:100])  # truncated
+    assert cached_query(task, tmp_path / "idx").results == expected
+    assert "rerank-metric.npz is unreadable" in capsys.readouterr().err
+
+
+def test_a_cache_of_another_sample_is_not_used(tmp_path):
+    task = MLPTask()
+    ls.build(task, tmp_path / "idx", f=2, min_side=1, progress=False)
+    cached_query(task, tmp_path / "idx")
+    other = MLPTask()
+    other.train = [(x * 1.5, y) for x, y in other.train]  # same ids and token counts, other moments
+    # the cached metric would rerank without complaint; recomputed, the whitening check refuses
+    with pytest.raises(ValueError, match="recomputed whitening of layer '0' .* differs from the index's"):
+        cached_query(other, tmp_path / "idx")
+
+
+def test_a_cache_of_another_model_is_not_used(tmp_path):
+    task = MLPTask()
+    ls.build(task, tmp_path / "idx", f=2, min_side=1, rank=1, preconditioner="ekfac", progress=False)
+    cached_query(task, tmp_path / "idx")
+    with opened(task, tmp_path / "idx") as (source, snap, settings):
+        key = rerank.metric_cache_key(source, snap, settings, source.task, 4, snap.rows)
+        assert key == rerank.metric_cache_key(source, snap, settings, source.task, 4, snap.rows)
+        assert key != rerank.metric_cache_key(source, snap, settings, source.task, 5, snap.rows)
+        with torch.no_grad():
+            next(source.model.parameters()).view(-1)[-1] += 1e-3  # one weight
+        assert key != rerank.metric_cache_key(source, snap, settings, source.task, 4, snap.rows)
+        assert rerank.load_cached_metrics(tmp_path / "idx" / rerank.CACHE_FILE,
+                                          rerank.metric_cache_key(source, snap, settings, source.task, 4, snap.rows),
+                                          [l.name for l in source.layers]) is None
+
+
+def test_an_unwritable_cache_is_announced_once_and_the_rerank_goes_on(tmp_path, capsys):
+    task = MLPTask()
+    ls.build(task, tmp_path / "idx", f=2, min_side=1, rank=1, preconditioner="ekfac", progress=False)
+    with opened(task, tmp_path / "idx") as (source, snap, settings):
+        key = rerank.metric_cache_key(source, snap, settings, source.task, 4, snap.rows)
+        metrics, _ = rerank.index_metrics(source, snap, settings, source.task, 4, 1 << 30, snap.rows, False)
+    blocked = tmp_path / "a-file" / rerank.CACHE_FILE  # its directory is a file: no write can succeed
+    blocked.parent.write_text("")
+    assert not rerank.save_cached_metrics(blocked, key, metrics)
+    assert not rerank.save_cached_metrics(blocked, key, metrics)
+    assert capsys.readouterr().err.count("cannot cache the full-dimension metric") == 1
+    assert not list(tmp_path.glob(".*.tmp"))
+    good = tmp_path / rerank.CACHE_FILE
+    assert rerank.save_cached_metrics(good, key, metrics)
+    got = rerank.load_cached_metrics(good, key, list(metrics))
+    for name, m in metrics.items():
+        for a, b in ((m.inp.basis, got[name].inp.basis), (m.out.scale, got[name].out.scale), (m.inverse, got[name].inverse)):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_packed_batches_hold_at_most_a_batch_of_the_longest_and_cover_every_example():
+    class Lengths:
+        def collate(self, examples):
+            T = max(len(e) for e in examples)
+            return {"ids": torch.zeros(len(examples), T)}
+
+    lengths = [5, 1, 9, 2, 9, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 7]
+    examples = [list(range(n)) for n in lengths]
+    batches = rerank.packed_batches(Lengths(), examples, 2)
+    assert sorted(j for b in batches for j in b) == list(range(len(examples)))
+    for b in batches:
+        assert len(b) * max(lengths[j] for j in b) <= 2 * 9 and len(b) <= rerank._PACK_FACTOR * 2
+    assert [lengths[j] for b in batches for j in b] == sorted(lengths)  # shortest first, stably
+    assert len(batches[0]) == rerank._PACK_FACTOR * 2  # the short ones share larger batches
+    same = rerank.packed_batches(Lengths(), [[0, 1]] * 5, 2)
+    assert same == [[0, 1], [2, 3], [4]]  # one size: the order and batch size as given
