@@ -13,12 +13,15 @@ text) at c in {1, 4}, reranked with K in {0 (no rerank), 50, 100, 200, 400}. Ref
   min(O, I) = 64), fp32, same preconditioner (EK-FAC with Λ over all rows), queried densely.
 
 Cost, at N >= 20k rows (the 400 texts repeated, distinct ids; the same model), 30 queries: a plain
-query (top-10) against `query --rerank 100`, wall time on one thread, and from the measured fixed
-and per-row costs of the plain query the ratio estimated at 1M rows (the rerank's cost does not grow
-with N).
+query (top-10) against `query --rerank 100`, wall time on one thread (CPU time beside it), minimum
+of --repeats interleaved runs; the rerank both cold (the index's first: it computes the
+full-dimension metric from the whitening sample and caches it in the index) and warm (the cache
+read); and from the measured fixed and per-row costs of the plain query the ratio estimated at 1M
+rows (the rerank's cost does not grow with N).
 
     python benchmarks/bench_rerank.py              # ~15 min on one thread of the shared 2-core CPU
     python benchmarks/bench_rerank.py --quick      # K in {0, 100}, c = 1, N = 4k for the cost: ~4 min
+    python benchmarks/bench_rerank.py --no-quality # the cost table alone (N = 24,800): ~3 min
 
 Writes benchmarks/results/rerank[_quick].json. Needs the fortunes (apt-get install -y fortunes-min)
 and Kronfluence (pip install --no-deps kronfluence accelerate einconv einops opt_einsum).
@@ -41,6 +44,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_quality as bq  # noqa: E402
 import lorif_stream as ls  # noqa: E402
+from lorif_stream import rerank as rerank_module  # noqa: E402
 from lorif_stream.task import resolve_task  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -129,32 +133,55 @@ class Repeated:
         return self.task.loss(model, batch)
 
 
-def cost(task, workdir: Path, copies: int, queries: int, k: int, batch_size: int) -> dict:
+def timed_query(task, index, k: int, batch_size: int) -> tuple[float, float, dict]:
+    """(wall s, CPU s of this process, stats) of one query, `query --rerank k` if k > 0."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    res = ls.query(task, index, None, top_k=TOP, rerank=k, batch_size=batch_size, device="cpu", progress=False)
+    return time.perf_counter() - w0, time.process_time() - c0, res.stats
+
+
+def cost(task, workdir: Path, copies: int, queries: int, k: int, batch_size: int, repeats: int) -> dict:
+    """Plain and reranked query times on the big index, interleaved `repeats` times, minimum of each
+    (the CPU is shared): 'cold' is a rerank that computes the full-dimension metric (no cache in
+    the index, as on its first rerank), 'warm' one that reads it from the cache the cold one wrote."""
     big = resolve_task(Repeated(task, copies, queries))
     index = workdir / "big"
     t0 = time.perf_counter()
     ls.build(big, index, batch_size=batch_size, device="cpu", progress=False)
     build_s = time.perf_counter() - t0
     N = ls.info(index)["rows"]
-    t0 = time.perf_counter()
-    ls.query(big, index, None, top_k=TOP, batch_size=batch_size, device="cpu", progress=False)
-    plain_s = time.perf_counter() - t0
-    _, stats = reranked_query(big, index, k, batch_size)
-    reranked_s = stats["query_s"] + stats["rerank_s"]
+    cache = index / rerank_module.CACHE_FILE
+    runs = {"plain": [], "cold": [], "warm": []}
+    stats = {}
+    for _ in range(repeats):
+        runs["plain"].append(timed_query(big, index, 0, batch_size)[:2])
+        cache.unlink(missing_ok=True)
+        *times, stats["cold"] = timed_query(big, index, k, batch_size)
+        runs["cold"].append(tuple(times))
+        *times, stats["warm"] = timed_query(big, index, k, batch_size)
+        runs["warm"].append(tuple(times))
+    wall = {name: min(t[0] for t in ts) for name, ts in runs.items()}
+    cpu = {name: min(t[1] for t in ts) for name, ts in runs.items()}
     # a plain query's fixed part (model, query gradients, task check): the same query on a 1-copy index
     small = resolve_task(Repeated(task, 1, queries))
     ls.build(small, workdir / "small", batch_size=batch_size, device="cpu", progress=False)
-    t0 = time.perf_counter()
-    ls.query(small, workdir / "small", None, top_k=TOP, batch_size=batch_size, device="cpu", progress=False)
-    fixed_s = time.perf_counter() - t0
+    fixed_s = min(timed_query(small, workdir / "small", 0, batch_size)[0] for _ in range(repeats))
     n_small = len(task.train_examples())
-    per_row = max(plain_s - fixed_s, 0.0) / max(N - n_small, 1)
+    per_row = max(wall["plain"] - fixed_s, 0.0) / max(N - n_small, 1)
     plain_1m = fixed_s + per_row * 1_000_000
-    extra = reranked_s - plain_s
-    return {"rows": N, "queries": queries, "K": k, "build_s": build_s, "plain_s": plain_s, "reranked_s": reranked_s,
-            "ratio": reranked_s / plain_s, "rerank_s": stats["rerank_s"], "candidates": stats["candidates"],
-            "rerank_s_per_candidate": stats["rerank_s"] / max(stats["candidates"], 1),
-            "plain_fixed_s": fixed_s, "plain_s_per_row": per_row, "ratio_at_1M_estimated": (plain_1m + extra) / plain_1m}
+    out = {"rows": N, "queries": queries, "K": k, "batch_size": batch_size, "repeats": repeats, "build_s": build_s,
+           "plain_s": wall["plain"], "plain_cpu_s": cpu["plain"], "candidates": stats["warm"]["rerank_candidates"],
+           "plain_fixed_s": fixed_s, "plain_s_per_row": per_row, "plain_1M_estimated_s": plain_1m,
+           "all_wall_s": runs}
+    for name in ("cold", "warm"):
+        extra = wall[name] - wall["plain"]
+        out[name] = {"reranked_s": wall[name], "reranked_cpu_s": cpu[name], "ratio": wall[name] / wall["plain"],
+                     "cpu_ratio": cpu[name] / cpu["plain"],
+                     "rerank_s": stats[name]["rerank_seconds"], "metric_s": stats[name]["rerank_metric_seconds"],
+                     "rerank_s_per_candidate": (stats[name]["rerank_seconds"] - stats[name]["rerank_metric_seconds"])
+                     / max(stats[name]["rerank_candidates"], 1),
+                     "ratio_at_1M_estimated": (plain_1m + extra) / plain_1m}
+    return out
 
 
 def main(argv=None) -> int:
@@ -163,10 +190,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--copies", type=int, default=None, help="training-set copies of the cost index (default 62: 24,800 rows)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of the cost queries (minimum kept)")
+    p.add_argument("--no-quality", action="store_true", help="the cost only (no Kronfluence, no overlap table)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.out or RESULTS / f"rerank{'_quick' if args.quick else ''}.json")
+    out = Path(args.out or RESULTS / f"rerank{'_cost' if args.no_quality else ''}{'_quick' if args.quick else ''}.json")
     t0 = time.perf_counter()
     task = bq.make_task("fortunes", dict(bq.PLANS[("fortunes", False)]["task"]))
     if task is None:
@@ -174,8 +203,9 @@ def main(argv=None) -> int:
     task = resolve_task(task)
     print(f"[bench_rerank] fortunes model trained in {time.perf_counter() - t0:.0f} s", flush=True)
     with tempfile.TemporaryDirectory(prefix="lorif-rerank-") as tmp:
-        q = quality(task, Path(tmp), QUICK_KS if args.quick else KS, QUICK_CS if args.quick else CS, args.batch_size)
-        c = cost(task, Path(tmp), args.copies or (10 if args.quick else 62), 30, 100, args.batch_size)
+        q = None if args.no_quality else \
+            quality(task, Path(tmp), QUICK_KS if args.quick else KS, QUICK_CS if args.quick else CS, args.batch_size)
+        c = cost(task, Path(tmp), args.copies or (10 if args.quick else 62), 30, 100, args.batch_size, args.repeats)
     print(f"[bench_rerank] cost: {json.dumps(c)}", flush=True)
     result = {"benchmark": "rerank", "quick": args.quick, "threads": args.threads, "batch_size": args.batch_size,
               "task": {"n_train": len(task.train_examples()), "n_query": len(task.query_examples()),
