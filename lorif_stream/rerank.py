@@ -19,7 +19,7 @@ pre-pass. Every side is a :class:`SideMap` ``v -> (v U) * scale``, applied to to
 * a dense side that was shrunk stores only ``W P`` (dim x d, d < dim), which does not determine
   ``W``. The pre-pass's moments are recomputed from its own sample (the build segment's
   ``sample_indices``, one forward+backward per sample example, 512 by default: the cost of ~512
-  candidates, once per query run), then checked: the recomputed ``W`` applied to the seeded
+  candidates, once per index: the metric is cached), then checked: the recomputed ``W`` applied to the seeded
   random ``P`` must give the stored ``P'`` (and the token counts must match), else the rerank
   refuses rather than rescore with another metric;
 * an index built with ``projection_kind="random"`` has no whitening: the rerank is the plain
@@ -33,11 +33,19 @@ same m-example whitening sample (N = rows the index's curvature covers) and ``λ
 damping rule (``damping`` if explicit, else ``damping_scale · mean(Λ̃)``). Kronfluence measures Λ
 over the whole training set: a full pass, which a rerank must not cost.
 
-**Cost.** Per layer, a candidate is scored either through its dense rotated gradient
-``G̃ = δ̃ᵀ x̃`` (T·O·I to form, O·I per query) or, for K-FAC only, in the per-token form
-``Σ_{t,s} (δ̃_qtᵀ δ̃_is)(x̃_qtᵀ x̃_is)`` (Q·T_q·T·(O+I)), whichever costs fewer multiplies
-(:func:`layer_plan`); no parameter gradient is ever formed by autograd. Candidates go through the
-model in batches, their contributions summed inside the backward hooks one layer at a time.
+**Cost.** The metric is folded into the query side once per query batch
+(``H_q = M_out H̃_q M_inᵀ``, :class:`_QueryLayer`), so a candidate is scored from its *raw* tokens:
+per layer either through its dense gradient ``G = δᵀ x`` (T·O·I to form, O·I per query) or, for
+K-FAC only, in the per-token form ``Σ_{t,s} (δ_qt'·δ_is)(x_qt'·x_is)`` (Q·T_q·T·(O+I)), whichever
+costs fewer multiplies (:func:`layer_plan`); no parameter gradient is ever formed by autograd.
+Candidates go through the model in batches packed by size, shortest first (:func:`packed_batches`:
+little padding, no batch larger than a --batch-size batch of the longest candidates), their
+contributions summed inside the backward hooks one layer at a time. What remains is the model's
+own forward and backward per candidate (~85% of the rerank on the benchmark's tiny GPT-2).
+
+**Cache.** The metric depends on the index, the model and the whitening sample, not on the
+queries, so :func:`index_metrics` keeps it in the index's directory (``rerank-metric.npz``, see
+:func:`metric_cache_key`): only an index's first rerank pays the two sample passes.
 """
 from __future__ import annotations
 
