@@ -47,10 +47,11 @@ from .store import IndexLayout, IndexReader, IndexWriter, WriteRefusedError
 from .store.placement import Placement
 from .store.sink import BlockSink
 from .store.format import DATA_FILE, LMDB_LOCK_FILE, WRITER_LOCK_FILE
-from .store.shards import ShardEntry, ShardManifest, is_sharded, read_manifest, shard_name, split_rows, write_manifest
+from .store.shards import (ShardEntry, ShardManifest, is_sharded, read_manifest, shard_message, shard_name, split_rows,
+                           write_manifest)
 from .segments import SEGMENT_CHECK_META, segment_check, store_check, stored_check, task_mismatch
 from .task import load_task, resolve_task
-from .task_check import check_options, task_record
+from .task_check import PROBES_KEY, TaskMismatchError, check_options, task_record
 from .task_view import ShardTask
 from .whitening import WHITENING_META, ensure_whitening, tokens_per_example
 
@@ -403,9 +404,7 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
         if source is None:
             source, _ = _open_source(LOCAL, task, config, _index_layers(settings))
         _check_same_model(source, settings, writer.path)
-        # rows written with another encoding than the index's would be scored silently wrong
-        check_options(settings, task, writer.path, kind)
-        _check_recomputed_rows(writer, source, task, settings, kind)
+        _check_reopened(writer, source, task, settings, kind, writer.path)
         segments = settings["segments"]
         last = segments[-1]
         end = last["start"] + last["count"]
@@ -450,7 +449,36 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
         raise
 
 
-def _check_recomputed_rows(writer: IndexWriter, source: GradientSource, task, settings: dict, kind: str) -> None:
+def _check_reopened(writer: IndexWriter, source: GradientSource, task, settings: dict, kind: str, index) -> None:
+    """Rows added with another encoding than the stored ones' would be scored silently wrong: a reopened
+    environment (an index, or a shard of one) takes rows only from a task with the recorded options
+    that reproduces a few of its stored rows (task_check.py). `index` names it in errors."""
+    check_options(settings, task, index, kind)
+    _check_recomputed_rows(writer, source, task, settings, kind, index)
+
+
+def _check_reopened_shard(writer: IndexWriter, path: Path, entry: ShardEntry, source: GradientSource, task,
+                          kind: str) -> None:
+    """The same checks on a shard's own rows, which it numbers from 0 (`task`: their examples, or a
+    task that holds none of them); an error names the shard and the index's row, in one line."""
+    settings = dict(writer.settings, **_shard_probes(writer.settings, entry))
+    try:
+        _check_reopened(writer, source, task, settings, kind, path)
+    except TaskMismatchError as e:
+        raise TaskMismatchError(shard_message(path, entry, str(e))) from None
+
+
+def _shard_probes(settings: dict, entry: ShardEntry) -> dict:
+    """The recorded probe examples (the index's rows: every shard copies the head's record) that are
+    this shard's rows, renumbered as its own; none recorded: none."""
+    probes = settings.get(PROBES_KEY)
+    if not probes:
+        return {}
+    return {PROBES_KEY: [dict(p, row=p["row"] - entry.start) for p in probes if entry.start <= p["row"] < entry.stop]}
+
+
+def _check_recomputed_rows(writer: IndexWriter, source: GradientSource, task, settings: dict, kind: str,
+                           index) -> None:
     """An append (or a resumed build) recomputes a few stored rows with its task (task_check.py): the
     index's own probe examples, or the task's examples where they are rows already committed."""
     if not writer.rows:
@@ -463,7 +491,7 @@ def _check_recomputed_rows(writer: IndexWriter, source: GradientSource, task, se
         if factor_key_of_index(settings["factors"]).get("projection_kind") == "whitened":
             source.projections = load_projections(writer.get_array, source.layers, source.spec, source.device)
         with writer.reader().snapshot() as snap:
-            check_gradients(task, source, snap, settings, writer.path, kind, quiet_if_unchecked=True)
+            check_gradients(task, source, snap, settings, index, kind, quiet_if_unchecked=True)
     finally:
         source.projections = saved
 
@@ -948,6 +976,7 @@ def _open_or_create(path: Path, entry: ShardEntry, position: int, layout: IndexL
         if stored["fingerprint"] != source.fingerprint or stored["layers"] != settings["layers"]:
             raise SettingsMismatchError(f"the task's model differs from the one index {path} was built with "
                                         f"(fingerprint {source.fingerprint[:12]} vs {stored['fingerprint'][:12]})")
+        _check_reopened_shard(writer, path, entry, source, view, kind)
         segment = stored["segments"][-1]
         if segment["kind"] != kind or segment["count"] != entry.count:
             raise SettingsMismatchError(f"shard {shard_path} holds a {segment['kind']} of {segment['count']:,} rows, "
@@ -1002,10 +1031,19 @@ def _open_shards_for_append(task, path: Path, config: BuildConfig, comm: Comm, p
     placement = Placement(path, manifest, {position: writer}, writer)
     try:
         comm.together(lambda: placement.hold(range(segment["shards"][0]), comm.owns, config.durability))
+        # as one process's append recomputes rows of its index: here of the older shards this rank holds
+        comm.together(lambda: _check_older_shards(placement, segment["shards"][0], source, task))
     except BaseException:
         placement.close()
         raise
     return _Opened(placement, source, view, config, t0)
+
+
+def _check_older_shards(placement: Placement, first_new: int, source: GradientSource, task) -> None:
+    for position in range(first_new):
+        if position in placement.writers:
+            _check_reopened_shard(placement.writers[position], placement.path, placement.manifest.shards[position],
+                                  source, task, "append")
 
 
 def _plan_append_head(path: Path) -> dict:
