@@ -889,14 +889,24 @@ def _open_shards_for_build(task, path: Path, config: BuildConfig, comm: Comm, pr
                        f"nothing to do")
             return BuildResult(str(path), manifest.planned_rows, 0, 0.0, 0)
         _check_world(path, segment, comm)
-    layout = IndexLayout.from_dict(plan["layout"])
+    placement, view = _open_own_shard(comm, path, manifest, IndexLayout.from_dict(plan["layout"]),
+                                      lambda entry: new_settings(task, source, config, entry.count), task, config,
+                                      source)
+    return _Opened(placement, source, view, config, t0)
+
+
+def _open_own_shard(comm: Comm, path: Path, manifest: ShardManifest, layout: IndexLayout, new_shard_settings, task,
+                    config: BuildConfig, source: GradientSource) -> tuple[Placement, ShardTask]:
+    """This rank's shard of the manifest's last segment (a build's or an append's), created with
+    `new_shard_settings(entry)` or reopened and checked, in a placement; and the task's rows there."""
+    segment = manifest.segments[-1]
     position = segment["shards"][0] + comm.rank
     entry = manifest.shards[position]
     view = ShardTask(task, entry.start - segment["start"], entry.count)
-    settings = dict(new_settings(task, source, config, entry.count), shard=_shard_record(entry, position))
-    writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config,
-                                                     source, "build"))
-    return _Opened(Placement(path, manifest, {position: writer}, writer), source, view, config, t0)
+    settings = dict(new_shard_settings(entry), shard=_shard_record(entry, position))
+    writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config, source,
+                                                     segment["kind"]))
+    return Placement(path, manifest, {position: writer}, writer), view
 
 
 def _same_everywhere(comm: Comm, n: int, fingerprint: str) -> None:
@@ -1025,21 +1035,17 @@ def _open_shards_for_append(task, path: Path, config: BuildConfig, comm: Comm, p
         if comm.root:
             notice(f"index {path}: the append of {n:,} rows is already complete; nothing to do")
         return BuildResult(str(path), resumed, 0, 0.0, 0)
-    segment = manifest.segments[-1]
-    position = segment["shards"][0] + comm.rank
-    entry = manifest.shards[position]
-    view = ShardTask(task, entry.start - segment["start"], entry.count)
-    settings = dict(plan["settings"], segments=[{"kind": "append", "start": 0, "count": entry.count}],
-                    nonfinite_rows=[], shard=_shard_record(entry, position),
-                    allow_duplicate_ids=bool(plan["settings"].get("allow_duplicate_ids") or config.allow_duplicate_ids))
-    layout = IndexLayout.from_dict(plan["layout"])
-    writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config,
-                                                     source, "append"))
-    placement = Placement(path, manifest, {position: writer}, writer)
+    allow_duplicate_ids = bool(plan["settings"].get("allow_duplicate_ids") or config.allow_duplicate_ids)
+    placement, view = _open_own_shard(
+        comm, path, manifest, IndexLayout.from_dict(plan["layout"]),
+        lambda entry: dict(plan["settings"], segments=[{"kind": "append", "start": 0, "count": entry.count}],
+                           nonfinite_rows=[], allow_duplicate_ids=allow_duplicate_ids),
+        task, config, source)
+    first_new = manifest.segments[-1]["shards"][0]
     try:
-        comm.together(lambda: placement.hold(range(segment["shards"][0]), comm.owns, config.durability))
+        comm.together(lambda: placement.hold(range(first_new), comm.owns, config.durability))
         # as one process's append recomputes rows of its index: here of the older shards this rank holds
-        comm.together(lambda: _check_older_shards(placement, segment["shards"][0], source, task))
+        comm.together(lambda: _check_older_shards(placement, first_new, source, task))
     except BaseException:
         placement.close()
         raise
