@@ -47,10 +47,11 @@ from .store import IndexLayout, IndexReader, IndexWriter, WriteRefusedError
 from .store.placement import Placement
 from .store.sink import BlockSink
 from .store.format import DATA_FILE, LMDB_LOCK_FILE, WRITER_LOCK_FILE
-from .store.shards import ShardEntry, ShardManifest, is_sharded, read_manifest, shard_name, split_rows, write_manifest
+from .store.shards import (ShardEntry, ShardManifest, is_sharded, read_manifest, shard_message, shard_name, split_rows,
+                           write_manifest)
 from .segments import SEGMENT_CHECK_META, segment_check, store_check, stored_check, task_mismatch
 from .task import load_task, resolve_task
-from .task_check import check_options, task_record
+from .task_check import PROBES_KEY, TaskMismatchError, check_options, task_record
 from .task_view import ShardTask
 from .whitening import WHITENING_META, ensure_whitening, tokens_per_example
 
@@ -403,38 +404,17 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
         if source is None:
             source, _ = _open_source(LOCAL, task, config, _index_layers(settings))
         _check_same_model(source, settings, writer.path)
-        # rows written with another encoding than the index's would be scored silently wrong
-        check_options(settings, task, writer.path, kind)
-        _check_recomputed_rows(writer, source, task, settings, kind)
+        _check_reopened(writer, source, task, settings, kind, writer.path)
         segments = settings["segments"]
         last = segments[-1]
-        end = last["start"] + last["count"]
         examples = task.train_examples()
         n = len(examples)
-        if writer.rows < end:
-            if last["kind"] != kind:
-                raise SettingsMismatchError(f"index {writer.path} has an unfinished {last['kind']}: "
-                                            f"run `{last['kind']}` to resume it")
-            if last["count"] != n:
-                raise SettingsMismatchError(
-                    f"index {writer.path} has an unfinished {last['kind']} of {last['count']:,} examples; "
-                    f"this task has {n:,}: resume it with the same task"
-                )
+        step = _next_step(writer.path, kind, last, writer.rows < last["start"] + last["count"], n, writer.rows,
+                          lambda: task_mismatch(writer, last, task, examples, n))
+        if step == "resume":
             _check_resumed_segment(writer, last, task, examples)
             return _opened_environment(writer, source, task, config)
-        if kind == "build":
-            if last["kind"] != "build" or last["count"] != n:
-                raise SettingsMismatchError(
-                    f"index {writer.path} already holds a complete build of {writer.rows:,} rows; "
-                    f"use `append` to add examples or a new --index"
-                )
-            mismatch = task_mismatch(writer, last, task, examples, n)
-            if mismatch:
-                raise SettingsMismatchError(f"{mismatch}: index {writer.path} holds a complete build of other "
-                                            f"examples; use `append` to add examples or a new --index")
-            return _complete(writer, source, task, config, progress, whiten_only, last)
-        if last["kind"] == "append" and last["count"] == n and task_mismatch(writer, last, task, examples, n) is None:
-            # the same append again (rerun after a kill during its last step, or after it finished)
+        if step == "complete":
             return _complete(writer, source, task, config, progress, whiten_only, last)
         if n == 0:
             raise ValueError("the task has no training examples to append")
@@ -450,7 +430,65 @@ def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: 
         raise
 
 
-def _check_recomputed_rows(writer: IndexWriter, source: GradientSource, task, settings: dict, kind: str) -> None:
+def _next_step(index, kind: str, last: dict, unfinished: bool, n: int, rows: int, other_examples) -> str:
+    """What a build or append of `n` examples does with an index (of `rows` rows) whose last segment
+    is `last`: "resume" it (`unfinished`: rows or the curvature step of it are still to do),
+    "complete" (it is this command's own, done: a rerun) or "add" a new append segment; anything
+    else is refused. `other_examples()` says how the finished segment's rows differ from the task's
+    (None: they are its examples). Written once, so that a sharded index and one environment resume,
+    recognise and refuse alike."""
+    if unfinished:
+        if last["kind"] != kind:
+            raise SettingsMismatchError(f"index {index} has an unfinished {last['kind']}: run `{last['kind']}` to resume it")
+        if last["count"] != n:
+            raise SettingsMismatchError(f"index {index} has an unfinished {kind} of {last['count']:,} examples; this "
+                                        f"task has {n:,}: resume it with the same task")
+        return "resume"
+    if kind == "build":
+        if last["kind"] != "build" or last["count"] != n:
+            raise SettingsMismatchError(f"index {index} already holds a complete build of {rows:,} rows; use `append` "
+                                        f"to add examples or a new --index")
+        mismatch = other_examples()
+        if mismatch:
+            raise SettingsMismatchError(f"{mismatch}: index {index} holds a complete build of other examples; use "
+                                        f"`append` to add examples or a new --index")
+        return "complete"
+    # the same append again (rerun after a kill during its last step, or after it finished)
+    if last["kind"] == "append" and last["count"] == n and other_examples() is None:
+        return "complete"
+    return "add"
+
+
+def _check_reopened(writer: IndexWriter, source: GradientSource, task, settings: dict, kind: str, index) -> None:
+    """Rows added with another encoding than the stored ones' would be scored silently wrong: a reopened
+    environment (an index, or a shard of one) takes rows only from a task with the recorded options
+    that reproduces a few of its stored rows (task_check.py). `index` names it in errors."""
+    check_options(settings, task, index, kind)
+    _check_recomputed_rows(writer, source, task, settings, kind, index)
+
+
+def _check_reopened_shard(writer: IndexWriter, path: Path, entry: ShardEntry, source: GradientSource, task,
+                          kind: str) -> None:
+    """The same checks on a shard's own rows, which it numbers from 0 (`task`: their examples, or a
+    task that holds none of them); an error names the shard and the index's row, in one line."""
+    settings = dict(writer.settings, **_shard_probes(writer.settings, entry))
+    try:
+        _check_reopened(writer, source, task, settings, kind, path)
+    except TaskMismatchError as e:
+        raise TaskMismatchError(shard_message(path, entry, str(e))) from None
+
+
+def _shard_probes(settings: dict, entry: ShardEntry) -> dict:
+    """The recorded probe examples (the index's rows: every shard copies the head's record) that are
+    this shard's rows, renumbered as its own; none recorded: none."""
+    probes = settings.get(PROBES_KEY)
+    if not probes:
+        return {}
+    return {PROBES_KEY: [dict(p, row=p["row"] - entry.start) for p in probes if entry.start <= p["row"] < entry.stop]}
+
+
+def _check_recomputed_rows(writer: IndexWriter, source: GradientSource, task, settings: dict, kind: str,
+                           index) -> None:
     """An append (or a resumed build) recomputes a few stored rows with its task (task_check.py): the
     index's own probe examples, or the task's examples where they are rows already committed."""
     if not writer.rows:
@@ -463,7 +501,7 @@ def _check_recomputed_rows(writer: IndexWriter, source: GradientSource, task, se
         if factor_key_of_index(settings["factors"]).get("projection_kind") == "whitened":
             source.projections = load_projections(writer.get_array, source.layers, source.spec, source.device)
         with writer.reader().snapshot() as snap:
-            check_gradients(task, source, snap, settings, writer.path, kind, quiet_if_unchecked=True)
+            check_gradients(task, source, snap, settings, index, kind, quiet_if_unchecked=True)
     finally:
         source.projections = saved
 
@@ -842,22 +880,33 @@ def _open_shards_for_build(task, path: Path, config: BuildConfig, comm: Comm, pr
     plan = comm.on_root(lambda: _plan_build(path, n, comm, config, source, task, progress))
     manifest = ShardManifest.from_dict(plan["manifest"])
     segment = manifest.segments[-1]
-    if plan["complete"]:
-        if not all(comm.gather(comm.together(lambda: _holds_task(comm, path, manifest, segment, task)))):
-            raise SettingsMismatchError(f"index {path} holds a complete build of other examples; use `append` to add "
-                                        f"examples or a new --index")
-        if comm.root:
-            notice(f"index {path}: the build of {n:,} rows is already complete ({len(manifest.shards)} shards); "
-                   f"nothing to do")
-        return BuildResult(str(path), manifest.planned_rows, 0, 0.0, 0)
-    layout = IndexLayout.from_dict(plan["layout"])
+    if plan["started"]:
+        step = _next_step(path, "build", segment, not segment.get("finalized"), n, manifest.planned_rows,
+                          lambda: _other_examples(comm, path, manifest, segment, task))
+        if step == "complete":
+            if comm.root:
+                notice(f"index {path}: the build of {n:,} rows is already complete ({len(manifest.shards)} shards); "
+                       f"nothing to do")
+            return BuildResult(str(path), manifest.planned_rows, 0, 0.0, 0)
+        _check_world(path, segment, comm)
+    placement, view = _open_own_shard(comm, path, manifest, IndexLayout.from_dict(plan["layout"]),
+                                      lambda entry: new_settings(task, source, config, entry.count), task, config,
+                                      source)
+    return _Opened(placement, source, view, config, t0)
+
+
+def _open_own_shard(comm: Comm, path: Path, manifest: ShardManifest, layout: IndexLayout, new_shard_settings, task,
+                    config: BuildConfig, source: GradientSource) -> tuple[Placement, ShardTask]:
+    """This rank's shard of the manifest's last segment (a build's or an append's), created with
+    `new_shard_settings(entry)` or reopened and checked, in a placement; and the task's rows there."""
+    segment = manifest.segments[-1]
     position = segment["shards"][0] + comm.rank
     entry = manifest.shards[position]
     view = ShardTask(task, entry.start - segment["start"], entry.count)
-    settings = dict(new_settings(task, source, config, entry.count), shard=_shard_record(entry, position))
-    writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config,
-                                                     source, "build"))
-    return _Opened(Placement(path, manifest, {position: writer}, writer), source, view, config, t0)
+    settings = dict(new_shard_settings(entry), shard=_shard_record(entry, position))
+    writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config, source,
+                                                     segment["kind"]))
+    return Placement(path, manifest, {position: writer}, writer), view
 
 
 def _same_everywhere(comm: Comm, n: int, fingerprint: str) -> None:
@@ -869,22 +918,14 @@ def _same_everywhere(comm: Comm, n: int, fingerprint: str) -> None:
 
 
 def _plan_build(path: Path, n: int, comm: Comm, config: BuildConfig, source, task, progress: bool) -> dict:
-    """Rank 0: the shards of a new build (manifest written before any shard), or the unfinished one to resume."""
+    """Rank 0: the started index (its manifest, and the layout of its shards), or the shards of a new
+    build (the manifest written before any shard)."""
     if (path / DATA_FILE).exists():
         raise _single_process_index(path, "resume or extend")
     if is_sharded(path):
         manifest = read_manifest(path)
-        last = manifest.segments[-1]
-        first = manifest.segments[0]
-        if len(manifest.segments) > 1 or last.get("finalized"):
-            if len(manifest.segments) == 1 and first["count"] == n:
-                # a rerun of a complete build: its shards' data are checked by the ranks that hold them
-                return {"manifest": manifest.to_dict(), "complete": True, "layout": None}
-            raise SettingsMismatchError(f"index {path} already holds a complete build of {manifest.planned_rows:,} "
-                                        f"rows; use `append` to add examples or a new --index")
-        _check_resumable(path, last, comm, n)
         layout = _started_layout(path, manifest) or new_layout(source, config)
-        return {"manifest": manifest.to_dict(), "complete": False, "layout": layout.to_dict()}
+        return {"manifest": manifest.to_dict(), "started": True, "layout": layout.to_dict()}
     _check_new_directory(path)
     counts = split_rows(n, comm.world)
     layout = new_layout(source, config)
@@ -900,19 +941,15 @@ def _plan_build(path: Path, n: int, comm: Comm, config: BuildConfig, source, tas
                                               "finalized": False},))
     path.mkdir(parents=True, exist_ok=True)
     write_manifest(path, manifest)
-    return {"manifest": manifest.to_dict(), "complete": False, "layout": layout.to_dict()}
+    return {"manifest": manifest.to_dict(), "started": False, "layout": layout.to_dict()}
 
 
-def _check_resumable(path: Path, segment: dict, comm: Comm, n: int) -> None:
-    """An unfinished segment (build or append) resumes only with its world size (a shard is one
-    rank's) and its number of examples."""
-    kind, shards = segment["kind"], segment["shards"][1] - segment["shards"][0]
+def _check_world(path: Path, segment: dict, comm: Comm) -> None:
+    """An unfinished segment resumes only with the world size it started with (a shard is one rank's)."""
+    shards = segment["shards"][1] - segment["shards"][0]
     if shards != comm.world:
-        raise SettingsMismatchError(f"index {path} has an unfinished {kind} of {shards} shards (one per rank): resume "
-                                    f"it with {shards} ranks, not {comm.world}")
-    if segment["count"] != n:
-        raise SettingsMismatchError(f"index {path} has an unfinished {kind} of {segment['count']:,} examples; this "
-                                    f"task has {n:,}: resume it with the same task")
+        raise SettingsMismatchError(f"index {path} has an unfinished {segment['kind']} of {shards} shards (one per "
+                                    f"rank): resume it with {shards} ranks, not {comm.world}")
 
 
 def _started_layout(path: Path, manifest: ShardManifest) -> IndexLayout | None:
@@ -940,28 +977,37 @@ def _open_or_create(path: Path, entry: ShardEntry, position: int, layout: IndexL
         return _create_environment(shard_path, layout, settings, view, config)
     writer = IndexWriter.open(shard_path, durability=config.durability)
     try:
-        stored = writer.settings
-        if stored.get("shard") != settings["shard"]:
-            raise SettingsMismatchError(f"shard {shard_path} is for rows {stored.get('shard')}, not {settings['shard']}")
-        _check_same({"factors": factor_key_of_index(stored["factors"])}, "factors",
-                    factor_key_of_index(settings["factors"]), "factor settings")
-        if stored["fingerprint"] != source.fingerprint or stored["layers"] != settings["layers"]:
-            raise SettingsMismatchError(f"the task's model differs from the one index {path} was built with "
-                                        f"(fingerprint {source.fingerprint[:12]} vs {stored['fingerprint'][:12]})")
-        segment = stored["segments"][-1]
-        if segment["kind"] != kind or segment["count"] != entry.count:
-            raise SettingsMismatchError(f"shard {shard_path} holds a {segment['kind']} of {segment['count']:,} rows, "
-                                        f"not this {kind}'s {entry.count:,}")
-        if writer.rows < entry.count:
-            _check_resumed_segment(writer, segment, view, view.train_examples())
-        else:
-            mismatch = task_mismatch(writer, segment, view, view.train_examples(), entry.count)
-            if mismatch:
-                raise SettingsMismatchError(f"{mismatch}: index {path} holds a {kind} of other examples")
+        _check_reopened_shard_is_this_run(writer, path, entry, settings, source, view, kind)
         return writer
     except BaseException:
         writer.close()
         raise
+
+
+def _check_reopened_shard_is_this_run(writer: IndexWriter, path: Path, entry: ShardEntry, settings: dict,
+                                      source: GradientSource, view, kind: str) -> None:
+    """A reopened shard continues only the run that created it: its place in the index, factor
+    settings and model, the task's options and recomputed rows (as one environment's reopening
+    checks), and the same examples as far as committed."""
+    stored = writer.settings
+    if stored.get("shard") != settings["shard"]:
+        raise SettingsMismatchError(f"shard {writer.path} is for rows {stored.get('shard')}, not {settings['shard']}")
+    _check_same({"factors": factor_key_of_index(stored["factors"])}, "factors",
+                factor_key_of_index(settings["factors"]), "factor settings")
+    if stored["fingerprint"] != source.fingerprint or stored["layers"] != settings["layers"]:
+        raise SettingsMismatchError(f"the task's model differs from the one index {path} was built with "
+                                    f"(fingerprint {source.fingerprint[:12]} vs {stored['fingerprint'][:12]})")
+    _check_reopened_shard(writer, path, entry, source, view, kind)
+    segment = stored["segments"][-1]
+    if segment["kind"] != kind or segment["count"] != entry.count:
+        raise SettingsMismatchError(f"shard {writer.path} holds a {segment['kind']} of {segment['count']:,} rows, "
+                                    f"not this {kind}'s {entry.count:,}")
+    if writer.rows < entry.count:
+        _check_resumed_segment(writer, segment, view, view.train_examples())
+        return
+    mismatch = task_mismatch(writer, segment, view, view.train_examples(), entry.count)
+    if mismatch:
+        raise SettingsMismatchError(f"{mismatch}: index {path} holds a {kind} of other examples")
 
 
 # ------------------------------------------------------------------------------------ append
@@ -989,23 +1035,28 @@ def _open_shards_for_append(task, path: Path, config: BuildConfig, comm: Comm, p
         if comm.root:
             notice(f"index {path}: the append of {n:,} rows is already complete; nothing to do")
         return BuildResult(str(path), resumed, 0, 0.0, 0)
-    segment = manifest.segments[-1]
-    position = segment["shards"][0] + comm.rank
-    entry = manifest.shards[position]
-    view = ShardTask(task, entry.start - segment["start"], entry.count)
-    settings = dict(plan["settings"], segments=[{"kind": "append", "start": 0, "count": entry.count}],
-                    nonfinite_rows=[], shard=_shard_record(entry, position),
-                    allow_duplicate_ids=bool(plan["settings"].get("allow_duplicate_ids") or config.allow_duplicate_ids))
-    layout = IndexLayout.from_dict(plan["layout"])
-    writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config,
-                                                     source, "append"))
-    placement = Placement(path, manifest, {position: writer}, writer)
+    allow_duplicate_ids = bool(plan["settings"].get("allow_duplicate_ids") or config.allow_duplicate_ids)
+    placement, view = _open_own_shard(
+        comm, path, manifest, IndexLayout.from_dict(plan["layout"]),
+        lambda entry: dict(plan["settings"], segments=[{"kind": "append", "start": 0, "count": entry.count}],
+                           nonfinite_rows=[], allow_duplicate_ids=allow_duplicate_ids),
+        task, config, source)
+    first_new = manifest.segments[-1]["shards"][0]
     try:
-        comm.together(lambda: placement.hold(range(segment["shards"][0]), comm.owns, config.durability))
+        comm.together(lambda: placement.hold(range(first_new), comm.owns, config.durability))
+        # as one process's append recomputes rows of its index: here of the older shards this rank holds
+        comm.together(lambda: _check_older_shards(placement, first_new, source, task))
     except BaseException:
         placement.close()
         raise
     return _Opened(placement, source, view, config, t0)
+
+
+def _check_older_shards(placement: Placement, first_new: int, source: GradientSource, task) -> None:
+    for position in range(first_new):
+        if position in placement.writers:
+            _check_reopened_shard(placement.writers[position], placement.path, placement.manifest.shards[position],
+                                  source, task, "append")
 
 
 def _plan_append_head(path: Path) -> dict:
@@ -1025,29 +1076,34 @@ def _plan_append_segment(comm: Comm, path: Path, manifest: ShardManifest, task, 
     same append is complete already. Recognising the same data takes every rank: each checks the
     shards of the last segment it holds."""
     last = manifest.segments[-1]
-    if not last.get("finalized"):
-        if last["kind"] != "append":
-            raise SettingsMismatchError(f"index {path} has an unfinished {last['kind']}: run `{last['kind']}` to resume it")
-        _check_resumable(path, last, comm, n)
+    step = _next_step(path, "append", last, not last.get("finalized"), n, manifest.planned_rows,
+                      lambda: _other_examples(comm, path, manifest, last, task))
+    if step == "complete":
+        return None, manifest.planned_rows
+    if step == "resume":
+        _check_world(path, last, comm)
         return manifest, None
-    if last["kind"] == "append" and last["count"] == n:
-        same = comm.together(lambda: _holds_task(comm, path, manifest, last, task))
-        if all(comm.gather(same)):
-            return None, manifest.planned_rows
     new = manifest.with_segment({"kind": "append", "start": manifest.planned_rows, "count": n}, split_rows(n, comm.world))
     comm.on_root(lambda: write_manifest(path, new))
     return new, None
 
 
-def _holds_task(comm: Comm, path: Path, manifest: ShardManifest, segment: dict, task) -> bool:
-    """Whether the shards of `segment` that this rank holds hold the task's examples there (ids, and
-    content digests of a sample: segments.task_mismatch)."""
+def _other_examples(comm: Comm, path: Path, manifest: ShardManifest, segment: dict, task) -> str | None:
+    """How the rows of `segment` differ from the task's examples (ids, and content digests of a
+    sample: segments.task_mismatch), as the first rank that holds a differing shard says; None: they
+    are its examples. Every rank checks the shards of `segment` it holds."""
+    return next((m for m in comm.gather(comm.together(lambda: _other_examples_held(comm, path, manifest, segment,
+                                                                                      task))) if m), None)
+
+
+def _other_examples_held(comm: Comm, path: Path, manifest: ShardManifest, segment: dict, task) -> str | None:
     for position in manifest.segment_shards(segment):
         if not comm.owns(position):
             continue
         entry = manifest.shards[position]
         view = ShardTask(task, entry.start - segment["start"], entry.count)
         with IndexWriter.open(path / entry.name) as w:
-            if task_mismatch(w, w.settings["segments"][-1], view, view.train_examples(), entry.count):
-                return False
-    return True
+            mismatch = task_mismatch(w, w.settings["segments"][-1], view, view.train_examples(), entry.count)
+        if mismatch:
+            return shard_message(path, entry, mismatch)
+    return None

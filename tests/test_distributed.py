@@ -485,3 +485,35 @@ def test_append_to_a_sharded_index_checks_the_recorded_encoding(job, tmp_path):
     with pytest.raises(TaskMismatchError, match=r"scale: 2 here, 1 at build"):
         ls.append(extra, index, device="cpu", progress=False)
     assert len(read_manifest(index).shards) == shards_before
+
+
+DOUBLED_TASK = """
+import sys
+sys.path.insert(0, {tasks!r})
+from mlp_task import MLPTask
+
+
+class Doubled(MLPTask):
+    def loss(self, model, batch):
+        return 2 * super().loss(model, batch)
+
+
+def doubled():
+    return Doubled()
+"""
+
+
+def test_a_resumed_sharded_build_recomputes_its_rows_with_the_task(job, tmp_path):
+    """A 2-rank build stopped before its curvature step, resumed by a task whose loss changed (same
+    model, ids and examples): each rank recomputes rows of its shard and refuses, naming the shard
+    and the index's row, as one process's resume does (the shards used to take it)."""
+    from lorif_stream.store.shards import write_manifest
+
+    index = tmp_path / "idx"
+    shutil.copytree(job["full"], index)
+    write_manifest(index, read_manifest(index).with_last_segment(finalized=False))
+    (tmp_path / "doubled.py").write_text(DOUBLED_TASK.format(tasks=str(TASKS)))
+    errors = failing_job(["build", "--task", f"{tmp_path / 'doubled.py'}:doubled", "--index", str(index),
+                          *BUILD_ARGS])
+    assert any("shard shard-00001 (rows 24..47): the build's task does not reproduce" in l
+               and "row 24 (id 'ex24')" in l for l in errors), errors
