@@ -554,6 +554,9 @@ def index_metrics(source, snap, settings: dict, task, batch_size: int, budget: i
 CACHE_FILE = "rerank-metric.npz"
 CACHE_VERSION = 1
 _HEADER = "header"
+# An LLM's full-dimension metric holds O² + I² (+ O·I for EK-FAC) floats per layer: tens of GB at
+# Llama widths. Past this size it is not written beside the index (the rerank recomputes it).
+CACHE_MAX_BYTES = 2 << 30
 
 
 def _hash_value(h, value) -> None:
@@ -642,6 +645,11 @@ def save_cached_metrics(file: Path, key: str, metrics: dict[str, LayerMetric]) -
     """Write the metric atomically (a temporary file, then a rename); where it cannot be written,
     say so once and go on: the rerank is the same, only the next one recomputes it."""
     arrays, layers = _metric_arrays(metrics)
+    size = sum(a.nbytes for a in arrays.values())
+    if size > CACHE_MAX_BYTES:
+        notice(f"rerank: the full-dimension metric ({size / 1e9:.1f} GB) is over the {CACHE_MAX_BYTES / 1e9:.1f} GB "
+               f"kept beside an index: not cached, every rerank of this index recomputes it")
+        return False
     header = {"version": CACHE_VERSION, "key": key, "layers": layers, "sha256": _checksum(arrays)}
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     try:

@@ -413,3 +413,15 @@ def test_packed_batches_hold_at_most_a_batch_of_the_longest_and_cover_every_exam
     assert len(batches[0]) == rerank._PACK_FACTOR * 2  # the short ones share larger batches
     same = rerank.packed_batches(Lengths(), [[0, 1]] * 5, 2)
     assert same == [[0, 1], [2, 3], [4]]  # one size: the order and batch size as given
+
+
+def test_a_metric_over_the_cache_limit_is_not_written_and_says_so(tmp_path, capsys, monkeypatch):
+    task = MLPTask()
+    ls.build(task, tmp_path / "idx", f=2, min_side=1, rank=1, preconditioner="ekfac", progress=False)
+    with opened(task, tmp_path / "idx") as (source, snap, settings):
+        key = rerank.metric_cache_key(source, snap, settings, source.task, 4, snap.rows)
+        metrics, _ = rerank.index_metrics(source, snap, settings, source.task, 4, 1 << 30, snap.rows, False)
+    monkeypatch.setattr(rerank, "CACHE_MAX_BYTES", 64)
+    assert not rerank.save_cached_metrics(tmp_path / rerank.CACHE_FILE, key, metrics)
+    assert not (tmp_path / rerank.CACHE_FILE).exists()
+    assert "not cached" in capsys.readouterr().err
