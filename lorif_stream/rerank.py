@@ -427,7 +427,7 @@ def whitening_metrics(source, snap, settings: dict, task, batch_size: int, budge
                       progress: bool) -> dict[str, LayerMetric]:
     """The index's K-FAC whitening at full dimension, per layer (see the module docstring)."""
     from .projection import make_projections
-    from .whitening import WHITENING_META, sample_indices, side_whitening
+    from .whitening import WHITENING_META, same_moment_sides, sample_indices, side_whitening
 
     meta = snap.state_meta(WHITENING_META) or {}
     summaries = meta.get("layers") or {}
@@ -452,22 +452,27 @@ def whitening_metrics(source, snap, settings: dict, task, batch_size: int, budge
         moments = recomputed_moments(source, shrunk, [examples[int(p)] for p in positions], batch_size, budget, progress)
         base = make_projections(shrunk, source.spec, "cpu")
         for l in shrunk:
-            A_in, A_out, tokens = moments[l.name]
+            tokens = moments[l.name][2]
             if tokens != summaries[l.name]["tokens"]:
                 raise ValueError(f"the rerank cannot recompute the index's whitening of layer {l.name!r}: its sample "
                                  f"has {tokens:,} tokens now, {summaries[l.name]['tokens']:,} at the build")
-            for side, A, dim, d in (("in", A_in, l.in_features, l.d_in), ("out", A_out, l.out_features, l.d_out)):
-                if (l.name, side) in sides:
-                    continue
-                sw = side_whitening(A.cpu() / max(tokens, 1), float(meta["rho"]))
-                P_base = getattr(base[l.name], "inp" if side == "in" else "out").matrix().to(torch.float64)
-                stored = _stored(snap, l.name, f"P_{side}").to(torch.float64)
+        side_moments = {(l.name, side): moments[l.name][0 if side == "in" else 1] for l in shrunk for side in ("in", "out")
+                        if (l.name, side) not in sides}
+        tokens = {l.name: moments[l.name][2] for l in shrunk}
+        # layers that read one input (q/k/v, gate/up) share its eigendecomposition, as in the build
+        for members in same_moment_sides(list(side_moments), side_moments, tokens):
+            name = members[0][0]
+            sw = side_whitening(side_moments[members[0]].cpu() / max(tokens[name], 1), float(meta["rho"]))
+            shared = side_map_of_moment(sw.eigenvalues, sw.eigenvectors, sw.damping)
+            for layer, side in members:
+                P_base = getattr(base[layer], "inp" if side == "in" else "out").matrix().to(torch.float64)
+                stored = _stored(snap, layer, f"P_{side}").to(torch.float64)
                 error = float((sw.apply(P_base) - stored).norm() / stored.norm().clamp_min(1e-30))
                 if not error <= WHITENING_TOLERANCE:
-                    raise ValueError(f"the rerank's recomputed whitening of layer {l.name!r} ({side}put side) differs "
+                    raise ValueError(f"the rerank's recomputed whitening of layer {layer!r} ({side}put side) differs "
                                      f"from the index's by {error:.1e} (relative; same sample and model: < "
                                      f"{WHITENING_TOLERANCE:.0e}): the task's data or model changed since the build")
-                sides[l.name, side] = side_map_of_moment(sw.eigenvalues, sw.eigenvectors, sw.damping)
+                sides[layer, side] = shared
     return {l.name: LayerMetric(sides[l.name, "in"], sides[l.name, "out"]) for l in source.layers}
 
 

@@ -221,10 +221,9 @@ def diagonal_whitening(diagonal: torch.Tensor, rho: float) -> tuple[torch.Tensor
 @dataclass(frozen=True)
 class WhitenedSide:
     """What the index stores for one side of a layer: its whitened projection (a dense side's
-    ``P' = W P``, dim x d; a sketched side's CountSketch with its diagonal ``w`` in the weights),
-    the EK-FAC eigenbasis of its projected moment, the stored arrays and a summary."""
+    ``P' = W P``, dim x d; a sketched side's diagonal ``w``, its CountSketch being regenerated from
+    the seed), the EK-FAC eigenbasis of its projected moment, and a summary."""
 
-    projection: SideProjection
     q: torch.Tensor  # (d, d) fp32, eigenvectors of P'ᵀ A P'
     arrays: dict  # field -> numpy array (P_in / w_in, without the eigenbasis)
     summary: dict
@@ -240,23 +239,19 @@ def whiten_side(side: str, A: torch.Tensor | None, tokens: int, P: SideProjectio
     scale = 1.0 / max(tokens, 1)
     eye = torch.eye(P.d)
     if A is None:
-        return WhitenedSide(P.to("cpu"), eye, {f"P_{side}": P.matrix().cpu().numpy()}, {"dim": P.dim, "whitened": False})
+        return WhitenedSide(eye, {f"P_{side}": P.matrix().cpu().numpy()}, {"dim": P.dim, "whitened": False})
     if A.dim() == 1:
         if not isinstance(P, SketchSide):
             raise ValueError(f"a diagonal moment needs a sketched side, got a {type(P).__name__}")
         w, summary = diagonal_whitening(A * scale, rho)
-        w32 = w.to(torch.float32).cpu()
-        sketch = P.to("cpu")
-        return WhitenedSide(SketchSide(sketch.weight * w32, sketch.bucket, sketch.d), eye, {f"w_{side}": w32.numpy()},
-                            summary)
+        return WhitenedSide(eye, {f"w_{side}": w.to(torch.float32).cpu().numpy()}, summary)
     A = A * scale
     w = whitening or side_whitening(A, rho)
     Pw = w.apply(P.matrix().to(A.device, torch.float64))
     # the EK-FAC eigenbasis lives in the projected space: eigenvectors of Pᵀ W A W P
     S = Pw.T @ A @ Pw
     _, q = torch.linalg.eigh((S + S.T) / 2)
-    Pw32 = Pw.to(torch.float32).cpu()
-    return WhitenedSide(DenseSide(Pw32), q.to(torch.float32).cpu(), {f"P_{side}": Pw32.numpy()}, w.summary())
+    return WhitenedSide(q.to(torch.float32).cpu(), {f"P_{side}": Pw.to(torch.float32).cpu().numpy()}, w.summary())
 
 
 def layer_arrays(inp: WhitenedSide, out: WhitenedSide) -> dict:
@@ -430,7 +425,7 @@ def _whitened_arrays(group: list[LayerInfo], capture: MomentCapture, tokens: dic
         shared = side_whitening(A * (1.0 / max(tokens[name], 1)), rho) if len(members) > 1 else None
         for key in members:
             done[key] = whiten_side(key[1], moments[key], tokens[key[0]], projections[key], rho, shared)
-        shared = None
+        shared = None  # released before the next class's eigendecomposition, not after it
     arrays = {}
     for layer in group:
         inp, out = done[(layer.name, "in")], done[(layer.name, "out")]
