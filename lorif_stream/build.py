@@ -717,9 +717,11 @@ def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildC
         if not pending_rows:
             return
         n_layers = len(source.layers)
-        Ls = [torch.cat([p[0][l] for p in pending]) for l in range(n_layers)]
-        Rs = [torch.cat([p[1][l] for p in pending]) for l in range(n_layers)]
         ids = [i for p in pending for i in p[2]]
+        Ls = [_stored(torch.cat([p[0][l] for p in pending]), storage, ids) for l in range(n_layers)]
+        Rs = [_stored(torch.cat([p[1][l] for p in pending]), storage) for l in range(n_layers)]
+        # the statistic sees the stored values, so that a resumed build (which catches up from the
+        # stored rows) fits the curvature a build run in one go fits
         sketches.update(Ls, Rs)
         host, ready = _to_host([t for pair in zip(Ls, Rs) for t in pair], source.device)
         committer.put(block_first, [(L.numpy(), R.numpy()) for L, R in zip(host[0::2], host[1::2])], ids, ready)
@@ -728,7 +730,7 @@ def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildC
 
     def add(grads: list[torch.Tensor], ids: list[str]) -> None:
         nonlocal pending_rows
-        _add(pending, grads, ids, config.rank, storage)
+        _add(pending, grads, ids, config.rank)
         pending_rows += len(ids)
         if pending_rows >= block_size:
             emit()
@@ -749,7 +751,7 @@ def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildC
                 ok = int(torch.nonzero(~finite)[0])
                 # commit everything before the culprit, so the error leaves a clean resume point
                 if ok:
-                    _add(pending, [G[:ok] for G in grads], ids[:ok], config.rank, storage)
+                    _add(pending, [G[:ok] for G in grads], ids[:ok], config.rank)
                     pending_rows += ok
                 emit()
                 committer.drain()
@@ -817,15 +819,18 @@ def index_rows(writer: IndexWriter, source: GradientSource, task, config: BuildC
     return sketches, committer.bytes_written
 
 
-def _add(pending: list, grads: list[torch.Tensor], ids: list[str], c: int, storage: torch.dtype) -> None:
-    """Factorize one batch and keep its factors rounded to the storage dtype."""
-    Ls, Rs = [], []
-    for L, R in factorize_layers(grads, c):
-        if storage == torch.float16:
-            _check_fp16_range(L, ids)
-        Ls.append(L.to(storage).float())
-        Rs.append(R.to(storage).float())
-    pending.append((Ls, Rs, ids))
+def _add(pending: list, grads: list[torch.Tensor], ids: list[str], c: int) -> None:
+    """Factorize one batch and keep its fp32 factors until its block is emitted."""
+    factors = factorize_layers(grads, c)
+    pending.append(([L for L, _ in factors], [R for _, R in factors], ids))
+
+
+def _stored(factor: torch.Tensor, storage: torch.dtype, ids: list[str] | None = None) -> torch.Tensor:
+    """A block's factors rounded to the storage dtype (once per block, not per batch: on a small
+    model each call is a cost), back in fp32 for the statistic. `ids`: check L's fp16 range."""
+    if ids is not None and storage == torch.float16:
+        _check_fp16_range(factor, ids)
+    return factor.to(storage).float()
 
 
 def _check_fp16_range(L: torch.Tensor, ids: list[str]) -> None:

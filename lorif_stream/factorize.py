@@ -174,16 +174,23 @@ def _gram_is_cheaper(d_out: int, d_in: int, c: int) -> bool:
 def _gram_power_factors(Gs: Sequence[torch.Tensor], c: int, iters: int,
                         orthonormalize=_orthonormalize) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The power iteration of :func:`_power_factors` run on ``H = AᵀA``, ``A`` the matrix with the
-    smaller side last, for several layers whose smaller side is equally wide at once.
+    smaller side last, for several layers whose smaller side is equally wide at once; the factors
+    come with their signs fixed (:func:`_fix_signs`).
 
     ``H Q`` is ``Gᵀ G Q`` (or ``G Gᵀ Q``) in one product of an ``m x m`` matrix: one batched call
     per step for every layer together, instead of two calls per layer over the whole ``G``; on
-    a small model those calls, not the multiplies, are the cost. The start block ``H S`` is a full
-    step, so ``iters + 1`` steps are taken, half a step more than on ``G``. The Rayleigh-Ritz
-    step uses ``M = A Q`` itself, not ``Qᵀ H Q``, so the singular values are not squared.
+    a small model those calls, not the multiplies, are the cost. For the same reason layers whose
+    ``A`` has the same shape and orientation (a transformer's blocks) are one batch throughout. The
+    start block ``H S`` is a full step, so ``iters + 1`` steps are taken, half a step more than on
+    ``G``. The Rayleigh-Ritz step uses ``M = A Q`` itself, not ``Qᵀ H Q``, so the singular values
+    are not squared.
     """
-    tall = [G.mT if G.shape[-2] < G.shape[-1] else G for G in Gs]  # (B, big, m)
-    H = torch.cat([A.mT @ A for A in tall])
+    stacks: dict[tuple[int, bool], list[int]] = {}  # (big, transposed) -> layers, in order
+    for j, G in enumerate(Gs):
+        transposed = G.shape[-2] < G.shape[-1]
+        stacks.setdefault((max(G.shape[-2:]), transposed), []).append(j)
+    tall = [torch.cat([Gs[j].mT if transposed else Gs[j] for j in js]) for (_, transposed), js in stacks.items()]
+    H = torch.cat([A.mT @ A for A in tall])  # (n, m, m)
     n, m, _ = H.shape
     k = min(c + OVERSAMPLE, m)
     Q = orthonormalize(H @ _start_block(m, k, H.device).expand(n, m, k))
@@ -193,15 +200,18 @@ def _gram_power_factors(Gs: Sequence[torch.Tensor], c: int, iters: int,
     Ms = [(A @ Qj).to(torch.float64) for A, Qj in zip(tall, Qs)]
     _, W = torch.linalg.eigh(torch.cat([M.mT @ M for M in Ms]))
     Ws = W.flip(-1)[..., :c].split([M.shape[0] for M in Ms])  # eigh sorts ascending
-    factors = []
-    for G, A, Qj, M, Wj in zip(Gs, tall, Qs, Ms, Ws):
+    factors: list = [None] * len(Gs)
+    for ((_, transposed), js), A, Qj, M, Wj in zip(stacks.items(), tall, Qs, Ms, Ws):
         # A ≈ (M W)(Q W)ᵀ: the right factor of A is orthonormal, its left one holds the values
         left, right = M @ Wj, Qj.to(torch.float64) @ Wj
-        if A is not G:
+        if transposed:
             # G = Aᵀ ≈ (Q W)(M W)ᵀ: move the singular values (M W's column norms) to L
             values = left.norm(dim=-2, keepdim=True)
             left, right = right * values, left / torch.where(values > 0, values, torch.ones_like(values))
-        factors.append((left.to(G.dtype), right.to(G.dtype)))
+        L, R = _fix_signs(left.to(A.dtype), right.to(A.dtype))
+        sizes = [Gs[j].shape[0] for j in js]
+        for j, Lj, Rj in zip(js, L.split(sizes), R.split(sizes)):
+            factors[j] = (Lj, Rj)
     return factors
 
 
@@ -273,7 +283,7 @@ def factorize_layers(
             factors[j] = _fix_signs(*_power_factors(G, c, power_iterations(c)))
     for group in gram_groups.values():
         for j, LR in zip(group, _gram_power_factors([Gs[j] for j in group], c, power_iterations(c))):
-            factors[j] = _fix_signs(*LR)
+            factors[j] = LR
     return [(_pad(L, c).contiguous(), _pad(R, c).contiguous()) for L, R in factors]
 
 
