@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
@@ -38,7 +37,7 @@ from .capture import LayerInfo
 from .comm import Comm, GlobalProgress, current
 from .config import FACTOR_FIELDS, BuildConfig, CurvatureConfig, factor_key_of_index, factor_options
 from .device import notice, resolve_device
-from .estimate import InsufficientDiskError, announce, check_budget, check_fits, estimate_build, tokens_bound
+from .estimate import announce, check_budget, check_fits, estimate_build, tokens_bound
 from .factorize import factorize_layers
 from .fit import CURVATURE_META, check_sharded_curvature, curvature_statistics, finalize_curvature
 from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
@@ -125,19 +124,6 @@ def _write(comm: Comm, opened: "_Opened | BuildResult", task, progress: bool, wh
     with opened.placement:
         return _write_segment(comm, opened.placement, opened.source, task, opened.view, opened.config, progress,
                               whiten_only, opened.started)
-
-
-def _create_environment(path: Path, layout: IndexLayout, settings: dict, task, config: BuildConfig) -> IndexWriter:
-    """A new environment (an index, or a shard of one) whose first segment holds `task`'s examples,
-    with the content digests that later reruns are checked against (segments.py)."""
-    writer = IndexWriter.create(path, layout, settings, durability=config.durability)
-    try:
-        examples = task.train_examples()
-        store_check(writer, settings["segments"][0], segment_check(task, examples, len(examples)))
-    except BaseException:
-        writer.close()
-        raise
-    return writer
 
 
 def new_layout(source: GradientSource, config: BuildConfig) -> IndexLayout:
@@ -295,14 +281,10 @@ def _other_layers(source: GradientSource, settings: dict) -> str | None:
     mine, theirs = {l.name: l.to_dict() for l in source.layers}, {l["name"]: l for l in settings["layers"]}
     if list(mine.values()) == settings["layers"]:
         return None
-    said = [f"{_names(names)} {where}" for names, where in (
+    said = [f"{', '.join(map(repr, names[:3]))}{' and more' if len(names) > 3 else ''} {where}" for names, where in (
         ([n for n in mine if n not in theirs], "only here"), ([n for n in theirs if n not in mine], "only in the index"),
         ([n for n in mine if n in theirs and mine[n] != theirs[n]], "of other sizes")) if names]
     return "; ".join(said) or "the same layers in another order"
-
-
-def _names(names: list[str]) -> str:
-    return ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _say_curvature_is_kept(index: StoredIndex, config: BuildConfig) -> None:
@@ -669,17 +651,11 @@ def _check_fp16_range(L: torch.Tensor, ids: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------ opening
-# Opening the index for a build's or an append's segment, by every rank of the job (a plain process
-# is a world of one), whatever the index's layout (store/placement.py StoredIndex): a plain process
-# writes one LMDB environment; a torchrun job, or a rerun on a sharded index, writes shards, one
-# per rank per segment, named by `shards.json`, which rank 0 writes before any shard exists
-# (DISTRIBUTED.md). Rank 0 reads the index; every rank decides alike from what it read: create it,
-# resume its last segment at each environment's first uncommitted row, recognise it as this
-# command's finished one, or record a new append segment. Each rank then creates or reopens its own
-# environment of the segment (a rank opens only the environments it writes or holds: shard s is
-# held by rank s % world, so shards may sit on node-local disks). What follows is the one write
-# pipeline (_write_segment). An unfinished segment resumes only with the world size it started with
-# (one shard per rank); another is refused in one line.
+# One opening for either layout (store/placement.py StoredIndex) and any world (a plain process is a
+# world of one): rank 0 reads the index, every rank decides alike from what it read (create it,
+# resume its last segment, recognise it as this command's finished one, or add an append segment),
+# then creates or reopens its own environment of the segment. A rank opens only the environments it
+# writes or holds (shard s is rank s % world's), so shards may sit on node-local disks.
 
 
 def _open_for_write(comm: Comm, task, path: Path, config: BuildConfig, kind: str,
@@ -696,38 +672,49 @@ def _open_for_write(comm: Comm, task, path: Path, config: BuildConfig, kind: str
     source, n = _open_source(comm, task, config, _index_layers(index.settings) if kind == "append" else None)
     if kind == "build" and n == 0:
         raise ValueError("the task has no training examples (train_examples() is empty)")
-    if kind == "build" and index is not None and _recreated(comm, index, source, config, n):
+    rows = 0 if index is None else comm.sum_int(comm.together(lambda: index.rows_held(comm.owns)))
+    if kind == "build" and index is not None and not rows and _recreated(comm, index, source, config, n):
         index = None
-    if index is None:
-        return _open_new(comm, task, path, _clamp_rank(config, source.layers), source, n, progress, started)
-    config = _index_factors(config, index.settings, given)
-    _check_same_model(source, index.settings, path)
-    rows = comm.sum_int(comm.together(lambda: index.rows_held(comm.owns)))
-    config = _curvature_of(comm, index, config, kind, rows)
+    if index is None:  # a new index: one environment, or (torchrun) one shard per rank, laid out by rank 0
+        config = _clamp_rank(config, source.layers)
+        layout = IndexLayout.from_dict(comm.on_root(lambda: new_layout(source, config).to_dict()))
+        index = StoredIndex.new(path, {"kind": "build", "start": 0, "count": n}, comm.world if comm.active else None,
+                                layout)
+        step = "add"
+    else:
+        config = _index_factors(config, index.settings, given)
+        _check_same_model(source, index.settings, path)
+        if kind == "build" and rows:  # curvature settings live with an index that has rows (change them with `fit`)
+            comm.on_root(lambda: _say_curvature_is_kept(index, config))
+        if kind == "append" or rows:  # else nothing is fitted yet (a failed start, or `whiten`): the command's apply
+            config = replace(config, curvature=CurvatureConfig(**index.settings["curvature"]).resolved(
+                config.projection_kind))
+        check_options(index.settings, task, path, kind)
+        comm.together(lambda: _check_held(comm, index, source, task, config, kind, n))
+        unfinished = not index.last.get("finalized") and rows < index.planned_rows
+        step = _next_step(path, kind, index.last, unfinished, n, rows, lambda: _other_examples(comm, index, task))
+        if step == "complete" and (whiten_only or _finalized(index, rows)):
+            # `whiten` on an index with rows: its pre-pass is done, nothing else is asked
+            if comm.root and not whiten_only:
+                notice(f"index {path}: the {index.last['kind']} of {n:,} rows is already complete (rows {index.last['start']:,}.."
+                       f"{index.planned_rows - 1:,}); nothing to do")
+            return BuildResult(str(path), rows, 0, 0.0, 0)
+        if step == "add" and n == 0:
+            raise ValueError("the task has no training examples to append")
+        if step == "add":
+            index = index.with_segment({"kind": "append", "start": index.planned_rows, "count": n}, comm.world)
+        else:
+            _check_world(path, index, comm)
+        if step == "complete" and comm.root:
+            notice(f"index {path}: every row of the {index.last['kind']} of {n:,} rows is committed but its curvature was not "
+                   f"finalized (interrupted): finishing it")
     if index.sharded:
         check_sharded_curvature(config.curvature)
-    check_options(index.settings, task, path, kind)
-    comm.together(lambda: _check_held(comm, index, source, task, config, kind, n))
-    unfinished = not index.last.get("finalized") and rows < index.planned_rows
-    step = _next_step(path, kind, index.last, unfinished, n, rows, lambda: _other_examples(comm, index, task))
-    if step == "complete" and (whiten_only or _finalized(index, rows)):
-        # `whiten` on an index with rows: its pre-pass is done, nothing else is asked
-        if comm.root and not whiten_only:
-            notice(f"index {path}: the {_what(index.last)} is already complete (rows {index.last['start']:,}.."
-                   f"{index.planned_rows - 1:,}); nothing to do")
-        return BuildResult(str(path), rows, 0, 0.0, 0)
-    if step == "add":
-        index = _add_segment(comm, index, task, source, config, n, progress)
-    else:
-        _check_world(path, index, comm)
-    if step == "complete" and comm.root:
-        notice(f"index {path}: every row of the {_what(index.last)} is committed but its curvature was not "
-               f"finalized (interrupted): finishing it")
+    if step == "add":  # refused before anything is written, else recorded (a manifest: with its shards)
+        _check_plan(comm, index, task, source, config, progress,
+                    set(((index.meta.get(WHITENING_META) or {}).get("layers") or {})))
+        comm.on_root(index.record)
     return _open_own_part(comm, index, task, source, config, step, started, fresh=kind == "build" and not rows)
-
-
-def _what(segment: dict) -> str:
-    return f"{segment['kind']} of {segment['count']:,} rows"
 
 
 def _read_index(comm: Comm, path: Path, kind: str) -> StoredIndex | None:
@@ -743,29 +730,14 @@ def _read_index(comm: Comm, path: Path, kind: str) -> StoredIndex | None:
     return index
 
 
-def _open_new(comm: Comm, task, path: Path, config: BuildConfig, source: GradientSource, n: int, progress: bool,
-              started: float) -> _Opened:
-    """A new index of the task's examples: one environment, or (torchrun) one shard per rank, planned by
-    rank 0 with the layout of every environment. Everything that can refuse it does so before any of
-    it is written."""
-    layout = IndexLayout.from_dict(comm.on_root(lambda: new_layout(source, config).to_dict()))
-    index = StoredIndex.new(path, {"kind": "build", "start": 0, "count": n}, comm.world if comm.active else None,
-                            layout)
-    _check_plan(comm, index, task, source, config, progress)
-    comm.on_root(index.record)
-    return _open_own_part(comm, index, task, source, config, "add", started)
-
-
 def _recreated(comm: Comm, index: StoredIndex, source: GradientSource, config: BuildConfig, n: int) -> bool:
-    """Whether an index whose build stopped before its first row (at most a whitening pre-pass made)
-    was removed for this build, which differs from it: refusing would leave a directory that no
+    """Whether an index with no rows, whose build stopped before its first row (at most a whitening
+    pre-pass made), was removed for this build, which differs from it: refusing would leave a directory that no
     corrected rerun can use. Every rank agrees: rank 0 decides from the rows all ranks hold. Only the
     ranks that wrote a sharded index can tell that none of its shards holds a row (another job's
     rank may not see a shard on another node's disk): another world size is refused, naming the
     directory to remove."""
     if len(index.segments) != 1 or index.last["kind"] != "build":
-        return False
-    if comm.sum_int(comm.together(lambda: index.rows_held(comm.owns))):
         return False
     changed = _changed_since_started(index, source, _clamp_rank(config, source.layers), n)
     if changed is None:
@@ -777,7 +749,6 @@ def _recreated(comm: Comm, index: StoredIndex, source: GradientSource, config: B
         notice(f"index {index.path} has no rows yet (its build stopped before the first row) and {changed}: "
                f"re-creating it with this command's settings")
     comm.together(lambda: index.remove(comm.owns))
-    comm.on_root(index.remove_record)
     return True
 
 
@@ -800,68 +771,42 @@ def _changed_since_started(index: StoredIndex, source: GradientSource, config: B
     return None
 
 
-def _curvature_of(comm: Comm, index: StoredIndex, config: BuildConfig, kind: str, rows: int) -> BuildConfig:
-    """Curvature settings live with an index that has rows (change them with `fit`): a build says once
-    which of its options differ. An index with none yet takes the build's (nothing is fitted yet:
-    a failed start, or `whiten` alone)."""
-    if kind == "build" and not rows:
-        return config
-    if kind == "build" and comm.root:
-        _say_curvature_is_kept(index, config)
-    return replace(config, curvature=CurvatureConfig(**index.settings["curvature"]).resolved(config.projection_kind))
-
-
 def _check_held(comm: Comm, index: StoredIndex, source: GradientSource, task, config: BuildConfig, kind: str,
                 n: int) -> None:
     """Rows added with another encoding, model or factor settings than the stored ones' would be scored
-    silently wrong: each environment of the index that this rank holds is checked to be the index's
-    (a shard's place in it), to hold the command's factor settings and model, and to be reproduced by
-    the task on a few of its rows (the recorded probe examples, or the task's own examples where they
-    are its rows: task_check.py). An error names the environment and the index's row, in one line."""
-    for part in index.all_parts():
-        if comm.owns(part.position) and part.exists:
-            rerun = part in index.parts() and n == index.last["count"]
-            with IndexReader(part.path) as reader:
-                _check_environment(reader, part, source, _rows_of(task, part) if rerun else task, config, kind,
-                                   index.path)
-
-
-def _check_environment(reader: IndexReader, part: Part, source: GradientSource, task, config: BuildConfig, kind: str,
-                       index: Path) -> None:
-    settings = reader.settings
-    if settings.get("shard") != part.shard_record:
-        raise SettingsMismatchError(f"shard {part.path} is for rows {settings.get('shard')}, not {part.shard_record}")
-    _check_same({"factors": factor_key_of_index(settings["factors"])}, "factors", config.factor_key(),
-                "factor settings")
-    _check_same_model(source, settings, index)
-    if settings.get(PROBES_KEY):  # the index's rows (every shard copies the head's record): this one's, as its own
-        settings = dict(settings, **{PROBES_KEY: [dict(p, row=p["row"] - part.start) for p in settings[PROBES_KEY]
-                                                  if part.holds(p["row"])]})
-    try:
-        _check_recomputed_rows(reader, source, task, settings, kind, index)
-    except TaskMismatchError as e:
-        if part.whole:
-            raise
-        raise TaskMismatchError(part.named(str(e))) from None
-
-
-def _check_recomputed_rows(reader: IndexReader, source: GradientSource, task, settings: dict, kind: str,
-                           index) -> None:
-    """An append (or a resumed build) recomputes a few stored rows with its task (task_check.py): the
-    index's own probe examples, or the task's examples where they are rows already committed."""
+    silently wrong: each environment of the index that this rank holds must be the index's (a shard's
+    place in it), hold the command's factor settings and model, and be reproduced by the task on a
+    few of its rows (the recorded probe examples, or the task's own examples where they are its rows:
+    task_check.py). An error names the environment and the index's row, in one line."""
     from .task_check import check_gradients
     from .whitening import load_projections
 
-    saved = source.projections
-    try:
-        with reader.snapshot() as snap:
+    for part in index.all_parts():
+        if not (comm.owns(part.position) and part.exists):
+            continue
+        rerun = part in index.parts() and n == index.last["count"]  # then the task's examples are its rows
+        with IndexReader(part.path) as reader, reader.snapshot() as snap:
+            settings = reader.settings
+            if settings.get("shard") != part.shard_record:
+                raise SettingsMismatchError(f"shard {part.path} is for rows {settings.get('shard')}, not "
+                                            f"{part.shard_record}")
+            _check_same({"factors": factor_key_of_index(settings["factors"])}, "factors", config.factor_key(),
+                        "factor settings")
+            _check_same_model(source, settings, index.path)
             if not snap.rows:
-                return
-            if factor_key_of_index(settings["factors"]).get("projection_kind") == "whitened":
-                source.projections = load_projections(snap.array, source.layers, source.spec, source.device)
-            check_gradients(task, source, snap, settings, index, kind, quiet_if_unchecked=True)
-    finally:
-        source.projections = saved
+                continue
+            if settings.get(PROBES_KEY):  # the index's rows (every shard copies the head's record): this one's
+                settings = dict(settings, **{PROBES_KEY: part.own_rows(settings[PROBES_KEY])})
+            saved = source.projections
+            try:
+                if factor_key_of_index(settings["factors"]).get("projection_kind") == "whitened":
+                    source.projections = load_projections(snap.array, source.layers, source.spec, source.device)
+                check_gradients(_rows_of(task, part) if rerun else task, source, snap, settings, index.path, kind,
+                                quiet_if_unchecked=True)
+            except TaskMismatchError as e:
+                raise (e if part.whole else TaskMismatchError(part.named(str(e)))) from None
+            finally:
+                source.projections = saved
 
 
 def _other_examples(comm: Comm, index: StoredIndex, task) -> str | None:
@@ -882,25 +827,11 @@ def _other_examples(comm: Comm, index: StoredIndex, task) -> str | None:
     return next((m for m in comm.gather(comm.together(held)) if m), None)
 
 
-def _add_segment(comm: Comm, index: StoredIndex, task, source: GradientSource, config: BuildConfig, n: int,
-                 progress: bool) -> StoredIndex:
-    """The index with an append's new segment after its rows, recorded (for shards: in the manifest,
-    one new shard per rank) once every check has passed."""
-    if n == 0:
-        raise ValueError("the task has no training examples to append")
-    index = index.with_segment({"kind": "append", "start": index.planned_rows, "count": n}, comm.world)
-    whitened = set(((index.meta.get(WHITENING_META) or {}).get("layers") or {}))
-    _check_plan(comm, index, task, source, config, progress, whitened)
-    comm.on_root(index.record)
-    return index
-
-
 def _check_plan(comm: Comm, index: StoredIndex, task, source: GradientSource, config: BuildConfig, progress: bool,
                 whitened: frozenset[str] | set[str] = frozenset()) -> None:
     """Refuse, before any work, a new segment that the memory budget, the GPU or the disk cannot hold
     (estimate.py: each rank for its environment); else announce the segment's estimate."""
     part = index.parts()[comm.rank]
-    view = _rows_of(task, part)
 
     def estimate(task, n: int):
         return estimate_build(source.layers, source.spec, config, index.layout, n,
@@ -908,7 +839,7 @@ def _check_plan(comm: Comm, index: StoredIndex, task, source: GradientSource, co
 
     def check() -> object:
         check_budget(source.layers, source.spec, config, whitened)
-        mine = estimate(view, part.count)
+        mine = estimate(_rows_of(task, part), part.count)
         check_fits(mine, index.path, config, source.device)
         return mine
 
@@ -932,7 +863,7 @@ def _open_own_part(comm: Comm, index: StoredIndex, task, source: GradientSource,
     part = index.parts()[comm.rank]
     view = _rows_of(task, part)
     writer = comm.together(lambda: _open_or_create(index, part, view, task, source, config, step, fresh))
-    placement = index.placement(part, writer)
+    placement = Placement(index.path, index.manifest, {part.position: writer}, writer)
     try:
         comm.together(lambda: placement.hold([p.position for p in index.older_parts()], comm.owns,
                                              config.durability))
@@ -945,13 +876,13 @@ def _open_own_part(comm: Comm, index: StoredIndex, task, source: GradientSource,
 def _open_or_create(index: StoredIndex, part: Part, view, task, source: GradientSource, config: BuildConfig,
                     step: str, fresh: bool) -> IndexWriter:
     """`part` created with its settings, or reopened (checked already: _check_held) to continue its
-    segment. An environment whose rows end where the segment starts (a single environment's append)
-    records it first; one holding another segment is refused. `fresh`: the index has no row, so the
-    command's curvature settings apply."""
-    if not part.exists:
-        return _create_environment(part.path, index.layout, _new_part_settings(index, part, task, source, config),
-                                   view, config)
-    writer = IndexWriter.open(part.path, durability=config.durability)
+    segment: the content digests of the examples it indexes are recorded (segments.py). An environment
+    whose rows end where the segment starts (a single environment's append) records the segment first;
+    one holding another segment is refused. `fresh`: the index has no row, so the command's curvature
+    settings apply."""
+    writer = (IndexWriter.open(part.path, durability=config.durability) if part.exists else
+              IndexWriter.create(part.path, index.layout, _new_part_settings(index, part, task, source, config),
+                                 durability=config.durability))
     try:
         segment = writer.settings["segments"][-1]
         if segment["start"] + segment["count"] == part.segment["start"] and part.segment["kind"] == "append":
@@ -989,8 +920,7 @@ def _start_segment(writer: IndexWriter, segment: dict, task, config: BuildConfig
     """An append's segment recorded in the environment that holds the earlier ones, before its first
     row, after the content digests it is recognised by (segments.py)."""
     settings = writer.settings
-    examples = task.train_examples()
-    store_check(writer, segment, segment_check(task, examples, segment["count"]),
+    store_check(writer, segment, segment_check(task, task.train_examples(), segment["count"]),
                 keep=(settings["segments"][-1]["start"],))
     settings = dict(settings, segments=settings["segments"] + [segment])
     settings["allow_duplicate_ids"] = settings.get("allow_duplicate_ids") or config.allow_duplicate_ids

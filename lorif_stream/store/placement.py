@@ -59,12 +59,12 @@ class Placement:
         return self.manifest.shards[position].start
 
     def hold(self, positions, owns: Callable[[int], bool], durability: str = "sync") -> None:
-        """Open, for writing their statistics, the shards at `positions` that this rank holds and has
-        not opened yet."""
+        """Open, for writing their statistics, the environments at `positions` (shards; a single
+        environment is 0) that this rank holds and has not opened yet."""
         for position in positions:
             if owns(position) and position not in self.writers:
-                entry = self.manifest.shards[position]
-                self.writers[position] = IndexWriter.open(self.path / entry.name, durability=durability)
+                path = self.path if self.manifest is None else self.path / self.manifest.shards[position].name
+                self.writers[position] = IndexWriter.open(path, durability=durability)
 
     # -- segments
     def finish_segment(self) -> None:
@@ -132,18 +132,14 @@ class Part:
         return self.segment["count"]
 
     @property
-    def whole(self) -> bool:
-        """It holds every example of its segment (a single environment)."""
+    def whole(self) -> bool:  # it holds every example of its segment: a single environment
         return self.entry is None
 
-    @property
-    def start(self) -> int:
-        """The index's number of the environment's row 0."""
-        return 0 if self.entry is None else self.entry.start
-
-    def holds(self, row: int) -> bool:
-        """Whether the index's row `row` is one of this environment's."""
-        return self.entry is None or self.entry.start <= row < self.entry.stop
+    def own_rows(self, records: list[dict]) -> list[dict]:
+        """Of `records` naming the index's rows (`row`), this environment's, renumbered as its own."""
+        if self.entry is None:
+            return records
+        return [dict(r, row=r["row"] - self.entry.start) for r in records if self.entry.start <= r["row"] < self.entry.stop]
 
     @property
     def exists(self) -> bool:
@@ -175,6 +171,10 @@ class StoredIndex:
     layout: IndexLayout | None = None
     manifest: ShardManifest | None = None
 
+    def __post_init__(self):
+        if not self.segments:
+            raise ValueError(f"index {self.path} has no segment")
+
     @classmethod
     def read(cls, path, metas=(), must_exist: bool = False) -> "StoredIndex | None":
         """The index at `path` (None: there is none; `must_exist`: the store's error says why)."""
@@ -203,11 +203,9 @@ class StoredIndex:
         """A new index of one segment: a single environment (`shards` None) or that many shards."""
         if shards is None:
             return cls(Path(path), (segment,), layout=layout)
-        entries, start = [], 0
-        for number, count in enumerate(split_rows(segment["count"], shards)):
-            entries.append(ShardEntry(shard_name(number), start, count))
-            start += count
-        manifest = ShardManifest(tuple(entries), (dict(segment, shards=[0, len(entries)], finalized=False),))
+        counts = split_rows(segment["count"], shards)
+        entries = tuple(ShardEntry(shard_name(i), sum(counts[:i]), count) for i, count in enumerate(counts))
+        manifest = ShardManifest(entries, (dict(segment, shards=[0, len(entries)], finalized=False),))
         return cls(Path(path), manifest.segments, layout=layout, manifest=manifest)
 
     @property
@@ -222,28 +220,29 @@ class StoredIndex:
     def planned_rows(self) -> int:
         return self.last["start"] + self.last["count"]
 
-    def parts(self) -> list[Part]:
-        """The environments of the last segment, one per rank that writes it."""
+    def all_parts(self) -> list[Part]:
+        """Every environment of the index, in row order (a single environment: one, of its last segment)."""
         if self.manifest is None:
             return [Part(self.path, 0, self.last)]
-        return [self._part(position) for position in self.manifest.segment_shards(self.last)]
-
-    def all_parts(self) -> list[Part]:
-        """Every environment of the index (a single environment: the one part of its last segment)."""
-        if self.manifest is None:
-            return self.parts()
         return [self._part(position) for position in range(len(self.manifest.shards))]
+
+    def parts(self) -> list[Part]:
+        """The environments of the last segment, one per rank that writes it."""
+        return self.all_parts()[self._first_of_last:]
+
+    def older_parts(self) -> list[Part]:
+        """The environments of the earlier segments (a single environment holds them in its own)."""
+        return self.all_parts()[:self._first_of_last]
+
+    @property
+    def _first_of_last(self) -> int:
+        return 0 if self.manifest is None else self.last["shards"][0]
 
     def _part(self, position: int) -> Part:
         entry = self.manifest.shards[position]
         segment = next(s for s in self.segments if s["shards"][0] <= position < s["shards"][1])
         return Part(self.path, position, {"kind": segment["kind"], "start": 0, "count": entry.count},
                     entry.start - segment["start"], entry)
-
-    def older_parts(self) -> list[Part]:
-        """The environments of the earlier segments (a single environment holds them in its own)."""
-        last = self.parts()
-        return [part for part in self.all_parts() if part not in last]
 
     def rows_held(self, owns: Callable[[int], bool]) -> int:
         """The committed rows of the environments this rank holds."""
@@ -263,14 +262,17 @@ class StoredIndex:
         return replace(self, segments=manifest.segments, manifest=manifest)
 
     def record(self) -> None:
-        """Rank 0, before any row of the last segment: a sharded index's manifest names it, with its
-        shards. (A single environment records its segments in its own settings, as it opens.)"""
+        """Rank 0, before any row of the last segment: the manifest names it with its shards (a single
+        environment records it in its own settings, as it opens)."""
         self.path.mkdir(parents=True, exist_ok=True)
         if self.manifest is not None:
             write_manifest(self.path, self.manifest)
 
     def remove(self, owns: Callable[[int], bool]) -> None:
-        """Delete the environments this rank holds (an index with no row, re-created)."""
+        """Delete the environments this rank holds, and on rank 0 the manifest (an index with no row,
+        re-created: every rank removes its part before anything new is written)."""
+        if self.manifest is not None and owns(0):
+            (self.path / MANIFEST_FILE).unlink(missing_ok=True)
         for part in self.all_parts():
             if not owns(part.position):
                 continue
@@ -279,12 +281,3 @@ class StoredIndex:
                     (part.path / name).unlink(missing_ok=True)
             else:
                 shutil.rmtree(part.path, ignore_errors=True)
-
-    def remove_record(self) -> None:
-        """Rank 0, once every rank has removed its environments: the manifest."""
-        if self.manifest is not None:
-            (self.path / MANIFEST_FILE).unlink(missing_ok=True)
-
-    def placement(self, part: Part, writer: IndexWriter) -> Placement:
-        """The placement of a rank writing `part` through `writer`."""
-        return Placement(self.path, self.manifest, {part.position: writer}, writer)
