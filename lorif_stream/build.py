@@ -651,11 +651,8 @@ def _check_fp16_range(L: torch.Tensor, ids: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------ opening
-# One opening for either layout (store/placement.py StoredIndex) and any world (a plain process is a
-# world of one): rank 0 reads the index, every rank decides alike from what it read (create it,
-# resume its last segment, recognise it as this command's finished one, or add an append segment),
-# then creates or reopens its own environment of the segment. A rank opens only the environments it
-# writes or holds (shard s is rank s % world's), so shards may sit on node-local disks.
+# One opening for either layout (store/placement.py StoredIndex) and any world. A rank opens only the
+# environments it writes or holds (shard s is rank s % world's), so shards may sit on node-local disks.
 
 
 def _open_for_write(comm: Comm, task, path: Path, config: BuildConfig, kind: str,
@@ -703,8 +700,10 @@ def _open_for_write(comm: Comm, task, path: Path, config: BuildConfig, kind: str
             raise ValueError("the task has no training examples to append")
         if step == "add":
             index = index.with_segment({"kind": "append", "start": index.planned_rows, "count": n}, comm.world)
-        else:
-            _check_world(path, index, comm)
+        elif len(index.parts()) != comm.world:  # an unfinished segment's shards are one rank's each
+            raise SettingsMismatchError(f"index {path} has an unfinished {index.last['kind']} of {len(index.parts())} "
+                                        f"shards (one per rank): resume it with {len(index.parts())} ranks, not "
+                                        f"{comm.world}")
         if step == "complete" and comm.root:
             notice(f"index {path}: every row of the {index.last['kind']} of {n:,} rows is committed but its curvature was not "
                    f"finalized (interrupted): finishing it")
@@ -731,12 +730,10 @@ def _read_index(comm: Comm, path: Path, kind: str) -> StoredIndex | None:
 
 
 def _recreated(comm: Comm, index: StoredIndex, source: GradientSource, config: BuildConfig, n: int) -> bool:
-    """Whether an index with no rows, whose build stopped before its first row (at most a whitening
-    pre-pass made), was removed for this build, which differs from it: refusing would leave a directory that no
-    corrected rerun can use. Every rank agrees: rank 0 decides from the rows all ranks hold. Only the
-    ranks that wrote a sharded index can tell that none of its shards holds a row (another job's
-    rank may not see a shard on another node's disk): another world size is refused, naming the
-    directory to remove."""
+    """Whether an index with no rows (its build stopped before the first, at most a whitening pre-pass
+    made) was removed for this build, which differs from it: refusing would leave a directory no
+    corrected rerun can use. Only the ranks that wrote shards can tell that none holds a row (a shard
+    may sit on another node's disk): another world size is refused, naming the directory to remove."""
     if len(index.segments) != 1 or index.last["kind"] != "build":
         return False
     changed = _changed_since_started(index, source, _clamp_rank(config, source.layers), n)
@@ -848,14 +845,6 @@ def _check_plan(comm: Comm, index: StoredIndex, task, source: GradientSource, co
         announce(mine if part.whole else estimate(task, index.last["count"]), index.layout, len(source.layers), config)
 
 
-def _check_world(path: Path, index: StoredIndex, comm: Comm) -> None:
-    """An unfinished segment resumes only with the world size it started with (a shard is one rank's)."""
-    parts = len(index.parts())
-    if parts != comm.world:
-        raise SettingsMismatchError(f"index {path} has an unfinished {index.last['kind']} of {parts} shards (one per "
-                                    f"rank): resume it with {parts} ranks, not {comm.world}")
-
-
 def _open_own_part(comm: Comm, index: StoredIndex, task, source: GradientSource, config: BuildConfig, step: str,
                    started: float, fresh: bool = False) -> _Opened:
     """This rank's environment of the last segment, created or reopened, in a placement with the
@@ -875,11 +864,9 @@ def _open_own_part(comm: Comm, index: StoredIndex, task, source: GradientSource,
 
 def _open_or_create(index: StoredIndex, part: Part, view, task, source: GradientSource, config: BuildConfig,
                     step: str, fresh: bool) -> IndexWriter:
-    """`part` created with its settings, or reopened (checked already: _check_held) to continue its
-    segment: the content digests of the examples it indexes are recorded (segments.py). An environment
-    whose rows end where the segment starts (a single environment's append) records the segment first;
-    one holding another segment is refused. `fresh`: the index has no row, so the command's curvature
-    settings apply."""
+    """`part` created, or reopened (checked: _check_held) to continue its segment, with the digests of
+    the examples it indexes (segments.py); one whose rows end where the segment starts (a single
+    environment's append) records it first. `fresh`: no row yet, the command's curvature applies."""
     writer = (IndexWriter.open(part.path, durability=config.durability) if part.exists else
               IndexWriter.create(part.path, index.layout, _new_part_settings(index, part, task, source, config),
                                  durability=config.durability))
