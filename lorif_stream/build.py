@@ -722,6 +722,8 @@ def _read_index(comm: Comm, path: Path, kind: str) -> StoredIndex | None:
     index = StoredIndex.read(path, (WHITENING_META, CURVATURE_META), must_exist=kind == "append")
     if index is None:
         _check_new_directory(path)
+    elif kind == "append" and not index.settings:  # a sharded build stopped before creating its shards
+        raise SettingsMismatchError(f"index {path} has an unfinished build: run `build` to resume it")
     elif comm.active and not index.sharded:
         what = "append to" if kind == "append" else "resume or extend"
         raise SettingsMismatchError(f"index {path} was written by a single process (one LMDB environment, not "
