@@ -8,10 +8,11 @@ queue into an encoder thread and a committer thread, so block n+1 encodes while 
 with the new row count, in one transaction. The queue bounds memory and gives back-pressure; zstd,
 numba and torch release the GIL so all stages overlap.
 
-Opening the index differs by its layout: one environment is created, resumed or extended in place;
-a shard directory is planned by rank 0 and each rank opens its own shard. Everything after is one
-pipeline over a placement (store/placement.py) and a communicator (comm.py; one process: every
-collective the identity): whitening, rows, ids, curvature, the segment record (_write_segment).
+Both are one path for either layout of the index (one LMDB environment, or a manifest of shards
+written by the ranks of a torchrun job) and any world (comm.py; one process: every collective the
+identity): one opening of the segment to write (_open_for_write, over the index as stored:
+store/placement.py StoredIndex), then one pipeline over a placement: whitening, rows, ids,
+curvature, the segment record (_write_segment).
 
 Both operations extend the index by one *segment* of rows (the build's, then one per append),
 recorded in the index settings before the first row is written. An interrupted segment resumes
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
@@ -34,21 +34,20 @@ import numpy as np
 import torch
 
 from .capture import LayerInfo
-from .comm import LOCAL, Comm, GlobalProgress, current
+from .comm import Comm, GlobalProgress, current
 from .config import FACTOR_FIELDS, BuildConfig, CurvatureConfig, factor_key_of_index, factor_options
 from .device import notice, resolve_device
-from .estimate import InsufficientDiskError, announce, check_budget, check_fits, estimate_build, tokens_bound
+from .estimate import announce, check_budget, check_fits, estimate_build, tokens_bound
 from .factorize import factorize_layers
 from .fit import CURVATURE_META, check_sharded_curvature, curvature_statistics, finalize_curvature
 from .gradients import GradientSource, NonFiniteGradientError, describe_nonfinite
 from .projection import ProjectionSpec
 from .shard_ids import first_duplicate
 from .store import IndexLayout, IndexReader, IndexWriter, WriteRefusedError
-from .store.placement import Placement
+from .store.placement import Part, Placement, StoredIndex
 from .store.sink import BlockSink
 from .store.format import DATA_FILE, LMDB_LOCK_FILE, WRITER_LOCK_FILE
-from .store.shards import (ShardEntry, ShardManifest, is_sharded, read_manifest, shard_message, shard_name, split_rows,
-                           write_manifest)
+from .store.shards import write_manifest
 from .segments import SEGMENT_CHECK_META, segment_check, store_check, stored_check, task_mismatch
 from .task import load_task, resolve_task
 from .task_check import PROBES_KEY, TaskMismatchError, check_options, task_record
@@ -113,13 +112,8 @@ def whiten(task, index, config: BuildConfig | None = None, *, progress: bool = T
 
 
 def _build_or_whiten(task, path: Path, config: BuildConfig, progress: bool, whiten_only: bool) -> BuildResult:
-    """Open the index for the build's segment by its layout (a torchrun job, or a rerun on a sharded
-    index: shards; a plain process: one environment), then the one write pipeline."""
     comm = current()
-    if comm.active or is_sharded(path):
-        opened = _open_shards_for_build(task, path, config, comm, progress)
-    else:
-        opened = _open_environment_for_build(task, path, config, progress, whiten_only)
+    opened = _open_for_write(comm, task, path, config, "build", progress=progress, whiten_only=whiten_only)
     return _write(comm, opened, task, progress, whiten_only)
 
 
@@ -130,55 +124,6 @@ def _write(comm: Comm, opened: "_Opened | BuildResult", task, progress: bool, wh
     with opened.placement:
         return _write_segment(comm, opened.placement, opened.source, task, opened.view, opened.config, progress,
                               whiten_only, opened.started)
-
-
-def _open_environment_for_build(task, path: Path, config: BuildConfig, progress: bool,
-                                whiten_only: bool) -> "_Opened | BuildResult":
-    source = None
-    if (path / DATA_FILE).exists():
-        writer = IndexWriter.open(path, durability=config.durability)
-        try:
-            changed, source = _changed_empty_build(writer, task, config)
-        except BaseException:
-            writer.close()
-            raise
-        if changed is None:
-            return _resume_or_extend(writer, task, config, progress, kind="build", whiten_only=whiten_only,
-                                     source=source)
-        # the old build holds no row, at most a whitening pre-pass made for other settings, model or
-        # data: refusing would leave the user a directory that no corrected rerun can use
-        writer.close()
-        notice(f"index {path} has no rows yet (its build stopped before the first row) and {changed}: "
-               f"re-creating it with this command's settings")
-        for name in (DATA_FILE, LMDB_LOCK_FILE):
-            (path / name).unlink(missing_ok=True)
-    else:
-        _check_new_directory(path)
-    if source is None:
-        source, _ = _open_source(LOCAL, task, config)
-    config = _clamp_rank(config, source.layers)
-    examples = task.train_examples()
-    n = len(examples)
-    if n == 0:
-        raise ValueError("the task has no training examples (train_examples() is empty)")
-    # everything that can refuse the build does so before the index exists
-    layout = new_layout(source, config)
-    check_plan(path, source, task, examples, config, layout, n, progress)
-    writer = _create_environment(path, layout, new_settings(task, source, config, n), task, config)
-    return _opened_environment(writer, source, task, config)
-
-
-def _create_environment(path: Path, layout: IndexLayout, settings: dict, task, config: BuildConfig) -> IndexWriter:
-    """A new environment (an index, or a shard of one) whose first segment holds `task`'s examples,
-    with the content digests that later reruns are checked against (segments.py)."""
-    writer = IndexWriter.create(path, layout, settings, durability=config.durability)
-    try:
-        examples = task.train_examples()
-        store_check(writer, settings["segments"][0], segment_check(task, examples, len(examples)))
-    except BaseException:
-        writer.close()
-        raise
-    return writer
 
 
 def new_layout(source: GradientSource, config: BuildConfig) -> IndexLayout:
@@ -201,28 +146,6 @@ def new_settings(task, source: GradientSource, config: BuildConfig, n: int) -> d
         # how the task encodes examples, and a few to recompute: later commands check theirs against it
         **task_record(task, n),
     }
-
-
-def _changed_empty_build(writer: IndexWriter, task, config: BuildConfig):
-    """For an index whose build stopped before its first row: what differs between it and this build
-    (settings, model, tracked layers, number of examples), or None; and the task's GradientSource
-    when it was opened to find out (else None). Indexes with rows are resumed or refused as usual."""
-    settings = writer.settings
-    segments = settings.get("segments") or []
-    if writer.rows or len(segments) != 1 or segments[0]["kind"] != "build":
-        return None, None
-    source, n = _open_source(LOCAL, task, config)
-    config = _clamp_rank(config, source.layers)
-    stored = factor_key_of_index(settings["factors"])
-    if stored != config.factor_key():
-        return f"its settings differ ({_diff(stored, config.factor_key())})", source
-    if [l.to_dict() for l in source.layers] != settings["layers"]:
-        return "the task's model tracks other layers", source
-    if source.fingerprint != settings["fingerprint"]:
-        return "the task's model differs from the one it was started with", source
-    if n != segments[0]["count"]:
-        return f"the task has {n:,} examples, not the {segments[0]['count']:,} it was started with", source
-    return None, source
 
 
 def _check_new_directory(path: Path) -> None:
@@ -252,12 +175,9 @@ def append(task, index, config: BuildConfig | None = None, *, progress: bool = T
     config = _config(config, options)
     task = _task(task)
     comm = current()
-    if comm.active or is_sharded(index):
-        # new rows go to new shards, one per rank (of this job, or this process)
-        opened = _open_shards_for_append(task, Path(index), config, comm, progress, given)
-    else:
-        writer = IndexWriter.open(index, durability=config.durability)
-        opened = _resume_or_extend(writer, task, config, progress, kind="append", given=given)
+    # new rows go after the index's in its one environment, or into new shards, one per rank (of this
+    # job, or this process)
+    opened = _open_for_write(comm, task, Path(index), config, "append", given, progress)
     return _write(comm, opened, task, progress, whiten_only=False)
 
 
@@ -291,18 +211,6 @@ def _default_block_size(source: GradientSource, config: BuildConfig) -> int:
     # four blocks live at once (being assembled, queued, encoding, in the encoder's scratch)
     target = min(_TARGET_BLOCK_BYTES, config.budget() // 8)
     return int(np.clip(target // per_row, 16, 16384))
-
-
-def check_plan(path: Path, source: GradientSource, task, examples, config: BuildConfig, layout: IndexLayout,
-               n_rows: int, progress: bool, whitened: frozenset[str] | set[str] = frozenset()) -> None:
-    """Refuse, before any work, a build or append of `n_rows` rows that the memory budget, the GPU or
-    the disk cannot hold (estimate.py); else announce the estimate."""
-    check_budget(source.layers, source.spec, config, whitened)
-    estimate = estimate_build(source.layers, source.spec, config, layout, n_rows,
-                              tokens_bound(task, examples, config.batch_size), whitened)
-    check_fits(estimate, path, config, source.device)
-    if progress:
-        announce(estimate, layout, len(source.layers), config)
 
 
 def _diff(theirs, mine) -> str:
@@ -355,6 +263,12 @@ def _index_factors(config: BuildConfig, settings: dict, given) -> BuildConfig:
 
 
 def _check_same_model(source: GradientSource, settings: dict, path) -> None:
+    """The task's model is the index's: the same tracked layers (named where they differ), then the
+    same weights (the fingerprint)."""
+    layers = _other_layers(source, settings)
+    if layers:
+        raise SettingsMismatchError(f"the task's model tracks other layers than index {path} ({layers}): track the "
+                                    f"index's (--modules / tracked_modules)")
     if source.fingerprint != settings["fingerprint"]:
         raise SettingsMismatchError(
             f"the task's model differs from the one index {path} was built with "
@@ -362,72 +276,38 @@ def _check_same_model(source: GradientSource, settings: dict, path) -> None:
         )
 
 
-def _say_curvature_is_kept(writer: IndexWriter, config: BuildConfig) -> None:
+def _other_layers(source: GradientSource, settings: dict) -> str | None:
+    """Which tracked layers differ between the task's model and the index's, in a few words; None: none."""
+    mine, theirs = {l.name: l.to_dict() for l in source.layers}, {l["name"]: l for l in settings["layers"]}
+    if list(mine.values()) == settings["layers"]:
+        return None
+    said = [f"{', '.join(map(repr, names[:3]))}{' and more' if len(names) > 3 else ''} {where}" for names, where in (
+        ([n for n in mine if n not in theirs], "only here"), ([n for n in theirs if n not in mine], "only in the index"),
+        ([n for n in mine if n in theirs and mine[n] != theirs[n]], "of other sizes")) if names]
+    return "; ".join(said) or "the same layers in another order"
+
+
+def _say_curvature_is_kept(index: StoredIndex, config: BuildConfig) -> None:
     """Curvature options live with an index that has rows: name those of this command that differ."""
     kind = config.projection_kind
-    tokens = tokens_per_example(writer.get_state_meta(WHITENING_META))
+    tokens = tokens_per_example(index.meta.get(WHITENING_META))
     try:
-        theirs = asdict(CurvatureConfig(**writer.settings["curvature"]).resolved(kind, tokens))
+        theirs = asdict(CurvatureConfig(**index.settings["curvature"]).resolved(kind, tokens))
         mine = asdict(config.curvature.resolved(kind, tokens))
     except (TypeError, ValueError):
         return
     if theirs != mine:
-        notice(f"curvature options differ from index {writer.path}'s ({_diff(theirs, mine)}): the index keeps its own; "
-               f"change them with `lorif-stream fit --index {writer.path}`")
+        notice(f"curvature options differ from index {index.path}'s ({_diff(theirs, mine)}): the index keeps its own; "
+               f"change them with `lorif-stream fit --index {index.path}`")
 
 
-def _finalized(writer: IndexWriter, segment: dict) -> bool:
-    """Whether the curvature covers every row: the segment's flag, or (killed between the curvature
-    switch and the flag, or an index from before the flag) the curvature's own row count."""
-    if segment.get("finalized"):
+def _finalized(index: StoredIndex, rows: int) -> bool:
+    """Whether the curvature covers every row: the last segment's flag, or (a single environment killed
+    between the curvature switch and the flag, or from before the flag) the curvature's own row count.
+    A sharded index goes by its manifest's flag, which `fit` and its readers go by."""
+    if index.last.get("finalized"):
         return True
-    return (writer.get_state_meta(CURVATURE_META) or {}).get("rows") == writer.rows
-
-
-def _resume_or_extend(writer: IndexWriter, task, config: BuildConfig, progress: bool, kind: str,
-                      whiten_only: bool = False, given: set[str] = frozenset(FACTOR_FIELDS),
-                      source: GradientSource | None = None) -> "_Opened | BuildResult":
-    """A single environment that exists, opened for this build or append: its unfinished segment
-    resumed, its complete one recognised, or a new append segment recorded."""
-    try:
-        settings = writer.settings
-        config = _index_factors(config, settings, given)
-        if kind == "build" and writer.rows == 0:
-            # nothing is fitted yet (a failed start, or `whiten` alone): this command's curvature applies
-            settings = dict(settings, curvature=asdict(config.curvature))
-            writer.update_settings(settings)
-        elif kind == "build":
-            _say_curvature_is_kept(writer, config)
-        # curvature settings live with the index (change them with `fit`)
-        config = replace(config, curvature=CurvatureConfig(**settings["curvature"]).resolved(config.projection_kind))
-
-        if source is None:
-            source, _ = _open_source(LOCAL, task, config, _index_layers(settings))
-        _check_same_model(source, settings, writer.path)
-        _check_reopened(writer, source, task, settings, kind, writer.path)
-        segments = settings["segments"]
-        last = segments[-1]
-        examples = task.train_examples()
-        n = len(examples)
-        step = _next_step(writer.path, kind, last, writer.rows < last["start"] + last["count"], n, writer.rows,
-                          lambda: task_mismatch(writer, last, task, examples, n))
-        if step == "resume":
-            _check_resumed_segment(writer, last, task, examples)
-            return _opened_environment(writer, source, task, config)
-        if step == "complete":
-            return _complete(writer, source, task, config, progress, whiten_only, last)
-        if n == 0:
-            raise ValueError("the task has no training examples to append")
-        check_plan(writer.path, source, task, examples, config, writer.layout, n, progress, _whitened_layers(writer))
-        segment = {"kind": "append", "start": writer.rows, "count": n}
-        store_check(writer, segment, segment_check(task, examples, n), keep=(last["start"],))
-        settings = dict(settings, segments=segments + [segment])
-        settings["allow_duplicate_ids"] = settings.get("allow_duplicate_ids") or config.allow_duplicate_ids
-        writer.update_settings(settings)
-        return _opened_environment(writer, source, task, config)
-    except BaseException:
-        writer.close()
-        raise
+    return not index.sharded and (index.meta.get(CURVATURE_META) or {}).get("rows") == rows
 
 
 def _next_step(index, kind: str, last: dict, unfinished: bool, n: int, rows: int, other_examples) -> str:
@@ -459,53 +339,6 @@ def _next_step(index, kind: str, last: dict, unfinished: bool, n: int, rows: int
     return "add"
 
 
-def _check_reopened(writer: IndexWriter, source: GradientSource, task, settings: dict, kind: str, index) -> None:
-    """Rows added with another encoding than the stored ones' would be scored silently wrong: a reopened
-    environment (an index, or a shard of one) takes rows only from a task with the recorded options
-    that reproduces a few of its stored rows (task_check.py). `index` names it in errors."""
-    check_options(settings, task, index, kind)
-    _check_recomputed_rows(writer, source, task, settings, kind, index)
-
-
-def _check_reopened_shard(writer: IndexWriter, path: Path, entry: ShardEntry, source: GradientSource, task,
-                          kind: str) -> None:
-    """The same checks on a shard's own rows, which it numbers from 0 (`task`: their examples, or a
-    task that holds none of them); an error names the shard and the index's row, in one line."""
-    settings = dict(writer.settings, **_shard_probes(writer.settings, entry))
-    try:
-        _check_reopened(writer, source, task, settings, kind, path)
-    except TaskMismatchError as e:
-        raise TaskMismatchError(shard_message(path, entry, str(e))) from None
-
-
-def _shard_probes(settings: dict, entry: ShardEntry) -> dict:
-    """The recorded probe examples (the index's rows: every shard copies the head's record) that are
-    this shard's rows, renumbered as its own; none recorded: none."""
-    probes = settings.get(PROBES_KEY)
-    if not probes:
-        return {}
-    return {PROBES_KEY: [dict(p, row=p["row"] - entry.start) for p in probes if entry.start <= p["row"] < entry.stop]}
-
-
-def _check_recomputed_rows(writer: IndexWriter, source: GradientSource, task, settings: dict, kind: str,
-                           index) -> None:
-    """An append (or a resumed build) recomputes a few stored rows with its task (task_check.py): the
-    index's own probe examples, or the task's examples where they are rows already committed."""
-    if not writer.rows:
-        return
-    from .task_check import check_gradients
-    from .whitening import load_projections
-
-    saved = source.projections
-    try:
-        if factor_key_of_index(settings["factors"]).get("projection_kind") == "whitened":
-            source.projections = load_projections(writer.get_array, source.layers, source.spec, source.device)
-        with writer.reader().snapshot() as snap:
-            check_gradients(task, source, snap, settings, index, kind, quiet_if_unchecked=True)
-    finally:
-        source.projections = saved
-
-
 def _check_resumed_segment(writer: IndexWriter, segment: dict, task, examples) -> None:
     """An unfinished segment continues only with the examples it started with (as far as committed)."""
     committed = writer.rows - segment["start"]
@@ -518,23 +351,6 @@ def _check_resumed_segment(writer: IndexWriter, segment: dict, task, examples) -
     if check != stored_check(writer, segment):
         meta = writer.get_state_meta(SEGMENT_CHECK_META) or {}
         store_check(writer, segment, check, keep=tuple(int(k) for k in meta))
-
-
-def _complete(writer: IndexWriter, source: GradientSource, task, config: BuildConfig, progress: bool,
-              whiten_only: bool, segment: dict) -> "_Opened | BuildResult":
-    """A rerun of a build or append whose rows are all committed: finish its curvature step if a kill
-    (or a full disk) stopped it there, else there is nothing to do."""
-    if whiten_only:  # `whiten` on an index with rows: its pre-pass is done, nothing else is asked
-        return _opened_environment(writer, source, task, config)
-    what = f"{segment['kind']} of {segment['count']:,} rows"
-    if _finalized(writer, segment):
-        notice(f"index {writer.path}: the {what} is already complete (rows {segment['start']:,}.."
-               f"{segment['start'] + segment['count'] - 1:,}); nothing to do")
-        writer.close()
-        return BuildResult(str(writer.path), writer.rows, 0, 0.0, 0)
-    notice(f"index {writer.path}: every row of the {what} is committed but its curvature was not finalized "
-           f"(interrupted): finishing it")
-    return _opened_environment(writer, source, task, config)
 
 
 def _whitened_layers(writer: IndexWriter) -> set[str]:
@@ -556,11 +372,6 @@ def _to_host(tensors: list[torch.Tensor], device: torch.device):
     event = torch.cuda.Event()
     event.record()
     return host, event
-
-
-def _opened_environment(writer: IndexWriter, source: GradientSource, task, config: BuildConfig) -> _Opened:
-    """A single environment's segment, to be written by this process (its only writer)."""
-    return _Opened(Placement.environment(writer), source, task, config, time.perf_counter())
 
 
 def _write_segment(comm: Comm, placement: Placement, source: GradientSource, task, view, config: BuildConfig,
@@ -844,74 +655,285 @@ def _check_fp16_range(L: torch.Tensor, ids: list[str]) -> None:
                          f"or --dtype fp32")
 
 
-# ------------------------------------------------------------------------------------ shards
-# Opening a sharded index for a build or an append, by the ranks of a torchrun job (or one
-# process); what follows is the one write pipeline (_write_segment). The index directory holds
-# `shards.json` and one shard per rank per segment (store/shards.py). A segment (the build, then
-# each append) is split into one contiguous run of rows per rank; rank r writes shard `first + r`
-# of it over a view of its rows (task_view.py). Rank 0 plans the segment and writes the manifest
-# before any shard exists; a rank opens only the shards it writes or holds (shard s is held by rank
-# s % world), so shards may sit on node-local disks. A rerun of the same command resumes: every
-# shard continues at its first missing row. The world size of a resumed segment must be the one it
-# started with (one shard per rank); another is refused in one line.
+# ------------------------------------------------------------------------------------ opening
+# One opening for either layout (store/placement.py StoredIndex) and any world. A rank opens only the
+# environments it writes or holds (shard s is rank s % world's), so shards may sit on node-local disks.
+
+
+def _open_for_write(comm: Comm, task, path: Path, config: BuildConfig, kind: str,
+                    given: set[str] = frozenset(FACTOR_FIELDS), progress: bool = True,
+                    whiten_only: bool = False) -> "_Opened | BuildResult":
+    """This rank's environment of the segment that a build or an append (`kind`) writes into the
+    index at `path`, with what the write pipeline needs; a BuildResult when nothing is left to do.
+    `given`: the factor settings the command named (an append takes the index's for the others)."""
+    started = time.perf_counter()
+    config = _rank_budget(config, comm)
+    index = comm.on_root(lambda: _read_index(comm, path, kind))
+    if kind == "append":  # the index's factor settings and layers: its model is opened with them
+        config = _index_factors(config, index.settings, given)
+    source, n = _open_source(comm, task, config, _index_layers(index.settings) if kind == "append" else None)
+    if kind == "build" and n == 0:
+        raise ValueError("the task has no training examples (train_examples() is empty)")
+    rows = 0 if index is None else comm.sum_int(comm.together(lambda: index.rows_held(comm.owns)))
+    if kind == "build" and index is not None and not rows and _recreated(comm, index, source, config, n):
+        index = None
+    if index is None:  # a new index: one environment, or (torchrun) one shard per rank, laid out by rank 0
+        config = _clamp_rank(config, source.layers)
+        layout = IndexLayout.from_dict(comm.on_root(lambda: new_layout(source, config).to_dict()))
+        index = StoredIndex.new(path, {"kind": "build", "start": 0, "count": n}, comm.world if comm.active else None,
+                                layout)
+        step = "add"
+    else:
+        config = _index_factors(config, index.settings, given)
+        _check_same_model(source, index.settings, path)
+        if kind == "build" and rows:  # curvature settings live with an index that has rows (change them with `fit`)
+            comm.on_root(lambda: _say_curvature_is_kept(index, config))
+        if kind == "append" or rows:  # else nothing is fitted yet (a failed start, or `whiten`): the command's apply
+            config = replace(config, curvature=CurvatureConfig(**index.settings["curvature"]).resolved(
+                config.projection_kind))
+        check_options(index.settings, task, path, kind)
+        comm.together(lambda: _check_held(comm, index, source, task, config, kind, n))
+        unfinished = not index.last.get("finalized") and rows < index.planned_rows
+        step = _next_step(path, kind, index.last, unfinished, n, rows, lambda: _other_examples(comm, index, task))
+        if step == "complete" and (whiten_only or _finalized(index, rows)):
+            # `whiten` on an index with rows: its pre-pass is done, nothing else is asked
+            if comm.root and not whiten_only:
+                notice(f"index {path}: the {index.last['kind']} of {n:,} rows is already complete (rows {index.last['start']:,}.."
+                       f"{index.planned_rows - 1:,}); nothing to do")
+            return BuildResult(str(path), rows, 0, 0.0, 0)
+        if step == "add" and n == 0:
+            raise ValueError("the task has no training examples to append")
+        if step == "add":
+            index = index.with_segment({"kind": "append", "start": index.planned_rows, "count": n}, comm.world)
+        elif len(index.parts()) != comm.world:  # an unfinished segment's shards are one rank's each
+            raise SettingsMismatchError(f"index {path} has an unfinished {index.last['kind']} of {len(index.parts())} "
+                                        f"shards (one per rank): resume it with {len(index.parts())} ranks, not "
+                                        f"{comm.world}")
+        if step == "complete" and comm.root:
+            notice(f"index {path}: every row of the {index.last['kind']} of {n:,} rows is committed but its curvature was not "
+                   f"finalized (interrupted): finishing it")
+    if index.sharded:
+        check_sharded_curvature(config.curvature)
+    if step == "add":  # refused before anything is written, else recorded (a manifest: with its shards)
+        _check_plan(comm, index, task, source, config, progress,
+                    set(((index.meta.get(WHITENING_META) or {}).get("layers") or {})))
+        comm.on_root(index.record)
+    return _open_own_part(comm, index, task, source, config, step, started, fresh=kind == "build" and not rows)
+
+
+def _read_index(comm: Comm, path: Path, kind: str) -> StoredIndex | None:
+    """Rank 0: the index at `path` as its opening needs it; None where a new one goes (a new or empty
+    directory). A torchrun job writes shards: it refuses a single environment, which has one writer."""
+    index = StoredIndex.read(path, (WHITENING_META, CURVATURE_META), must_exist=kind == "append")
+    if index is None:
+        _check_new_directory(path)
+    elif kind == "append" and not index.settings:  # a sharded build stopped before creating its shards
+        raise SettingsMismatchError(f"index {path} has an unfinished build: run `build` to resume it")
+    elif comm.active and not index.sharded:
+        what = "append to" if kind == "append" else "resume or extend"
+        raise SettingsMismatchError(f"index {path} was written by a single process (one LMDB environment, not "
+                                    f"shards): {what} it without torchrun, or build a sharded index into a new --index")
+    return index
+
+
+def _recreated(comm: Comm, index: StoredIndex, source: GradientSource, config: BuildConfig, n: int) -> bool:
+    """Whether an index with no rows (its build stopped before the first, at most a whitening pre-pass
+    made) was removed for this build, which differs from it: refusing would leave a directory no
+    corrected rerun can use. Only the ranks that wrote shards can tell that none holds a row (a shard
+    may sit on another node's disk): another world size is refused, naming the directory to remove."""
+    if len(index.segments) != 1 or index.last["kind"] != "build":
+        return False
+    changed = _changed_since_started(index, source, _clamp_rank(config, source.layers), n)
+    if changed is None:
+        return False
+    if len(index.parts()) != comm.world:
+        raise SettingsMismatchError(f"index {index.path} has no rows yet and {changed}, but {len(index.parts())} "
+                                    f"ranks started it, not {comm.world}: remove {index.path} to build it anew")
+    if comm.root:
+        notice(f"index {index.path} has no rows yet (its build stopped before the first row) and {changed}: "
+               f"re-creating it with this command's settings")
+    comm.together(lambda: index.remove(comm.owns))
+    return True
+
+
+def _changed_since_started(index: StoredIndex, source: GradientSource, config: BuildConfig, n: int) -> str | None:
+    """What differs between an index with no rows and this build (settings, model, tracked layers,
+    number of examples), or None."""
+    settings = index.settings
+    if not settings:
+        return "none of its shards was created"
+    stored = factor_key_of_index(settings["factors"])
+    if stored != config.factor_key():
+        return f"its settings differ ({_diff(stored, config.factor_key())})"
+    layers = _other_layers(source, settings)
+    if layers:
+        return f"the task's model tracks other layers ({layers})"
+    if source.fingerprint != settings["fingerprint"]:
+        return "the task's model differs from the one it was started with"
+    if n != index.last["count"]:
+        return f"the task has {n:,} examples, not the {index.last['count']:,} it was started with"
+    return None
+
+
+def _check_held(comm: Comm, index: StoredIndex, source: GradientSource, task, config: BuildConfig, kind: str,
+                n: int) -> None:
+    """Rows added with another encoding, model or factor settings than the stored ones' would be scored
+    silently wrong: each environment of the index that this rank holds must be the index's (a shard's
+    place in it), hold the command's factor settings and model, and be reproduced by the task on a
+    few of its rows (the recorded probe examples, or the task's own examples where they are its rows:
+    task_check.py). An error names the environment and the index's row, in one line."""
+    from .task_check import check_gradients
+    from .whitening import load_projections
+
+    for part in index.all_parts():
+        if not (comm.owns(part.position) and part.exists):
+            continue
+        rerun = part in index.parts() and n == index.last["count"]  # then the task's examples are its rows
+        with IndexReader(part.path) as reader, reader.snapshot() as snap:
+            settings = reader.settings
+            if settings.get("shard") != part.shard_record:
+                raise SettingsMismatchError(f"shard {part.path} is for rows {settings.get('shard')}, not "
+                                            f"{part.shard_record}")
+            _check_same({"factors": factor_key_of_index(settings["factors"])}, "factors", config.factor_key(),
+                        "factor settings")
+            _check_same_model(source, settings, index.path)
+            if not snap.rows:
+                continue
+            if settings.get(PROBES_KEY):  # the index's rows (every shard copies the head's record): this one's
+                settings = dict(settings, **{PROBES_KEY: part.own_rows(settings[PROBES_KEY])})
+            saved = source.projections
+            try:
+                if factor_key_of_index(settings["factors"]).get("projection_kind") == "whitened":
+                    source.projections = load_projections(snap.array, source.layers, source.spec, source.device)
+                check_gradients(_rows_of(task, part) if rerun else task, source, snap, settings, index.path, kind,
+                                quiet_if_unchecked=True)
+            except TaskMismatchError as e:
+                raise (e if part.whole else TaskMismatchError(part.named(str(e)))) from None
+            finally:
+                source.projections = saved
+
+
+def _other_examples(comm: Comm, index: StoredIndex, task) -> str | None:
+    """How the rows of the index's last segment differ from the task's examples (ids, and content
+    digests of a sample: segments.task_mismatch), as the first rank holding a differing environment
+    says; None: they are its examples. Every rank checks the environments of the segment it holds."""
+    def held() -> str | None:
+        for part in index.parts():
+            if comm.owns(part.position):
+                view = _rows_of(task, part)
+                with IndexWriter.open(part.path) as writer:
+                    mismatch = task_mismatch(writer, writer.settings["segments"][-1], view, view.train_examples(),
+                                             part.count)
+                if mismatch:
+                    return part.named(mismatch)
+        return None
+
+    return next((m for m in comm.gather(comm.together(held)) if m), None)
+
+
+def _check_plan(comm: Comm, index: StoredIndex, task, source: GradientSource, config: BuildConfig, progress: bool,
+                whitened: frozenset[str] | set[str] = frozenset()) -> None:
+    """Refuse, before any work, a new segment that the memory budget, the GPU or the disk cannot hold
+    (estimate.py: each rank for its environment); else announce the segment's estimate."""
+    part = index.parts()[comm.rank]
+
+    def estimate(task, n: int):
+        return estimate_build(source.layers, source.spec, config, index.layout, n,
+                              tokens_bound(task, task.train_examples(), config.batch_size), whitened)
+
+    def check() -> object:
+        check_budget(source.layers, source.spec, config, whitened)
+        mine = estimate(_rows_of(task, part), part.count)
+        check_fits(mine, index.path, config, source.device)
+        return mine
+
+    mine = comm.together(check)
+    if progress and comm.root:
+        announce(mine if part.whole else estimate(task, index.last["count"]), index.layout, len(source.layers), config)
+
+
+def _open_own_part(comm: Comm, index: StoredIndex, task, source: GradientSource, config: BuildConfig, step: str,
+                   started: float, fresh: bool = False) -> _Opened:
+    """This rank's environment of the last segment, created or reopened, in a placement with the
+    environments of the earlier segments it holds (their statistics enter the curvature)."""
+    part = index.parts()[comm.rank]
+    view = _rows_of(task, part)
+    writer = comm.together(lambda: _open_or_create(index, part, view, task, source, config, step, fresh))
+    placement = Placement(index.path, index.manifest, {part.position: writer}, writer)
+    try:
+        comm.together(lambda: placement.hold([p.position for p in index.older_parts()], comm.owns,
+                                             config.durability))
+    except BaseException:
+        placement.close()
+        raise
+    return _Opened(placement, source, view, config, started)
+
+
+def _open_or_create(index: StoredIndex, part: Part, view, task, source: GradientSource, config: BuildConfig,
+                    step: str, fresh: bool) -> IndexWriter:
+    """`part` created, or reopened (checked: _check_held) to continue its segment, with the digests of
+    the examples it indexes (segments.py); one whose rows end where the segment starts (a single
+    environment's append) records it first. `fresh`: no row yet, the command's curvature applies."""
+    writer = (IndexWriter.open(part.path, durability=config.durability) if part.exists else
+              IndexWriter.create(part.path, index.layout, _new_part_settings(index, part, task, source, config),
+                                 durability=config.durability))
+    try:
+        segment = writer.settings["segments"][-1]
+        if segment["start"] + segment["count"] == part.segment["start"] and part.segment["kind"] == "append":
+            _start_segment(writer, part.segment, view, config)
+        elif {k: segment[k] for k in ("kind", "start", "count")} != part.segment:
+            raise SettingsMismatchError(f"{writer.path} holds a {segment['kind']} of {segment['count']:,} rows, not "
+                                        f"this {part.segment['kind']}'s {part.count:,}")
+        elif writer.rows < part.segment["start"] + part.count:
+            _check_resumed_segment(writer, segment, view, view.train_examples())
+        elif step == "resume":  # complete, in a segment that other environments resume
+            mismatch = task_mismatch(writer, segment, view, view.train_examples(), part.count)
+            if mismatch:
+                raise SettingsMismatchError(f"{part.named(mismatch)}: index {index.path} holds a {segment['kind']} "
+                                            f"of other examples")
+        if fresh and writer.settings.get("curvature") != asdict(config.curvature):
+            writer.update_settings(dict(writer.settings, curvature=asdict(config.curvature)))
+        return writer
+    except BaseException:
+        writer.close()
+        raise
+
+
+def _new_part_settings(index: StoredIndex, part: Part, task, source: GradientSource, config: BuildConfig) -> dict:
+    """A new environment's settings: a build's from the command; an append's new shard copies the
+    index's, with its own segment. A shard's also say its place in the index."""
+    if part.segment["kind"] == "build":
+        settings = new_settings(task, source, config, part.count)
+    else:
+        settings = dict(index.settings, segments=[part.segment], nonfinite_rows=[],
+                        allow_duplicate_ids=bool(index.settings.get("allow_duplicate_ids") or config.allow_duplicate_ids))
+    return settings if part.whole else dict(settings, shard=part.shard_record)
+
+
+def _start_segment(writer: IndexWriter, segment: dict, task, config: BuildConfig) -> None:
+    """An append's segment recorded in the environment that holds the earlier ones, before its first
+    row, after the content digests it is recognised by (segments.py)."""
+    settings = writer.settings
+    store_check(writer, segment, segment_check(task, task.train_examples(), segment["count"]),
+                keep=(settings["segments"][-1]["start"],))
+    settings = dict(settings, segments=settings["segments"] + [segment])
+    settings["allow_duplicate_ids"] = settings.get("allow_duplicate_ids") or config.allow_duplicate_ids
+    writer.update_settings(settings)
+
+
+def _rows_of(task, part: Part):
+    """The task's examples that `part` holds: a view of their run (a single environment: the task)."""
+    return task if part.whole else ShardTask(task, part.first, part.count)
 
 
 def _rank_budget(config: BuildConfig, comm: Comm) -> BuildConfig:
     """The default budget (half the RAM) is the node's: its ranks share it. The smallest rank's is
-    every rank's, so that all plan the same passes (whitening groups), hence the same collectives."""
+    every rank's, so that all plan the same passes (whitening groups), hence the same collectives.
+    (One process keeps its own, read again as it is needed.)"""
+    if not comm.active:
+        return config
     budget = config.budget() if config.memory_budget is not None else max(config.budget() // comm.local_world, 1)
     return replace(config, memory_budget=min(comm.gather(budget)))
-
-
-def _single_process_index(path: Path, what: str) -> SettingsMismatchError:
-    return SettingsMismatchError(f"index {path} was written by a single process (one LMDB environment, not shards): "
-                                 f"{what} it without torchrun, or build a sharded index into a new --index")
-
-
-# ------------------------------------------------------------------------------------ build
-
-
-def _open_shards_for_build(task, path: Path, config: BuildConfig, comm: Comm, progress: bool) -> "_Opened | BuildResult":
-    """This rank's shard of a sharded build: planned by rank 0 (a new manifest, or the unfinished
-    build to resume), created or reopened by each rank."""
-    t0 = time.perf_counter()
-    check_sharded_curvature(config.curvature)
-    config = _rank_budget(config, comm)
-    source, n = _open_source(comm, task, config)
-    config = _clamp_rank(config, source.layers)
-    if n == 0:
-        raise ValueError("the task has no training examples (train_examples() is empty)")
-    check_budget(source.layers, source.spec, config)
-    plan = comm.on_root(lambda: _plan_build(path, n, comm, config, source, task, progress))
-    manifest = ShardManifest.from_dict(plan["manifest"])
-    segment = manifest.segments[-1]
-    if plan["started"]:
-        step = _next_step(path, "build", segment, not segment.get("finalized"), n, manifest.planned_rows,
-                          lambda: _other_examples(comm, path, manifest, segment, task))
-        if step == "complete":
-            if comm.root:
-                notice(f"index {path}: the build of {n:,} rows is already complete ({len(manifest.shards)} shards); "
-                       f"nothing to do")
-            return BuildResult(str(path), manifest.planned_rows, 0, 0.0, 0)
-        _check_world(path, segment, comm)
-    placement, view = _open_own_shard(comm, path, manifest, IndexLayout.from_dict(plan["layout"]),
-                                      lambda entry: new_settings(task, source, config, entry.count), task, config,
-                                      source)
-    return _Opened(placement, source, view, config, t0)
-
-
-def _open_own_shard(comm: Comm, path: Path, manifest: ShardManifest, layout: IndexLayout, new_shard_settings, task,
-                    config: BuildConfig, source: GradientSource) -> tuple[Placement, ShardTask]:
-    """This rank's shard of the manifest's last segment (a build's or an append's), created with
-    `new_shard_settings(entry)` or reopened and checked, in a placement; and the task's rows there."""
-    segment = manifest.segments[-1]
-    position = segment["shards"][0] + comm.rank
-    entry = manifest.shards[position]
-    view = ShardTask(task, entry.start - segment["start"], entry.count)
-    settings = dict(new_shard_settings(entry), shard=_shard_record(entry, position))
-    writer = comm.together(lambda: _open_or_create(path, entry, position, layout, settings, view, config, source,
-                                                     segment["kind"]))
-    return Placement(path, manifest, {position: writer}, writer), view
 
 
 def _same_everywhere(comm: Comm, n: int, fingerprint: str) -> None:
@@ -920,195 +942,3 @@ def _same_everywhere(comm: Comm, n: int, fingerprint: str) -> None:
         if (n_r, f_r) != seen[0]:
             raise ValueError(f"rank {rank} loaded {n_r:,} training examples and model {f_r[:12]}, rank 0 "
                              f"{seen[0][0]:,} and {seen[0][1][:12]}: every rank must load the same task")
-
-
-def _plan_build(path: Path, n: int, comm: Comm, config: BuildConfig, source, task, progress: bool) -> dict:
-    """Rank 0: the started index (its manifest, and the layout of its shards), or the shards of a new
-    build (the manifest written before any shard)."""
-    if (path / DATA_FILE).exists():
-        raise _single_process_index(path, "resume or extend")
-    if is_sharded(path):
-        manifest = read_manifest(path)
-        layout = _started_layout(path, manifest) or new_layout(source, config)
-        return {"manifest": manifest.to_dict(), "started": True, "layout": layout.to_dict()}
-    _check_new_directory(path)
-    counts = split_rows(n, comm.world)
-    layout = new_layout(source, config)
-    if progress:
-        estimate = estimate_build(source.layers, source.spec, config, layout, n,
-                                  tokens_bound(task, task.train_examples(), config.batch_size))
-        announce(estimate, layout, len(source.layers), config)
-    shards, start = [], 0
-    for i, count in enumerate(counts):
-        shards.append(ShardEntry(shard_name(i), start, count))
-        start += count
-    manifest = ShardManifest(tuple(shards), ({"kind": "build", "start": 0, "count": n, "shards": [0, len(shards)],
-                                              "finalized": False},))
-    path.mkdir(parents=True, exist_ok=True)
-    write_manifest(path, manifest)
-    return {"manifest": manifest.to_dict(), "started": False, "layout": layout.to_dict()}
-
-
-def _check_world(path: Path, segment: dict, comm: Comm) -> None:
-    """An unfinished segment resumes only with the world size it started with (a shard is one rank's)."""
-    shards = segment["shards"][1] - segment["shards"][0]
-    if shards != comm.world:
-        raise SettingsMismatchError(f"index {path} has an unfinished {segment['kind']} of {shards} shards (one per "
-                                    f"rank): resume it with {shards} ranks, not {comm.world}")
-
-
-def _started_layout(path: Path, manifest: ShardManifest) -> IndexLayout | None:
-    """The layout of a started sharded index, from whichever of its shards rank 0 can see."""
-    for entry in manifest.shards:
-        if (path / entry.name / DATA_FILE).exists():
-            with IndexReader(path / entry.name) as reader:
-                return reader.layout
-    return None
-
-
-def _shard_record(entry: ShardEntry, position: int) -> dict:
-    """A shard's place in the index, in its settings (checked against the manifest on every open)."""
-    return {"number": position, "start": entry.start, "count": entry.count}
-
-
-def _open_or_create(path: Path, entry: ShardEntry, position: int, layout: IndexLayout, settings: dict, view,
-                    config: BuildConfig, source, kind: str) -> IndexWriter:
-    """This rank's shard: created with its settings, or reopened and checked to be the same run."""
-    shard_path = path / entry.name
-    if not (shard_path / DATA_FILE).exists():
-        estimate = estimate_build(source.layers, source.spec, config, layout, entry.count,
-                                  tokens_bound(view, view.train_examples(), config.batch_size))
-        check_fits(estimate, shard_path.parent, config, source.device)
-        return _create_environment(shard_path, layout, settings, view, config)
-    writer = IndexWriter.open(shard_path, durability=config.durability)
-    try:
-        _check_reopened_shard_is_this_run(writer, path, entry, settings, source, view, kind)
-        return writer
-    except BaseException:
-        writer.close()
-        raise
-
-
-def _check_reopened_shard_is_this_run(writer: IndexWriter, path: Path, entry: ShardEntry, settings: dict,
-                                      source: GradientSource, view, kind: str) -> None:
-    """A reopened shard continues only the run that created it: its place in the index, factor
-    settings and model, the task's options and recomputed rows (as one environment's reopening
-    checks), and the same examples as far as committed."""
-    stored = writer.settings
-    if stored.get("shard") != settings["shard"]:
-        raise SettingsMismatchError(f"shard {writer.path} is for rows {stored.get('shard')}, not {settings['shard']}")
-    _check_same({"factors": factor_key_of_index(stored["factors"])}, "factors",
-                factor_key_of_index(settings["factors"]), "factor settings")
-    if stored["fingerprint"] != source.fingerprint or stored["layers"] != settings["layers"]:
-        raise SettingsMismatchError(f"the task's model differs from the one index {path} was built with "
-                                    f"(fingerprint {source.fingerprint[:12]} vs {stored['fingerprint'][:12]})")
-    _check_reopened_shard(writer, path, entry, source, view, kind)
-    segment = stored["segments"][-1]
-    if segment["kind"] != kind or segment["count"] != entry.count:
-        raise SettingsMismatchError(f"shard {writer.path} holds a {segment['kind']} of {segment['count']:,} rows, "
-                                    f"not this {kind}'s {entry.count:,}")
-    if writer.rows < entry.count:
-        _check_resumed_segment(writer, segment, view, view.train_examples())
-        return
-    mismatch = task_mismatch(writer, segment, view, view.train_examples(), entry.count)
-    if mismatch:
-        raise SettingsMismatchError(f"{mismatch}: index {path} holds a {kind} of other examples")
-
-
-# ------------------------------------------------------------------------------------ append
-
-
-def _open_shards_for_append(task, path: Path, config: BuildConfig, comm: Comm, progress: bool,
-                            given: set[str] = frozenset(FACTOR_FIELDS)) -> "_Opened | BuildResult":
-    """This rank's new shard of an append to a sharded index (the segment planned by rank 0, or
-    resumed), and the older shards it holds, whose statistics enter the curvature."""
-    t0 = time.perf_counter()
-    config = _rank_budget(config, comm)
-    plan = comm.on_root(lambda: _plan_append_head(path))
-    manifest = ShardManifest.from_dict(plan["manifest"])
-    config = _index_factors(config, plan["settings"], given)
-    # curvature settings live with the index (change them with `fit`)
-    config = replace(config, curvature=CurvatureConfig(**plan["settings"]["curvature"]).resolved(config.projection_kind))
-    check_sharded_curvature(config.curvature)
-    source, n = _open_source(comm, task, config, _index_layers(plan["settings"]))
-    _check_same_model(source, plan["settings"], path)
-    # the same recorded-encoding check as one process's append: every rank holds the same settings
-    # and task options, so each refuses alike, before any collective
-    check_options(plan["settings"], task, path, "append")
-    manifest, resumed = _plan_append_segment(comm, path, manifest, task, n)
-    if manifest is None:
-        if comm.root:
-            notice(f"index {path}: the append of {n:,} rows is already complete; nothing to do")
-        return BuildResult(str(path), resumed, 0, 0.0, 0)
-    allow_duplicate_ids = bool(plan["settings"].get("allow_duplicate_ids") or config.allow_duplicate_ids)
-    placement, view = _open_own_shard(
-        comm, path, manifest, IndexLayout.from_dict(plan["layout"]),
-        lambda entry: dict(plan["settings"], segments=[{"kind": "append", "start": 0, "count": entry.count}],
-                           nonfinite_rows=[], allow_duplicate_ids=allow_duplicate_ids),
-        task, config, source)
-    first_new = manifest.segments[-1]["shards"][0]
-    try:
-        comm.together(lambda: placement.hold(range(first_new), comm.owns, config.durability))
-        # as one process's append recomputes rows of its index: here of the older shards this rank holds
-        comm.together(lambda: _check_older_shards(placement, first_new, source, task))
-    except BaseException:
-        placement.close()
-        raise
-    return _Opened(placement, source, view, config, t0)
-
-
-def _check_older_shards(placement: Placement, first_new: int, source: GradientSource, task) -> None:
-    for position in range(first_new):
-        if position in placement.writers:
-            _check_reopened_shard(placement.writers[position], placement.path, placement.manifest.shards[position],
-                                  source, task, "append")
-
-
-def _plan_append_head(path: Path) -> dict:
-    """Rank 0: the manifest, and the settings and layout that new shards copy from the head shard."""
-    if not is_sharded(path):
-        if (path / DATA_FILE).exists():
-            raise _single_process_index(path, "append to")
-        raise SettingsMismatchError(f"no index at {path} to append to")
-    manifest = read_manifest(path)
-    with IndexReader(path / manifest.shards[0].name) as head:
-        settings = {k: v for k, v in head.settings.items() if k not in ("segments", "nonfinite_rows", "shard")}
-        return {"manifest": manifest.to_dict(), "settings": settings, "layout": head.layout.to_dict()}
-
-
-def _plan_append_segment(comm: Comm, path: Path, manifest: ShardManifest, task, n: int):
-    """(manifest with the segment to write, None) for a new or resumed append; (None, rows) when the
-    same append is complete already. Recognising the same data takes every rank: each checks the
-    shards of the last segment it holds."""
-    last = manifest.segments[-1]
-    step = _next_step(path, "append", last, not last.get("finalized"), n, manifest.planned_rows,
-                      lambda: _other_examples(comm, path, manifest, last, task))
-    if step == "complete":
-        return None, manifest.planned_rows
-    if step == "resume":
-        _check_world(path, last, comm)
-        return manifest, None
-    new = manifest.with_segment({"kind": "append", "start": manifest.planned_rows, "count": n}, split_rows(n, comm.world))
-    comm.on_root(lambda: write_manifest(path, new))
-    return new, None
-
-
-def _other_examples(comm: Comm, path: Path, manifest: ShardManifest, segment: dict, task) -> str | None:
-    """How the rows of `segment` differ from the task's examples (ids, and content digests of a
-    sample: segments.task_mismatch), as the first rank that holds a differing shard says; None: they
-    are its examples. Every rank checks the shards of `segment` it holds."""
-    return next((m for m in comm.gather(comm.together(lambda: _other_examples_held(comm, path, manifest, segment,
-                                                                                      task))) if m), None)
-
-
-def _other_examples_held(comm: Comm, path: Path, manifest: ShardManifest, segment: dict, task) -> str | None:
-    for position in manifest.segment_shards(segment):
-        if not comm.owns(position):
-            continue
-        entry = manifest.shards[position]
-        view = ShardTask(task, entry.start - segment["start"], entry.count)
-        with IndexWriter.open(path / entry.name) as w:
-            mismatch = task_mismatch(w, w.settings["segments"][-1], view, view.train_examples(), entry.count)
-        if mismatch:
-            return shard_message(path, entry, mismatch)
-    return None

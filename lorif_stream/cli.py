@@ -183,7 +183,8 @@ def _build_config(kwargs: dict) -> cfg.BuildConfig:
 @cli.command()
 @build_options
 def build(index, quiet, **kwargs):
-    """Index every training example (resumes an interrupted build with the same settings)."""
+    """Index every training example (resumes an interrupted build with the same settings; an index with rows
+    keeps its curvature options: change them with `fit`)."""
     from .build import build as run
 
     task = _with_modules(_make_task(kwargs), kwargs.pop("modules"))

@@ -32,8 +32,7 @@ from .loader import BlockLoader
 from .progress import Progress
 from .sketch import DENSE_MAX_D, LayerSketch
 from .store import IndexLayout, IndexWriter, Snapshot
-from .store.placement import Placement
-from .store.shards import ShardManifest, is_sharded, read_manifest
+from .store.placement import Placement, StoredIndex
 from .whitening import WHITENING_META, load_eigenbases, tokens_per_example
 
 SKETCH_META = "sketch"
@@ -479,35 +478,25 @@ def fit(index, config: CurvatureConfig | None = None, *, device: str = "auto", m
     budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget(device)
     comm = current()
     path = Path(index)
-    manifest = comm.on_root(lambda: _finished_manifest(path))
-    with Placement(path, ShardManifest.from_dict(manifest) if manifest else None) as placement:
+    index = comm.on_root(lambda: _finished_index(path))
+    with Placement(path, index.manifest) as placement:
         if placement.sharded:
             check_sharded_curvature(config)
-        comm.together(lambda: _hold_every_environment(comm, placement))
+        # every environment of the index, each on the rank that holds it (a single environment: rank 0)
+        comm.together(lambda: placement.hold([part.position for part in index.all_parts()], comm.owns))
         config = CurvatureConfig(**comm.on_root(lambda: asdict(_resolved_for_fit(placement.head, path, config))))
         comm.together(lambda: [w.update_settings(dict(w.settings, curvature=asdict(config))) for w in placement.held])
         return finalize_curvature(comm, placement, config, comm.device_for(resolve_device(device)), budget,
                                   progress and comm.root, fresh=config.preconditioner == "ekfac")
 
 
-def _finished_manifest(path: Path) -> dict | None:
-    """Rank 0: a sharded index's manifest (None for a single environment); an unfinished build or
-    append of its shards is refused (each shard may lack its rows)."""
-    if not is_sharded(path):
-        return None
-    manifest = read_manifest(path)
-    last = manifest.segments[-1]
-    if not last.get("finalized"):
-        raise ValueError(f"index {path} has an unfinished {last['kind']}: rerun it before `fit`")
-    return manifest.to_dict()
-
-
-def _hold_every_environment(comm: Comm, placement: Placement) -> None:
-    """The environments of the index this rank holds: its shards, or (rank 0) the single environment."""
-    if placement.sharded:
-        placement.hold(range(len(placement.manifest.shards)), comm.owns)
-    elif comm.owns(0):
-        placement.writers[0] = IndexWriter.open(placement.path)
+def _finished_index(path: Path) -> StoredIndex:
+    """Rank 0: the index; an unfinished build or append of its shards is refused (each shard may lack
+    its rows)."""
+    index = StoredIndex.read(path, must_exist=True)
+    if index.sharded and not index.last.get("finalized"):
+        raise ValueError(f"index {path} has an unfinished {index.last['kind']}: rerun it before `fit`")
+    return index
 
 
 def _resolved_for_fit(head: IndexWriter, path: Path, config: CurvatureConfig) -> CurvatureConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -517,3 +518,142 @@ def test_a_resumed_sharded_build_recomputes_its_rows_with_the_task(job, tmp_path
                           *BUILD_ARGS])
     assert any("shard shard-00001 (rows 24..47): the build's task does not reproduce" in l
                and "row 24 (id 'ex24')" in l for l in errors), errors
+
+
+# ------------------------------------------------------------------------------------ one opening for both layouts
+# A sharded index is opened by the function that opens one environment (build._open_for_write): the
+# four ways they used to differ are pinned here for shards (and, where one environment had no test,
+# for it too).
+
+
+def test_a_rerun_on_a_sharded_index_with_rows_keeps_its_curvature_and_says_so(job, tmp_path, capsys):
+    """As one environment: the index's curvature options stay (a sharded rerun used to take the
+    command's), the command's that differ are named, with `fit` as the way to change them."""
+    index = tmp_path / "idx"
+    shutil.copytree(job["full"], index)
+    assert ls.build(mlp_task.full(), index, progress=False, **dict(BUILD, preconditioner="none")).new_rows == 0
+    err = capsys.readouterr().err
+    assert "curvature options differ" in err and "preconditioner: index 'ekfac' vs 'none'" in err, err
+    assert "the index keeps its own" in err and f"lorif-stream fit --index {index}" in err
+    assert ls.info(index)["curvature"]["config"]["preconditioner"] == "ekfac"
+
+
+def test_a_sharded_append_adopts_the_index_factor_settings_and_refuses_a_given_other(job, tmp_path):
+    index = tmp_path / "idx"
+    shutil.copytree(job["grown"], index)
+    extra = mlp_task.MLPTask(rows=(0, 6))
+    extra.example_id = lambda example, i: f"extra{i}"
+    shards = len(read_manifest(index).shards)
+    with pytest.raises(SettingsMismatchError, match=r"factor settings differ from the index's \(f: index 1 vs 2\)"):
+        ls.append(extra, index, f=2, device="cpu", progress=False)
+    assert len(read_manifest(index).shards) == shards
+    # options not given are the index's (f=1, fp32), whatever today's defaults
+    assert ls.append(extra, index, device="cpu", batch_size=4, progress=False).new_rows == 6
+    assert read_manifest(index).segments[-1]["count"] == 6
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_a_model_tracking_other_layers_is_refused_naming_them(job, tmp_path, sharded):
+    """Both layouts check the tracked layers, then the fingerprint: a rerun tracking other layers is
+    refused naming them (one environment used to resume with the index's layers instead)."""
+    index = tmp_path / "idx"
+    if sharded:
+        shutil.copytree(job["full"], index)
+    else:
+        ls.build(mlp_task.full(), index, progress=False, **BUILD)
+    task = mlp_task.full()
+    task.tracked_modules = "^2$"
+    with pytest.raises(SettingsMismatchError, match=r"tracks other layers than index .*\('0' only in the index\)"):
+        ls.build(task, index, progress=False, **BUILD)
+
+
+def test_a_sharded_build_stopped_before_its_first_row_takes_a_rerun_with_new_settings(tmp_path):
+    """Two 2-rank `whiten`s leave sharded indexes with no row. A 2-rank build with the same factor
+    settings continues the first, with its own curvature options (the index has none fitted); one with
+    other settings re-creates the second with a notice, as one environment does. A plain process cannot
+    see whether another job's shards hold rows: it is refused, naming the directory to remove."""
+    same, other, elsewhere = tmp_path / "same", tmp_path / "other", tmp_path / "elsewhere"
+    whiten = [a if a != "ekfac" else "none" for a in BUILD_ARGS]
+    proc = torchrun_job(tmp_path, [
+        ["whiten", "--task", f"{MLP}:full", "--index", str(same), *whiten],
+        ["build", "--task", f"{MLP}:full", "--index", str(same), *BUILD_ARGS],
+        ["whiten", "--task", f"{MLP}:full", "--index", str(other), *whiten],
+        ["build", "--task", f"{MLP}:full", "--index", str(other), *BUILD_ARGS, "--min-side", "2"],
+        ["whiten", "--task", f"{MLP}:full", "--index", str(elsewhere), *whiten],
+    ])
+    assert proc.stderr.count("re-creating it with this command's settings") == 1, proc.stderr[-3000:]
+    assert f"index {other} has no rows yet" in proc.stderr and "min_side: index 32 vs 2" in proc.stderr
+    ls.build(mlp_task.full(), tmp_path / "ref", progress=False, **BUILD)
+    assert_same_index(same, tmp_path / "ref")
+    ls.build(mlp_task.full(), tmp_path / "ref2", progress=False, **dict(BUILD, min_side=2))
+    assert_same_index(other, tmp_path / "ref2")
+    with pytest.raises(SettingsMismatchError, match=r"has no rows yet and its settings differ .*but 2 ranks started "
+                                                    r"it, not 1: remove " + re.escape(str(elsewhere)) + " to build"):
+        ls.build(mlp_task.full(), elsewhere, progress=False, **dict(BUILD, rank=2))
+    assert read_manifest(elsewhere).segments[0]["count"] == 48  # left as it was
+
+
+PREPASS_JOB = """
+import json, sys
+sys.path.insert(0, {tasks!r})
+import mlp_task
+import lorif_stream as ls
+from lorif_stream import whitening
+from lorif_stream.comm import init_from_env, shutdown
+from lorif_stream.store import IndexReader
+
+whitening._CHECKPOINT_SECONDS = 0.0  # each rank checkpoints its moments after every batch
+
+
+class Crashing(mlp_task.MLPTask):
+    def __init__(self, crash_after=None):
+        super().__init__()
+        self.crash_after, self.batches = crash_after, 0
+
+    def loss(self, model, batch):  # only the pre-pass runs the model in a `whiten`
+        self.batches += 1
+        if self.crash_after is not None and self.batches > self.crash_after:
+            raise RuntimeError("simulated crash")
+        return super().loss(model, batch)
+
+
+comm = init_from_env("cpu")
+index = sys.argv[1]
+try:
+    try:
+        ls.whiten(Crashing(crash_after=3), index, progress=False, **{build!r})
+        crashed = None
+    except Exception as e:
+        crashed = str(e)
+    with IndexReader(f"{{index}}/shard-0000{{comm.rank}}") as reader, reader.snapshot() as snap:
+        checkpointed = snap.state_meta(whitening.WHITENING_META)["partial"]["examples_done"]
+    task = Crashing()
+    ls.whiten(task, index, progress=False, **{build!r})
+    with open(f"{{index}}-rank{{comm.rank}}.json", "w") as out:  # the ranks' stdout interleave
+        json.dump({{"rank": comm.rank, "crashed": crashed, "checkpointed": checkpointed, "batches": task.batches}}, out)
+finally:
+    shutdown()
+"""
+
+
+def test_a_sharded_whitening_pre_pass_resumes_from_each_rank_checkpoint(tmp_path):
+    """Both ranks stop in the pre-pass after 3 of the 6 batches of their share (24 of the 48 sample
+    examples, 4 a batch), each having checkpointed its partial moments into its own shard; the rerun
+    runs only the 3 batches left on each rank, and whitens as one process does."""
+    from lorif_stream import whitening
+
+    (tmp_path / "job.py").write_text(PREPASS_JOB.format(tasks=str(TASKS), build=BUILD))
+    proc = subprocess.run([*TORCHRUN, str(tmp_path / "job.py"), str(tmp_path / "idx")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [json.loads((tmp_path / f"idx-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(d["rank"], d["checkpointed"], d["batches"]) for d in said] == [(0, 12, 3), (1, 12, 3)], said
+    assert all("simulated crash" in d["crashed"] for d in said), said
+    ls.whiten(mlp_task.full(), tmp_path / "ref", progress=False, **BUILD)
+    with IndexReader(tmp_path / "idx" / "shard-00000") as a, IndexReader(tmp_path / "ref") as b, \
+            a.snapshot() as sa, b.snapshot() as sb:
+        assert sa.state_meta(whitening.WHITENING_META).get("partial") is None
+        for name in ("0", "2"):
+            for field in ("P_in", "P_out", "q_in", "q_out"):
+                np.testing.assert_allclose(sa.array(whitening.array_name(name, field)),
+                                           sb.array(whitening.array_name(name, field)), rtol=1e-5, atol=1e-6)

@@ -87,20 +87,6 @@ class ShardManifest:
             if self.shards[first].start != seg["start"] or self.shards[stop - 1].stop != seg["start"] + seg["count"]:
                 raise ValueError(f"segment {seg} does not cover exactly its shards' rows")
 
-    @property
-    def planned_rows(self) -> int:
-        return self.shards[-1].stop if self.shards else 0
-
-    def segment_shards(self, segment: dict) -> list[int]:
-        return list(range(*segment["shards"]))
-
-    def shard_of(self, row: int) -> int:
-        """The position of the shard holding global row `row`."""
-        i = bisect.bisect_right([s.start for s in self.shards], row) - 1
-        if i < 0 or row >= self.shards[i].stop:
-            raise IndexError(f"row {row} is outside the index's shards")
-        return i
-
     def with_segment(self, segment: dict, counts: Sequence[int]) -> "ShardManifest":
         """This manifest plus one segment split into shards of `counts` rows (named by position)."""
         shards = list(self.shards)
