@@ -458,6 +458,30 @@ def test_checkpointed_in_place_and_frozen_models_match_torch_func(variant):
         assert_close_rel(grads[layer.name], expected)
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_the_forward_keeps_an_alias_where_autograd_keeps_the_input(frozen):
+    """A trainable weight makes autograd save the layer's input anyway: the forward keeps that very
+    tensor (no copy, no work) and projects it when Δ arrives. A frozen one does not: the forward
+    keeps the projection instead, so memory scales with d_in. (A no_grad around the forward hook
+    once made the first branch unreachable: every input was projected in the forward.)"""
+    kept_kinds: list[str] = []
+
+    class Watching(GradientCapture):
+        def _consume(self, name, kept, delta):
+            kept_kinds.append("alias" if hasattr(kept, "x") else "projection")
+            super()._consume(name, kept, delta)
+
+    model = deep_net()
+    x, y = torch.randn(4, 3, 5), torch.randint(0, 3, (4, 3))
+    if frozen:
+        model.requires_grad_(False)
+        x.requires_grad_(True)
+    layers = tracked_layers(model, None, 2)
+    with Watching(model, layers, make_projections(layers, ProjectionSpec(f=2), "cpu")) as cap:
+        cap.projected_gradients(mlp_losses(model, x, y))
+    assert kept_kinds == ["projection" if frozen else "alias"] * len(layers)
+
+
 def test_reentrant_checkpointing_is_refused_naming_the_layer():
     model = deep_net(checkpoint="reentrant")
     layers = tracked_layers(model, None, 2)
