@@ -189,7 +189,12 @@ def _gram_power_factors(Gs: Sequence[torch.Tensor], c: int, iters: int,
     for j, G in enumerate(Gs):
         transposed = G.shape[-2] < G.shape[-1]
         stacks.setdefault((max(G.shape[-2:]), transposed), []).append(j)
-    tall = [torch.cat([Gs[j].mT if transposed else Gs[j] for j in js]) for (_, transposed), js in stacks.items()]
+    # stacked as they are and transposed as a view (not copied transposed): each matrix goes through
+    # the products in the memory order it would alone, so stacking changes no bit of its result
+    tall = []
+    for (_, transposed), js in stacks.items():
+        stacked = torch.cat([Gs[j] for j in js])
+        tall.append(stacked.mT if transposed else stacked)
     H = torch.cat([A.mT @ A for A in tall])  # (n, m, m)
     n, m, _ = H.shape
     k = min(c + OVERSAMPLE, m)
