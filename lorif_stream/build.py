@@ -749,10 +749,13 @@ def _recreated(comm: Comm, index: StoredIndex, source: GradientSource, config: B
     if len(index.parts()) != comm.world:
         raise SettingsMismatchError(f"index {index.path} has no rows yet and {changed}, but {len(index.parts())} "
                                     f"ranks started it, not {comm.world}: remove {index.path} to build it anew")
-    if comm.root:
-        notice(f"index {index.path} has no rows yet (its build stopped before the first row) and {changed}: "
-               f"re-creating it with this command's settings")
-    comm.together(lambda: index.remove(comm.owns))
+    with ExitStack() as locked:
+        # no row does not mean stopped: every rank's environments are removed only if no one writes them
+        comm.together(lambda: index.lock(comm.owns, locked))
+        if comm.root:
+            notice(f"index {index.path} has no rows yet (its build stopped before the first row) and {changed}: "
+                   f"re-creating it with this command's settings")
+        comm.together(lambda: index.remove(comm.owns))
     return True
 
 

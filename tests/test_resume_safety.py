@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import lorif_stream as ls
-from lorif_stream.store import IndexReader, IndexWriter
+from lorif_stream.store import IndexReader, IndexWriter, WriterBusyError
 
 ROOT = Path(__file__).parents[1]
 TASKS = ROOT / "tests" / "tasks" / "mlp_task.py"
@@ -287,6 +287,28 @@ def test_a_build_that_stopped_before_its_first_row_reruns_with_new_settings(tmp_
     ls.build(mlp_task.full(), tmp_path / "w2", **dict(OPTS, f=2))
     assert "re-creating it with this command's settings" in capsys.readouterr().err
     assert ls.info(tmp_path / "w2")["projection"]["f"] == 2
+
+
+def test_a_build_with_no_rows_that_another_process_writes_is_not_re_created_under_it(tmp_path, capsys):
+    """A build in its whitening pre-pass holds no row yet but is running: a rerun with other examples
+    must be refused as the writer's, not delete the environment the running build writes into."""
+    path = tmp_path / "idx"
+    ls.whiten(mlp_task.full(), path, **OPTS)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lorif_stream.store import IndexWriter; "
+                               "w = IndexWriter.open(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(path)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WriterBusyError, match=f"index {path} is being written by process {holder.pid}"):
+            ls.build(mlp_task.first(), path, **OPTS)
+        assert "re-creating" not in capsys.readouterr().err
+        with IndexReader(path) as r:  # the running build's environment is intact
+            assert r.rows == 0 and r.settings["segments"][0]["count"] == mlp_task.N_TRAIN
+    finally:
+        holder.kill()
+        holder.wait()
+    ls.build(mlp_task.first(), path, **OPTS)  # once it is gone, the rerun re-creates it
+    assert "re-creating it" in capsys.readouterr().err and ls.info(path)["rows"] == N_FIRST
 
 
 def test_a_rank_above_every_layer_is_clamped_with_a_notice(tmp_path, capsys):

@@ -15,6 +15,7 @@ opening of a segment (build.py) is written once too.
 from __future__ import annotations
 
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,7 @@ from .layout import IndexLayout
 from .lmdb_store import IndexReader, IndexWriter
 from .shards import (MANIFEST_FILE, ShardEntry, ShardManifest, is_sharded, read_manifest, shard_message, shard_name,
                      split_rows, write_manifest)
+from .writer_lock import WriterLock
 
 
 @dataclass
@@ -267,6 +269,14 @@ class StoredIndex:
         self.path.mkdir(parents=True, exist_ok=True)
         if self.manifest is not None:
             write_manifest(self.path, self.manifest)
+
+    def lock(self, owns: Callable[[int], bool], stack: ExitStack) -> None:
+        """Take the writer lock of every environment this rank holds until `stack` closes: one that
+        another process writes (a build still in its pre-pass holds no row) is refused, not removed."""
+        for part in self.all_parts():
+            # a shard's directory, not its data.mdb: a creator takes the lock before writing that
+            if owns(part.position) and part.path.is_dir():
+                stack.callback(WriterLock.acquire(part.path).release)
 
     def remove(self, owns: Callable[[int], bool]) -> None:
         """Delete the environments this rank holds, and on rank 0 the manifest (an index with no row,
