@@ -861,9 +861,16 @@ def _open_own_part(comm: Comm, index: StoredIndex, task, source: GradientSource,
     environments of the earlier segments it holds (their statistics enter the curvature)."""
     part = index.parts()[comm.rank]
     view = _rows_of(task, part)
-    writer = comm.together(lambda: _open_or_create(index, part, view, task, source, config, step, fresh))
-    placement = Placement(index.path, index.manifest, {part.position: writer}, writer)
+    placement = Placement(index.path, index.manifest)
+
+    def open_own() -> None:
+        placement.own = placement.writers[part.position] = _open_or_create(index, part, view, task, source, config,
+                                                                          step, fresh)
+
     try:
+        # in the placement as soon as it opens: when another rank fails, this one's is closed below (a
+        # writer left open keeps the environment locked for the process's next command)
+        comm.together(open_own)
         comm.together(lambda: placement.hold([p.position for p in index.older_parts()], comm.owns,
                                              config.durability))
     except BaseException:

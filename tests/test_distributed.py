@@ -520,6 +520,55 @@ def test_a_resumed_sharded_build_recomputes_its_rows_with_the_task(job, tmp_path
                and "row 24 (id 'ex24')" in l for l in errors), errors
 
 
+LEFT_OPEN_JOB = """
+import json, sys
+sys.path.insert(0, {tasks!r})
+import mlp_task
+import lorif_stream as ls
+from lorif_stream.comm import init_from_env, shutdown
+
+
+class RenamedSecondHalf(mlp_task.MLPTask):
+    def example_id(self, example, index):  # rank 1's shard (rows 24..47) under other ids
+        return f"ex{{index}}" if index < 24 else f"other{{index}}"
+
+
+comm = init_from_env("cpu")
+index = sys.argv[1]
+try:
+    try:
+        ls.build(mlp_task.MLPTask(nan_row=30), index, progress=False, **{build!r})  # rank 1 stops at row 30
+    except Exception:
+        pass
+    try:
+        ls.build(RenamedSecondHalf(), index, progress=False, **{build!r})
+        refused = None
+    except Exception as e:
+        refused = str(e)
+    ls.build(mlp_task.full(), index, progress=False, **{build!r})
+    with open(f"{{index}}-rank{{comm.rank}}.json", "w") as out:  # the ranks' stdout interleave
+        json.dump({{"rank": comm.rank, "refused": refused}}, out)
+finally:
+    shutdown()
+"""
+
+
+def test_a_resume_refused_by_one_rank_leaves_no_rank_holding_its_shard(tmp_path):
+    """A resumed 2-rank build whose examples differ only in rank 1's shard is refused by rank 1 as it
+    reopens its shard; rank 0, whose shard opened, must close it: the same process's next command (the
+    right task) resumes instead of finding shard-00000 already open."""
+    (tmp_path / "job.py").write_text(LEFT_OPEN_JOB.format(tasks=str(TASKS), build=BUILD))
+    proc = subprocess.run([*TORCHRUN, str(tmp_path / "job.py"), str(tmp_path / "idx")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [json.loads((tmp_path / f"idx-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all("id 'ex24' but the task gives 'other24'" in d["refused"] for d in said), said
+    with open_index(tmp_path / "idx") as reader, reader.snapshot() as snap:  # resumed to its end
+        assert snap.ids(0, snap.rows) == [f"ex{i}" for i in range(mlp_task.N_TRAIN)]
+        assert snap.state_meta("curvature")["rows"] == mlp_task.N_TRAIN
+    assert read_manifest(tmp_path / "idx").segments[-1]["finalized"]
+
+
 # ------------------------------------------------------------------------------------ one opening for both layouts
 # A sharded index is opened by the function that opens one environment (build._open_for_write): the
 # four ways they used to differ are pinned here for shards (and, where one environment had no test,
