@@ -669,6 +669,8 @@ def _open_for_write(comm: Comm, task, path: Path, config: BuildConfig, kind: str
     started = time.perf_counter()
     config = _rank_budget(config, comm)
     index = comm.on_root(lambda: _read_index(comm, path, kind))
+    if index is not None:
+        comm.together(lambda: _refuse_if_being_written(comm, index))
     if kind == "append":  # the index's factor settings and layers: its model is opened with them
         config = _index_factors(config, index.settings, given)
     source, n = _open_source(comm, task, config, _index_layers(index.settings) if kind == "append" else None)
@@ -719,6 +721,14 @@ def _open_for_write(comm: Comm, task, path: Path, config: BuildConfig, kind: str
                     set(((index.meta.get(WHITENING_META) or {}).get("layers") or {})))
         comm.on_root(index.record)
     return _open_own_part(comm, index, task, source, config, step, started, fresh=kind == "build" and not rows)
+
+
+def _refuse_if_being_written(comm: Comm, index: StoredIndex) -> None:
+    """The decision below reads the index as stored: one that another process is writing now would be
+    judged mid-write (an append during a build would be told to "run `build`"). Say it is busy instead;
+    the removal of an index with no rows takes the locks again and holds them (_recreated)."""
+    with ExitStack() as stack:
+        index.lock(comm.owns, stack)
 
 
 def _read_index(comm: Comm, path: Path, kind: str) -> StoredIndex | None:

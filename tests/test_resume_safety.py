@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import lorif_stream as ls
+from lorif_stream.build import SettingsMismatchError
 from lorif_stream.store import IndexReader, IndexWriter, WriterBusyError
 
 ROOT = Path(__file__).parents[1]
@@ -309,6 +310,24 @@ def test_a_build_with_no_rows_that_another_process_writes_is_not_re_created_unde
         holder.wait()
     ls.build(mlp_task.first(), path, **OPTS)  # once it is gone, the rerun re-creates it
     assert "re-creating it" in capsys.readouterr().err and ls.info(path)["rows"] == N_FIRST
+
+
+def test_an_append_while_the_build_is_being_written_is_told_it_is_busy(tmp_path):
+    """Not judged on the half-written index ("an unfinished build: run `build`"): the writer is named."""
+    path = tmp_path / "idx"
+    ls.whiten(mlp_task.first(), path, **OPTS)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lorif_stream.store import IndexWriter; "
+                               "w = IndexWriter.open(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(path)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WriterBusyError, match=f"index {path} is being written by process {holder.pid}"):
+            ls.append(mlp_task.second(), path, **APPEND)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(SettingsMismatchError, match="unfinished build"):  # once it is gone: judged as stored
+        ls.append(mlp_task.second(), path, **APPEND)
 
 
 def test_a_rank_above_every_layer_is_clamped_with_a_notice(tmp_path, capsys):
