@@ -339,13 +339,14 @@ def _next_step(index, kind: str, last: dict, unfinished: bool, n: int, rows: int
     return "add"
 
 
-def _check_resumed_segment(writer: IndexWriter, segment: dict, task, examples) -> None:
-    """An unfinished segment continues only with the examples it started with (as far as committed)."""
+def _check_resumed_segment(writer: IndexWriter, part: Part, segment: dict, task, examples) -> None:
+    """An unfinished segment continues only with the examples it started with (as far as committed);
+    a refusal names the index's rows (a shard numbers its own from 0)."""
     committed = writer.rows - segment["start"]
     mismatch = task_mismatch(writer, segment, task, examples, committed)
     if mismatch:
-        raise SettingsMismatchError(f"{mismatch}: index {writer.path} holds an unfinished {segment['kind']} of "
-                                    f"other examples; resume it with the task it started with, or use a new --index")
+        raise SettingsMismatchError(f"{part.named(mismatch)}: index {part.index} holds an unfinished {segment['kind']} "
+                                    f"of other examples; resume it with the task it started with, or use a new --index")
     # rows not committed yet may have changed (a fixed bad example): record what is indexed from now on
     check = segment_check(task, examples, segment["count"])
     if check != stored_check(writer, segment):
@@ -905,7 +906,7 @@ def _open_or_create(index: StoredIndex, part: Part, view, task, source: Gradient
             raise SettingsMismatchError(f"{writer.path} holds a {segment['kind']} of {segment['count']:,} rows, not "
                                         f"this {part.segment['kind']}'s {part.count:,}")
         elif writer.rows < part.segment["start"] + part.count:
-            _check_resumed_segment(writer, segment, view, view.train_examples())
+            _check_resumed_segment(writer, part, segment, view, view.train_examples())
         elif step == "resume":  # complete, in a segment that other environments resume
             mismatch = task_mismatch(writer, segment, view, view.train_examples(), part.count)
             if mismatch:

@@ -562,7 +562,7 @@ def test_a_resume_refused_by_one_rank_leaves_no_rank_holding_its_shard(tmp_path)
                           text=True, timeout=TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [json.loads((tmp_path / f"idx-rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert all("id 'ex24' but the task gives 'other24'" in d["refused"] for d in said), said
+    assert all("row 24: the index has id 'ex24' but the task gives 'other24'" in d["refused"] for d in said), said  # the index's row
     with open_index(tmp_path / "idx") as reader, reader.snapshot() as snap:  # resumed to its end
         assert snap.ids(0, snap.rows) == [f"ex{i}" for i in range(mlp_task.N_TRAIN)]
         assert snap.state_meta("curvature")["rows"] == mlp_task.N_TRAIN
