@@ -220,15 +220,18 @@ def _switched_to_full_precision(device: torch.device, autocast: bool):
         yield
 
 
-def _autograd_keeps_input(module: nn.Module) -> bool:
-    """Whether autograd saves this call's input itself (to form the weight gradient), so that
+def _autograd_keeps_input(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether autograd saves this call's input ``x`` itself (to form the weight gradient), so that
     keeping an alias of it costs no memory.
 
-    Not when the weight is frozen, nor under saved-tensor hooks (activation checkpointing,
+    Not when the weight is frozen; not under autocast, where the layer saves a cast copy and ``x``
+    (fp32, wider) would be held beside it; nor under saved-tensor hooks (activation checkpointing,
     offloading), which exist to *not* keep it. Those hooks are only visible through a private
     torch function; where it is missing the answer is "no", which costs memory, never results.
     """
     if not (torch.is_grad_enabled() and module.weight.requires_grad):
+        return False
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
         return False
     try:
         return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
@@ -403,9 +406,22 @@ class LayerHooks:
 
 @dataclass(frozen=True)
 class _Unprojected:
-    """A layer input kept as it is, to be projected when its output gradient arrives."""
+    """A layer input kept as it is, to be projected when its output gradient arrives, and its
+    version then: an in-place change after the layer used it would be projected silently (autograd
+    checks only the saved tensors it unpacks, and a backward that forms no weight gradient may
+    unpack none of this layer's)."""
 
     x: torch.Tensor
+    version: int
+
+    def values(self, name: str) -> torch.Tensor:
+        if self.x._version != self.version:
+            raise RuntimeError(
+                f"the input of layer {name!r} was modified in place after the layer used it: its weight "
+                "gradient would be wrong (training this model fails the same way); copy it before "
+                "changing it (e.g. x = x.clone()) or do not change it in place"
+            )
+        return self.x
 
 
 @dataclass
@@ -463,8 +479,8 @@ class GradientCapture(LayerHooks):
         if proj.device != x.device:
             # Models sharded over devices: keep each layer's projection where its input is.
             proj = self._projections[name] = proj.to(x.device)
-        if _autograd_keeps_input(self._modules[name]):
-            return _Unprojected(x)  # an alias of what autograd saved anyway: projected in the backward
+        if _autograd_keeps_input(self._modules[name], x):
+            return _Unprojected(x, x._version)  # an alias of what autograd saved anyway: projected in the backward
         # X P_in, not X: memory scales with d_in instead of I
         with torch.no_grad(), _full_precision(x.device):
             return proj.project_in(x)
@@ -476,7 +492,7 @@ class GradientCapture(LayerHooks):
     def _consume(self, name: str, kept: torch.Tensor, delta: torch.Tensor) -> None:
         proj = self._projections[name]
         B = delta.shape[0]
-        xp = proj.project_in(kept.x) if isinstance(kept, _Unprojected) else kept
+        xp = proj.project_in(kept.values(name)) if isinstance(kept, _Unprojected) else kept
         xp = xp.reshape(B, -1, proj.d_in)
         # Σ_t outer(Δ_t P_out, X_t P_in) over every position of the example (and every call).
         outer = proj.projected_outer(xp, delta.reshape(B, -1, delta.shape[-1]))

@@ -458,12 +458,13 @@ def test_checkpointed_in_place_and_frozen_models_match_torch_func(variant):
         assert_close_rel(grads[layer.name], expected)
 
 
-@pytest.mark.parametrize("frozen", [False, True])
-def test_the_forward_keeps_an_alias_where_autograd_keeps_the_input(frozen):
+@pytest.mark.parametrize("mode", ["trainable", "frozen", "autocast"])
+def test_the_forward_keeps_an_alias_where_autograd_keeps_the_input(mode):
     """A trainable weight makes autograd save the layer's input anyway: the forward keeps that very
     tensor (no copy, no work) and projects it when Δ arrives. A frozen one does not: the forward
-    keeps the projection instead, so memory scales with d_in. (A no_grad around the forward hook
-    once made the first branch unreachable: every input was projected in the forward.)"""
+    keeps the projection instead, so memory scales with d_in; so does autocast, whose layers save a
+    bf16 copy, not the fp32 input. (A no_grad around the forward hook once made the first branch
+    unreachable: every input was projected in the forward.)"""
     kept_kinds: list[str] = []
 
     class Watching(GradientCapture):
@@ -473,13 +474,39 @@ def test_the_forward_keeps_an_alias_where_autograd_keeps_the_input(frozen):
 
     model = deep_net()
     x, y = torch.randn(4, 3, 5), torch.randint(0, 3, (4, 3))
-    if frozen:
+    if mode == "frozen":
         model.requires_grad_(False)
         x.requires_grad_(True)
     layers = tracked_layers(model, None, 2)
     with Watching(model, layers, make_projections(layers, ProjectionSpec(f=2), "cpu")) as cap:
-        cap.projected_gradients(mlp_losses(model, x, y))
-    assert kept_kinds == ["projection" if frozen else "alias"] * len(layers)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            losses = mlp_losses(model, x, y)
+        cap.projected_gradients(losses)
+    assert kept_kinds == ["alias" if mode == "trainable" else "projection"] * len(layers)
+
+
+def test_an_input_changed_in_place_after_its_layer_used_it_is_refused_not_projected():
+    """The kept alias would hold the changed values; training would fail on the saved tensor, but a
+    backward that forms no weight gradient never unpacks the first layer's, so the capture checks."""
+
+    class ChangesItsInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(5, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = x * 1.0
+            out = self.second(torch.tanh(self.first(h)))
+            h.mul_(2)  # after `first` used it
+            return out
+
+    torch.manual_seed(0)
+    model = ChangesItsInput().eval()
+    layers = tracked_layers(model, None, 1)
+    x, y = torch.randn(4, 3, 5), torch.randint(0, 3, (4, 3))
+    with GradientCapture(model, layers, make_projections(layers, ProjectionSpec(f=1), "cpu")) as cap:
+        with pytest.raises(RuntimeError, match=r"the input of layer 'first' was modified in place after the layer used it"):
+            cap.projected_gradients(mlp_losses(model, x, y))
 
 
 def test_reentrant_checkpointing_is_refused_naming_the_layer():
