@@ -11,7 +11,7 @@ How the pieces are collected (:class:`LayerHooks` has the details):
 
 * a forward hook keeps the layer's input: an alias of the tensor autograd saves anyway to form
   the weight gradient (no extra memory), or, where autograd does not keep it (a frozen weight,
-  activation checkpointing), its projection ``X P_in`` in fp32 (memory scales with ``d_in``);
+  autocast, activation checkpointing), its projection ``X P_in`` in fp32 (memory scales with ``d_in``);
 * :meth:`GradientCapture.projected_gradients` takes the per-example losses ``(B,)`` and runs one
   backward of their *sum*, which makes row b of each ``Δ`` depend on example b only (as long as
   no example's loss reads another's: eval mode, no batch norm in train mode). A tensor hook on
