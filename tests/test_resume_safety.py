@@ -7,6 +7,7 @@ all-NaN data) and the notices that say when an option is not used as given.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -290,24 +291,31 @@ def test_a_build_that_stopped_before_its_first_row_reruns_with_new_settings(tmp_
     assert ls.info(tmp_path / "w2")["projection"]["f"] == 2
 
 
-def test_a_build_with_no_rows_that_another_process_writes_is_not_re_created_under_it(tmp_path, capsys):
-    """A build in its whitening pre-pass holds no row yet but is running: a rerun with other examples
-    must be refused as the writer's, not delete the environment the running build writes into."""
-    path = tmp_path / "idx"
-    ls.whiten(mlp_task.full(), path, **OPTS)
+@contextlib.contextmanager
+def writer_in_another_process(path):
+    """Another process holding the index's writer (a build still running), until the block ends."""
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lorif_stream.store import IndexWriter; "
                                "w = IndexWriter.open(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(path)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_build_with_no_rows_that_another_process_writes_is_not_re_created_under_it(tmp_path, capsys):
+    """A build in its whitening pre-pass holds no row yet but is running: a rerun with other examples
+    must be refused as the writer's, not delete the environment the running build writes into."""
+    path = tmp_path / "idx"
+    ls.whiten(mlp_task.full(), path, **OPTS)
+    with writer_in_another_process(path) as holder:
         with pytest.raises(WriterBusyError, match=f"index {path} is being written by process {holder.pid}"):
             ls.build(mlp_task.first(), path, **OPTS)
         assert "re-creating" not in capsys.readouterr().err
         with IndexReader(path) as r:  # the running build's environment is intact
             assert r.rows == 0 and r.settings["segments"][0]["count"] == mlp_task.N_TRAIN
-    finally:
-        holder.kill()
-        holder.wait()
     ls.build(mlp_task.first(), path, **OPTS)  # once it is gone, the rerun re-creates it
     assert "re-creating it" in capsys.readouterr().err and ls.info(path)["rows"] == N_FIRST
 
@@ -316,16 +324,9 @@ def test_an_append_while_the_build_is_being_written_is_told_it_is_busy(tmp_path)
     """Not judged on the half-written index ("an unfinished build: run `build`"): the writer is named."""
     path = tmp_path / "idx"
     ls.whiten(mlp_task.first(), path, **OPTS)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lorif_stream.store import IndexWriter; "
-                               "w = IndexWriter.open(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(path)],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with writer_in_another_process(path) as holder:
         with pytest.raises(WriterBusyError, match=f"index {path} is being written by process {holder.pid}"):
             ls.append(mlp_task.second(), path, **APPEND)
-    finally:
-        holder.kill()
-        holder.wait()
     with pytest.raises(SettingsMismatchError, match="unfinished build"):  # once it is gone: judged as stored
         ls.append(mlp_task.second(), path, **APPEND)
 
