@@ -52,7 +52,7 @@ from .segments import SEGMENT_CHECK_META, segment_check, store_check, stored_che
 from .task import load_task, resolve_task
 from .task_check import PROBES_KEY, TaskMismatchError, check_options, task_record
 from .task_view import ShardTask
-from .whitening import WHITENING_META, ensure_whitening, tokens_per_example
+from .whitening import WHITENING_META, ensure_whitening, tokens_per_example, whitened_layers
 
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _TARGET_BLOCK_BYTES = 32 << 20  # fp32 bytes of one block of every layer
@@ -354,10 +354,6 @@ def _check_resumed_segment(writer: IndexWriter, part: Part, segment: dict, task,
         store_check(writer, segment, check, keep=tuple(int(k) for k in meta))
 
 
-def _whitened_layers(writer: IndexWriter) -> set[str]:
-    return set(((writer.get_state_meta(WHITENING_META) or {}).get("layers") or {}))
-
-
 # ------------------------------------------------------------------------------------ pipeline
 
 
@@ -391,7 +387,8 @@ def _write_segment(comm: Comm, placement: Placement, source: GradientSource, tas
 def _whiten_index_finalize(comm: Comm, placement: Placement, source: GradientSource, task, view, config: BuildConfig,
                            progress: bool, whiten_only: bool, t0: float) -> BuildResult:
     own = placement.own
-    comm.together(lambda: check_budget(source.layers, source.spec, config, _whitened_layers(own)))
+    comm.together(lambda: check_budget(source.layers, source.spec, config,
+                                       whitened_layers(own.get_state_meta(WHITENING_META))))
     t_whiten = time.perf_counter()
     if config.projection_kind == "whitened":
         source.projections = ensure_whitening(comm, placement, source, task, config, progress)
@@ -687,7 +684,10 @@ def _open_for_write(comm: Comm, task, path: Path, config: BuildConfig, kind: str
                                 layout)
         step = "add"
     else:
-        config = _index_factors(config, index.settings, given)
+        # an append adopted the index's factor settings before opening its model; a build is checked
+        # against them only now, once its index is known not to be re-created
+        if kind == "build":
+            config = _index_factors(config, index.settings, given)
         _check_same_model(source, index.settings, path)
         if kind == "build" and rows:  # curvature settings live with an index that has rows (change them with `fit`)
             comm.on_root(lambda: _say_curvature_is_kept(index, config))
@@ -719,7 +719,7 @@ def _open_for_write(comm: Comm, task, path: Path, config: BuildConfig, kind: str
         check_sharded_curvature(config.curvature)
     if step == "add":  # refused before anything is written, else recorded (a manifest: with its shards)
         _check_plan(comm, index, task, source, config, progress,
-                    set(((index.meta.get(WHITENING_META) or {}).get("layers") or {})))
+                    whitened_layers(index.meta.get(WHITENING_META)))
         comm.on_root(index.record)
     return _open_own_part(comm, index, task, source, config, step, started, fresh=kind == "build" and not rows)
 

@@ -204,14 +204,19 @@ def _full_precision(device: torch.device):
     """IEEE fp32 for our own matmuls whatever the task set: autocast off (projections and sums
     stay fp32 under a task's ``torch.autocast``) and TF32 off (a task's
     ``set_float32_matmul_precision("high")`` stays with its model, so a CUDA index agrees with the
-    CPU's); devices autocast does not know need no autocast switch.
+    CPU's).
 
     A context that switches nothing when nothing is on: the hooks enter it twice per layer per
     batch, and entering both switches costs ~7 µs, a tenth of a small layer's hook."""
-    autocast = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+    autocast = _autocast_on(device)
     if not autocast and torch.get_float32_matmul_precision() == "highest":
         return contextlib.nullcontext()
     return _switched_to_full_precision(device, autocast)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    """Whether a task's torch.autocast is on for `device` (devices autocast does not know: never)."""
+    return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
 
 
 @contextlib.contextmanager
@@ -231,7 +236,7 @@ def _autograd_keeps_input(module: nn.Module, x: torch.Tensor) -> bool:
     """
     if not (torch.is_grad_enabled() and module.weight.requires_grad):
         return False
-    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+    if _autocast_on(x.device):
         return False
     try:
         return torch._C._autograd._top_saved_tensors_default_hooks(False) is None

@@ -61,6 +61,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .atomic import discard, publish, temp_beside
 from .capture import LayerHooks, LayerInfo
 from .device import notice, to_device
 from .progress import Progress
@@ -656,19 +657,20 @@ def save_cached_metrics(file: Path, key: str, metrics: dict[str, LayerMetric]) -
                f"kept beside an index: not cached, every rerank of this index recomputes it")
         return False
     header = {"version": CACHE_VERSION, "key": key, "layers": layers, "sha256": _checksum(arrays)}
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    tmp = None
     try:
+        tmp = temp_beside(file)
         with open(tmp, "wb") as fh:
             np.savez(fh, **{_HEADER: np.frombuffer(json.dumps(header).encode(), np.uint8)}, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, file)
+        publish(tmp, file)
         return True
     except OSError as e:
         notice(f"rerank: cannot cache the full-dimension metric in {file} ({e.strerror or e}): "
                f"every rerank of this index recomputes it")
         try:
-            tmp.unlink()
+            discard(tmp)
         except OSError:
             pass
         return False

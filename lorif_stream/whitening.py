@@ -311,7 +311,7 @@ def ensure_whitening(comm: Comm, placement, source, task, config, progress: bool
     """
     own, head = placement.own, placement.head if comm.root else None
     meta = comm.on_root(lambda: head.get_state_meta(WHITENING_META) or {})
-    todo = [l for l in source.layers if l.name not in set(meta.get("layers", {}))]
+    todo = [l for l in source.layers if l.name not in whitened_layers(meta)]
     if comm.root:
         say_wide_sides(todo, source.spec)
     if todo:
@@ -447,17 +447,13 @@ def _unique(*writers) -> list:
 def _copy_to_own(comm: Comm, own, head, layers, meta: dict) -> None:
     """A shard that lacks the index's projections (an append's, or one killed before it stored
     them) gets rank 0's copy from the head shard."""
-    names = set(meta.get("layers", {}))
-    lacking = comm.together(lambda: _whitened(own) != names)
+    names = whitened_layers(meta)
+    lacking = comm.together(lambda: whitened_layers(own.get_state_meta(WHITENING_META)) != names)
     if not any(comm.gather(lacking)):
         return
     arrays = comm.on_root(lambda: {name: np.array(array) for l in layers for f in STORED_FIELDS
                                    if (array := head.get_array(name := array_name(l.name, f))) is not None})
     comm.together(lambda: own.put_state(arrays, {WHITENING_META: meta}) if lacking else None)
-
-
-def _whitened(writer) -> set[str]:
-    return set((writer.get_state_meta(WHITENING_META) or {}).get("layers", {}))
 
 
 def _save_partial(writer, capture: MomentCapture, group: list[LayerInfo], meta: dict, done: int) -> None:
@@ -490,6 +486,11 @@ def _resume_partial(writer, capture: MomentCapture, group: list[LayerInfo], part
 
 
 # ------------------------------------------------------------------------------------ loading
+
+
+def whitened_layers(meta: dict | None) -> set[str]:
+    """The layers a whitening record (an environment's WHITENING_META) covers."""
+    return set((meta or {}).get("layers") or {})
 
 
 def tokens_per_example(meta: dict | None) -> float | None:
