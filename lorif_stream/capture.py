@@ -244,14 +244,43 @@ def _autograd_keeps_input(module: nn.Module, x: torch.Tensor) -> bool:
         return False
 
 
+def _layer_input(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    x = args[0] if args else kwargs.get("input", kwargs.get("x"))  # module(input=x) / (x=x)
+    if not isinstance(x, torch.Tensor):
+        raise RuntimeError(f"layer {name!r} was called without a tensor input")
+    if x.dim() < 2:
+        raise RuntimeError(f"layer {name!r} got an input of shape {tuple(x.shape)}; inputs must be batched as (B, ..., I)")
+    return x
+
+
+def _hookable(output: torch.Tensor) -> torch.Tensor | None:
+    """The tensor whose gradient is the layer output's Δ, unchanged by what the model does to the
+    output afterwards, or None where there is none (the output is then anchored itself).
+
+    A hook on a tensor receives the gradient of its value when hooked, even if the model later
+    changes it in place (``nn.ReLU(inplace=True)``), except on a view: a Linear's output over
+    (B, T, I) is a view of its (B·T, O) product, and an in-place change of a view rewrites its
+    history so the hook never fires. Its base, in the same element order, takes the hook instead."""
+    base = output._base
+    if base is None:
+        return output
+    if (base.numel() == output.numel() and base.is_contiguous() and output.is_contiguous()
+            and base.storage_offset() == output.storage_offset() and base.shape[-1] == output.shape[-1]):
+        return base
+    return None
+
+
 class LayerHooks:
     """Hooks that hand each tracked layer's (kept input, output gradient) to a subclass, one layer
     at a time, inside one backward pass.
 
     The forward hook keeps what the subclass wants of the input (:meth:`_keep_input`, e.g. its
     projection), and returns ``output + anchor`` -- ``anchor`` a 0-dim zero leaf that requires
-    grad -- with a tensor hook on that sum. :meth:`_backward` then asks autograd for the
-    gradient of ``losses.sum()`` with respect to the anchors only. So that backward
+    grad -- with a tensor hook on that sum. A layer whose output is wider than its input and that
+    is not the forward's first tracked call (an LM head) gets its anchor added to its input
+    instead, by a pre-hook, and its output hooked as it is (:func:`_hookable`): no copy of the
+    logits. :meth:`_backward` then asks autograd for the gradient of ``losses.sum()`` with respect
+    to the anchors only. So that backward
 
     * passes every tracked output: each one's hook receives its ``Δ = ∂loss/∂output`` as the
       backward reaches it and hands it to :meth:`_consume`; ``Δ`` is then freed by autograd as
@@ -291,6 +320,7 @@ class LayerHooks:
                     f"{type(module).__name__} {_features(module, kind) if kind else ''}"
                 )
             self._modules[layer.name] = module
+        self._widens = {layer.name: layer.out_features > layer.in_features for layer in self.layers}
         self._handles: list = []
         self._in_backward = False
         # layers whose forward never ran or whose output did not reach the loss in the last
@@ -316,8 +346,9 @@ class LayerHooks:
             raise RuntimeError(f"{type(self).__name__} is already active (not re-entrant)")
         self.reset()
         for name, module in self._modules.items():
-            handle = module.register_forward_hook(self._make_hook(name), with_kwargs=True)
-            self._handles.append(handle)
+            if self._widens[name]:
+                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(name), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._make_hook(name), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -329,8 +360,27 @@ class LayerHooks:
     def reset(self) -> None:
         """Forget every forward call captured since the last backward."""
         self._calls: list[_Call] = []
+        self._input_anchors: dict[str, torch.Tensor] = {}  # name -> anchor added to its running call's input
 
     # -- hooks ----------------------------------------------------------------------------
+    def _make_pre_hook(self, name: str):
+        def pre_hook(module, args, kwargs):
+            # A widening layer's anchor goes on its input: on an LM head's output it would copy the
+            # logits (1.2 GB fp32 for 2,048 tokens of a 152k vocabulary) and sum its gradient back
+            # over them. Not on the forward's first tracked call: a later layer's input gradient is
+            # computed anyway for the anchors before it, the first one's would be extra work.
+            if self._in_backward or not self._calls:
+                return None
+            x = _layer_input(name, args, kwargs)
+            anchor = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
+            self._input_anchors[name] = anchor
+            if args:
+                return (x + anchor, *args[1:]), kwargs
+            key = "input" if "input" in kwargs else "x"
+            return args, {**kwargs, key: x + anchor}
+
+        return pre_hook
+
     def _make_hook(self, name: str):
         def hook(module, args, kwargs, output):
             if self._in_backward:
@@ -342,14 +392,9 @@ class LayerHooks:
                 raise
 
         def anchor(args, kwargs, output):
-            x = args[0] if args else kwargs.get("input", kwargs.get("x"))  # module(input=x) / (x=x)
-            if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
-                raise RuntimeError(f"{type(self).__name__}: layer {name!r} was called without a tensor input")
-            if x.dim() < 2:
-                raise RuntimeError(
-                    f"{type(self).__name__}: layer {name!r} got an input of shape {tuple(x.shape)}; "
-                    "inputs must be batched as (B, ..., I)"
-                )
+            x = _layer_input(name, args, kwargs)
+            if not isinstance(output, torch.Tensor):
+                raise RuntimeError(f"{type(self).__name__}: layer {name!r} returned {type(output).__name__}, not a tensor")
             if not output.requires_grad:
                 raise ValueError(
                     f"the output of layer {name!r} does not require grad: make its parameters "
@@ -359,12 +404,17 @@ class LayerHooks:
             start = time.perf_counter()
             kept = self._keep_input(name, x.detach())
             self.hook_seconds += time.perf_counter() - start
-            call = _Call(name, kept, output.shape[0],
-                         torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True))
+            hooked = _hookable(output) if name in self._input_anchors else None
+            if hooked is not None:
+                anchor, returned = self._input_anchors.pop(name), None
+            else:
+                self._input_anchors.pop(name, None)  # not needed: this call's backward never asks for it
+                anchor = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+                hooked = returned = output + anchor
+            call = _Call(name, kept, output.shape, anchor)
             self._calls.append(call)
-            anchored = output + call.anchor
-            anchored.register_hook(self._make_gradient_hook(call))
-            return anchored
+            hooked.register_hook(self._make_gradient_hook(call))
+            return returned
 
         return hook
 
@@ -373,7 +423,7 @@ class LayerHooks:
             start = time.perf_counter()
             # the engine runs hooks with grad mode off already (no create_graph here)
             with _full_precision(delta.device):
-                self._consume(call.name, call.kept, delta)
+                self._consume(call.name, call.kept, delta.view(call.shape))  # a hooked base: as the output
             call.kept = None  # consumed: free it now, not at the end of the backward
             self.hook_seconds += time.perf_counter() - start
 
@@ -435,8 +485,12 @@ class _Call:
 
     name: str
     kept: torch.Tensor | None
-    batch: int
+    shape: torch.Size  # of the output
     anchor: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.shape[0]
 
 
 class GradientCapture(LayerHooks):

@@ -411,25 +411,32 @@ def test_gpt2_example_alone_unpadded_equals_its_padded_row(gpt2_batch):
 
 
 class DeepNet(nn.Module):
-    """Six Linear layers; `checkpoint` wraps the middle blocks in activation checkpointing, and
-    `in_place` scales a layer's output in place after the layer ran."""
+    """Six Linear layers, the third widening 8 -> 16 (the capture anchors it at its input);
+    `checkpoint` wraps the third and fourth in activation checkpointing, and `in_place` scales the
+    outputs of the widening layer and of the last one in place after the layers ran."""
 
     def __init__(self, checkpoint: str | None = None, in_place: bool = False):
         super().__init__()
-        self.blocks = nn.ModuleList([nn.Linear(5, 8)] + [nn.Linear(8, 8) for _ in range(4)] + [nn.Linear(8, 3)])
+        widths = [5, 8, 8, 16, 8, 8, 3]
+        self.blocks = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
         self.checkpoint = checkpoint
         self.in_place = in_place
 
     def forward(self, x):
         from torch.utils.checkpoint import checkpoint
 
+        def run(t, block):
+            out = block(t)
+            if self.in_place and block.out_features > block.in_features:
+                out.mul_(1.5)
+            return torch.tanh(out)
+
         h = self.blocks[0](x)
         for i, block in enumerate(self.blocks[1:-1]):
-            run = lambda t, b=block: torch.tanh(b(t))  # noqa: E731
             if self.checkpoint is not None and i in (1, 2):
-                h = checkpoint(run, h, use_reentrant=self.checkpoint == "reentrant")
+                h = checkpoint(run, h, block, use_reentrant=self.checkpoint == "reentrant")
             else:
-                h = run(h)
+                h = run(h, block)
         out = self.blocks[-1](h)
         if self.in_place:
             out.mul_(2.0)  # the layer's output, modified after its hook ran
@@ -507,6 +514,54 @@ def test_an_input_changed_in_place_after_its_layer_used_it_is_refused_not_projec
     with GradientCapture(model, layers, make_projections(layers, ProjectionSpec(f=1), "cpu")) as cap:
         with pytest.raises(RuntimeError, match=r"the input of layer 'first' was modified in place after the layer used it"):
             cap.projected_gradients(mlp_losses(model, x, y))
+
+
+def test_a_widening_layer_is_anchored_at_its_input_and_returns_its_output_untouched():
+    """Adding the anchor to an output 16x the input (an LM head's logits) and summing its gradient
+    back cost more than the head's projection: a widening layer that is not the forward's first
+    tracked call gets the anchor on its input, and its output goes on as the layer made it."""
+    made: dict[str, str] = {}
+    model = deep_net()
+    layers = tracked_layers(model, None, 2)
+    x, y = torch.randn(4, 3, 5), torch.randint(0, 3, (4, 3))
+    with GradientCapture(model, layers, make_projections(layers, ProjectionSpec(f=2), "cpu")) as cap:
+        # registered after the capture's hooks: sees what they hand on
+        watch = [model.blocks[i].register_forward_hook(lambda m, a, o, i=i: made.__setitem__(i, o.grad_fn.name()))
+                 for i in (0, 2)]
+        grads = cap.projected_gradients(mlp_losses(model, x, y))
+    for handle in watch:
+        handle.remove()
+    assert made[0] == "AddBackward0"  # the first call (5 -> 8 widens too) has no earlier anchor to rely on
+    assert made[2] == "ViewBackward0", made  # F.linear's own output over (B, T, I)
+    oracle = mlp_oracle(deep_net(), x, y)
+    layer = layers[2]
+    assert layer.name == "blocks.2" and layer.out_features > layer.in_features
+    expected = expected_projected(oracle["blocks.2.weight"], layer, make_projections(layers, ProjectionSpec(f=2), "cpu")["blocks.2"])
+    assert_close_rel(grads["blocks.2"], expected)
+
+
+class KeywordNet(nn.Module):
+    """A widening layer called with its input as a keyword, after another tracked layer, on 2-D
+    inputs (its output is no view) and followed by an in-place ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.wide, self.out = nn.Linear(5, 4), nn.Linear(4, 9), nn.Linear(9, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        return self.out(nn.functional.relu(self.wide(input=h), inplace=True))
+
+
+def test_an_input_anchor_reaches_keyword_inputs_and_outputs_changed_in_place():
+    torch.manual_seed(4)
+    model = KeywordNet().eval()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    layers = tracked_layers(model, None, 1)
+    grads, _ = capture(model, layers, ProjectionSpec(f=1), lambda: mlp_losses(model, x, y))
+    oracle = mlp_oracle(model, x, y)
+    for layer in layers:
+        assert_close_rel(grads[layer.name], oracle[f"{layer.name}.weight"])
 
 
 def test_reentrant_checkpointing_is_refused_naming_the_layer():

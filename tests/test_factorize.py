@@ -153,12 +153,28 @@ def test_layers_factorized_together_equal_each_alone():
           gradient_like(3, 64, 32, tokens=20, seed=22), gradient_like(4, 32, 64, tokens=20, seed=23),
           gradient_like(5, 32, 64, tokens=20, seed=24), gradient_like(4, 32, 48, tokens=20, seed=25)]
     assert fz._gram_is_cheaper(64, 32, 2) and not fz._gram_is_cheaper(900, 600, 2)
-    together = fz.factorize_layers(Gs, 2)
-    for G, (L, R) in zip(Gs, together):
-        L1, R1 = factorize(G, 2)
-        assert L.shape == L1.shape and R.shape == R1.shape
-        # bit for bit: stacking changes neither the products nor the memory order they read
-        assert torch.equal(L, L1) and torch.equal(R, R1)
+    for c in (1, 2):  # c=1 powers the Gram by squaring, c=2 orthonormalizes every step
+        together = fz.factorize_layers(Gs, c)
+        for G, (L, R) in zip(Gs, together):
+            L1, R1 = factorize(G, c)
+            assert L.shape == L1.shape and R.shape == R1.shape
+            # bit for bit: stacking changes neither the products nor the memory order they read
+            assert torch.equal(L, L1) and torch.equal(R, R1)
+
+
+def test_the_gram_power_block_is_the_power_scaled():
+    gen = torch.Generator().manual_seed(26)
+    A = torch.randn(3, 40, 6, generator=gen, dtype=torch.float64)
+    H = A.mT @ A
+    H[1] = 0  # a zero gradient's Gram: stays zero, no division by its zero trace
+    S = torch.randn(6, 2, generator=gen, dtype=torch.float64).expand(3, 6, 2)
+    for steps in (1, 2, 5, 8, 17):
+        block = fz._gram_power_block(H, steps, S)
+        exact = torch.linalg.matrix_power(H, steps) @ S
+        scale = H.diagonal(dim1=-2, dim2=-1).sum(-1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale)) ** steps
+        torch.testing.assert_close(block, exact / scale[:, None, None], rtol=1e-10, atol=0)
+        assert torch.equal(block[1], torch.zeros_like(block[1]))
 
 
 @pytest.mark.parametrize("method", METHODS)
