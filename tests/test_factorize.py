@@ -162,21 +162,6 @@ def test_layers_factorized_together_equal_each_alone():
             assert torch.equal(L, L1) and torch.equal(R, R1)
 
 
-def test_the_gram_power_block_is_the_power_scaled():
-    gen = torch.Generator().manual_seed(26)
-    A = torch.randn(3, 40, 6, generator=gen, dtype=torch.float64)
-    H = A.mT @ A
-    H[1] = 0  # a zero gradient's Gram: stays zero, no division by its zero trace
-    S = torch.randn(6, 2, generator=gen, dtype=torch.float64).expand(3, 6, 2)
-    for steps in (1, 2, 5, 8, 17):
-        block = fz._gram_power_block(H, steps, S)
-        exact = torch.linalg.matrix_power(H, steps) @ S
-        scale = H.diagonal(dim1=-2, dim2=-1).sum(-1)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale)) ** steps
-        torch.testing.assert_close(block, exact / scale[:, None, None], rtol=1e-10, atol=0)
-        assert torch.equal(block[1], torch.zeros_like(block[1]))
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_each_example_independent_of_its_batch(method):
     G = gradient_like(8, 64, 48, tokens=20, seed=11)
