@@ -423,7 +423,9 @@ class LayerHooks:
             start = time.perf_counter()
             # the engine runs hooks with grad mode off already (no create_graph here)
             with _full_precision(delta.device):
-                self._consume(call.name, call.kept, delta.view(call.shape))  # a hooked base: as the output
+                if delta.shape != call.shape:  # a hooked base: seen as the output
+                    delta = delta.view(call.shape)
+                self._consume(call.name, call.kept, delta)
             call.kept = None  # consumed: free it now, not at the end of the backward
             self.hook_seconds += time.perf_counter() - start
 
