@@ -7,7 +7,7 @@ first. The counts are the engine's own arrays, beside the model and its forward/
 * projections: dense sides ``dim x d`` fp32, sketched sides two ``dim`` vectors (``projection.py``);
   a whitening pre-pass also holds the random projections of the layer group it whitens;
 * the pre-pass: fp64 token moments of one layer group (``dim²`` per dense side, ``dim`` per
-  diagonal side; groups are cut to half the budget) and the eigendecomposition of the widest side;
+  diagonal side; groups are cut to half the budget) and the largest eigendecomposition;
 * the curvature state: EK-FAC eigenbases and ``D``-sized sums, or low-rank sketches (``D x k``);
 * one batch: the per-example ``(B, d_out, d_in)`` gradient sums of every layer and their
   factorisation, and the widest layer's projected (or sketched) token tensors;
@@ -28,7 +28,7 @@ from .config import BuildConfig
 from .device import notice
 from .fit import check_finalize_budget, sketch_memory_bytes
 from .projection import ProjectionSpec
-from .whitening import DENSE, moment_bytes, moment_groups, side_whitening_kind
+from .whitening import DENSE, eigendecomposition_bytes, moment_bytes, moment_groups, side_whitening_kind
 
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _COMPRESSED_FRACTION = {"bf16": 0.72, "fp16": 0.95, "fp32": 0.95}  # measured by benchmarks/bench_store.py
@@ -108,12 +108,12 @@ def checkpoint_bytes(layers, spec: ProjectionSpec, budget: int) -> int:
 
 def _prepass_bytes(layers, spec: ProjectionSpec, budget: int) -> int:
     """Peak of the whitening pre-pass: one layer group's moments and random projections, plus the
-    eigendecomposition of the widest dense side (fp64 copy, symmetrised copy, fp32 pair, vectors)."""
+    largest eigendecomposition of a dense side (:func:`whitening.eigendecomposition_bytes`)."""
     groups = moment_groups(layers, spec, budget)
     group = max((sum(moment_bytes(l, spec) + projection_bytes([l], spec, False) for l in g) for g in groups), default=0)
-    widest = max((dim for l in layers for dim in (l.in_features, l.out_features)
+    solver = max((eigendecomposition_bytes(dim) for l in layers for dim in (l.in_features, l.out_features)
                   if side_whitening_kind(dim, spec) == DENSE), default=0)
-    return group + 32 * widest * widest
+    return group + solver
 
 
 def _batch_bytes(layers, spec: ProjectionSpec, batch_size: int, tokens: int) -> int:

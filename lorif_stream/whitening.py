@@ -215,24 +215,38 @@ class SideWhitening:
 
 
 @torch.no_grad()
-def side_whitening(moment: torch.Tensor, rho: float) -> SideWhitening:
-    """Eigendecompose a (mean) token moment and choose λ = ρ·mean(eig) (floored so W stays finite)."""
+def side_whitening(moment: torch.Tensor, rho: float, scale: float = 1.0) -> SideWhitening:
+    """Eigendecompose a token moment times ``scale`` (its mean: 1/tokens) and choose λ = ρ·mean(eig)
+    (floored so W stays finite). Holds at most :func:`eigendecomposition_bytes` beside ``moment``."""
     if moment.dim() != 2 or moment.shape[0] != moment.shape[1]:
         raise ValueError(f"a token moment must be square, got {tuple(moment.shape)}")
     if not bool(torch.isfinite(moment).all()):
         raise ValueError("the token moment has non-finite entries (NaN/inf activations or gradients)")
-    M = moment.to(torch.float64)
-    M = (M + M.T) / 2
+    moment = moment.to(torch.float64)
+    M = moment + moment.T
+    M.mul_(scale / 2)
     if M.shape[0] > _FP64_EIGH_MAX_DIM:
         # 3.4x faster at 3072 (2 CPU cores); W then differs from the fp64 one by ~1e-5 relative,
-        # far inside what damping (ρ·mean eig) and bf16 storage allow
-        e, Q = (t.to(torch.float64) for t in torch.linalg.eigh(M.to(torch.float32)))
+        # far inside what damping (ρ·mean eig) and bf16 storage allow. The fp64 copy goes before
+        # the solver runs: at 4,864 wide (Qwen2's MLP) that is 190 MB the peak does not hold.
+        M = M.to(torch.float32)
+        e, Q = torch.linalg.eigh(M)
+        M = None
+        e, Q = e.to(torch.float64), Q.to(torch.float64)
     else:
         e, Q = torch.linalg.eigh(M)
     e = e.clamp_min(0)
     lam = rho * float(e.mean())
     # a layer that never saw a token (or all-zero inputs): any λ > 0 gives zero scores there anyway
     return SideWhitening(e, Q, lam if lam > 0 else 1e-12)
+
+
+def eigendecomposition_bytes(dim: int) -> int:
+    """Peak bytes :func:`side_whitening` holds beside its moment for a ``dim``-wide side, per entry:
+    past 1,024 wide, the fp32 symmetrized moment, vectors and solver workspace (2·dim², syevd):
+    4 + 4 + 8 (its fp64 moment and vectors are held only where these are not, 8 + 4 and 4 + 8);
+    at most 1,024 wide, the same in fp64: 8 + 8 + 16."""
+    return (16 if dim > _FP64_EIGH_MAX_DIM else 32) * dim * dim
 
 
 @torch.no_grad()
@@ -277,11 +291,10 @@ def whiten_side(side: str, A: torch.Tensor | None, tokens: int, P: SideProjectio
             raise ValueError(f"a diagonal moment needs a sketched side, got a {type(P).__name__}")
         w, summary = diagonal_whitening(A * scale, rho)
         return WhitenedSide(eye, {f"w_{side}": w.to(torch.float32).cpu().numpy()}, summary)
-    A = A * scale
-    w = whitening or side_whitening(A, rho)
+    w = whitening or side_whitening(A, rho, scale)
     Pw = w.apply(P.matrix().to(A.device, torch.float64))
-    # the EK-FAC eigenbasis lives in the projected space: eigenvectors of Pᵀ W A W P
-    S = Pw.T @ A @ Pw
+    # the EK-FAC eigenbasis lives in the projected space: eigenvectors of Pᵀ W A W P (A the mean moment)
+    S = (Pw.T @ A @ Pw) * scale
     _, q = torch.linalg.eigh((S + S.T) / 2)
     return WhitenedSide(q.to(torch.float32).cpu(), {f"P_{side}": Pw.to(torch.float32).cpu().numpy()}, w.summary())
 
@@ -454,7 +467,7 @@ def _whitened_arrays(group: list[LayerInfo], capture: MomentCapture, tokens: dic
     for members in same_moment_sides(list(moments), moments, tokens):
         (name, _), A = members[0], moments[members[0]]
         # the moment scaled exactly as whiten_side scales it: a shared side equals an unshared one bit for bit
-        shared = side_whitening(A * (1.0 / max(tokens[name], 1)), rho) if len(members) > 1 else None
+        shared = side_whitening(A, rho, 1.0 / max(tokens[name], 1)) if len(members) > 1 else None
         for key in members:
             done[key] = whiten_side(key[1], moments[key], tokens[key[0]], projections[key], rho, shared)
         shared = None  # released before the next class's eigendecomposition, not after it

@@ -153,18 +153,28 @@ def test_two_creators_of_one_new_directory(tmp_path, mode):
         assert "already holds an index" in again.stdout
 
 
-def test_two_appends_started_together_one_writes_one_is_refused(tmp_path):
+def test_an_append_while_another_writes_is_refused_and_the_writer_finishes(tmp_path):
     index = tmp_path / "idx"
     ls.build(mlp_task.first(), index, f=1, rank=1, sketch_rank=4, device="cpu", progress=False)
-    args = [sys.executable, "-m", "lorif_stream.cli", "append", "--task", f"{TASKS}:second_slow", "--index",
+    args = [sys.executable, "-m", "lorif_stream.cli", "append", "--task", f"{TASKS}:second", "--index",
             str(index), "--device", "cpu", "--batch-size", "2", "--quiet"]
-    env = {**os.environ, "MLP_TASK_DELAY": "0.3"}  # 9 slow batches: the write phases overlap
-    procs = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    results = sorted((p.wait(300), p.stderr.read()) for p in procs)
-    assert results[0][0] == 0, results
-    assert results[1][0] == 1 and "is being written by process" in results[1][1], results
-    assert "Traceback" not in results[1][1]
+    # the first append holds its first batch at the gate: the second certainly starts mid-write (two
+    # appends merely started together overlapped by timing, which a loaded machine could undo)
+    gate = tmp_path / "gate"
+    env = {**os.environ, "MLP_TASK_GATE": str(gate)}
+    writer = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(f"{gate}.waiting").exists() and writer.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert Path(f"{gate}.waiting").exists(), writer.communicate()
+        second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        gate.touch()
+    _, writer_err = writer.communicate(timeout=300)
+    assert writer.returncode == 0, writer_err
+    assert second.returncode == 1 and "is being written by process" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
     with IndexReader(index) as r, r.snapshot() as s:
         assert s.rows == mlp_task.N_TRAIN and verify_snapshot(s).ok
         assert s.ids(0, s.rows) == [f"ex{i}" for i in range(mlp_task.N_TRAIN)]

@@ -397,7 +397,8 @@ class TwinInputMLP(MLPTask):
 def test_layers_reading_one_input_share_its_eigendecomposition_bit_for_bit(tmp_path, monkeypatch):
     calls = []
     side_whitening = whitening.side_whitening
-    monkeypatch.setattr(whitening, "side_whitening", lambda A, rho: calls.append(A.shape) or side_whitening(A, rho))
+    monkeypatch.setattr(whitening, "side_whitening",
+                        lambda A, rho, scale: calls.append(A.shape) or side_whitening(A, rho, scale))
     ls.whiten(TwinInputMLP(), tmp_path / "shared", f=1, batch_size=8, progress=False)
     shared_calls = len(calls)
     # the same pre-pass with every side a class of its own: what the index held before the sharing
