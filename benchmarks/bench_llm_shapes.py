@@ -12,7 +12,10 @@ Two parts:
      like the build's, which forms no parameter gradient);
    * build: the default `ls.build` (time, split into the whitening pre-pass and the rows; peak RSS;
      index size);
-   then estimated vs measured: disk (the index) and engine RAM (build peak - bare peak).
+   then estimated vs measured: disk (the index), engine RAM (build peak - bare peak), and the build's
+   peak RSS predicted phase by phase from the estimate's parts and the model's own footprint
+   (:func:`predicted_peak`): the pre-pass's eigendecompositions run after its last batch, when the
+   model's activations are freed, so the announced engine RAM can exceed build peak - bare peak.
 
     python benchmarks/bench_llm_shapes.py --quick     # 1 block, N = 16 (gpt2, qwen2) / 8 (llama)
     python benchmarks/bench_llm_shapes.py             # 1 block, N = 64 / 24
@@ -192,12 +195,24 @@ def measure(shape: str, n: int, root: Path) -> dict:
     build = run_child("build", shape, n, index)
     engine_ram = build["peak_rss_MB"] - bare["peak_rss_MB"]
     est = build["estimate"]
+    peak = predicted_peak(est["parts_MB"], base=build["base_rss_MB"], model_peak=bare["peak_rss_MB"])
     return {"N": n, "plain": plain, "bare": bare, "build": build,
             "build_over_plain": build["seconds"] / plain["seconds"],
             "rows_over_plain": build["rows_s"] / plain["seconds"],
             "engine_ram_MB": engine_ram, "estimated_ram_MB": est["ram_MB"],
             "ram_estimate_over_measured": est["ram_MB"] / engine_ram if engine_ram > 0 else None,
+            "predicted_peak_rss_MB": peak, "peak_estimate_over_measured": peak / build["peak_rss_MB"],
             "disk_estimate_over_measured": est["disk_MB"] / build["disk_MB"]}
+
+
+def predicted_peak(parts: dict, base: float, model_peak: float) -> float:
+    """The build's peak RSS from the estimate's parts, phase by phase: the pre-pass's batches (the
+    model's own peak + moments), its eigendecompositions (after its last batch: the model's weights +
+    moments + the largest solver) and the rows (the model's own peak + curvature, batch, blocks)."""
+    projections = parts["projections"]
+    return max(model_peak + projections + parts["moments"],
+               base + projections + parts["moments"] + parts["eigendecomposition"],
+               model_peak + projections + parts["curvature"] + parts["batch"] + parts["blocks"])
 
 
 def main():
@@ -223,7 +238,8 @@ def main():
         print(f"  N={n}: build {m['build']['seconds']:.1f} s (pre-pass {m['build']['whiten_s']:.1f}, rows "
               f"{m['build']['rows_s']:.1f}) vs plain {m['plain']['seconds']:.1f} s: {m['build_over_plain']:.2f}x, rows "
               f"{m['rows_over_plain']:.2f}x; engine RAM {m['engine_ram_MB']:.0f} MB vs estimated "
-              f"{m['estimated_ram_MB']:.0f} MB ({m['ram_estimate_over_measured']:.2f}x); disk {m['build']['disk_MB']:.1f} MB "
+              f"{m['estimated_ram_MB']:.0f} MB ({m['ram_estimate_over_measured']:.2f}x); peak RSS {m['build']['peak_rss_MB']:.0f} MB "
+              f"vs predicted {m['predicted_peak_rss_MB']:.0f} MB ({m['peak_estimate_over_measured']:.2f}x); disk {m['build']['disk_MB']:.1f} MB "
               f"vs estimated {m['build']['estimate']['disk_MB']:.1f} MB; build peak RSS {m['build']['peak_rss_MB']:.0f} MB",
               flush=True)
     out = Path(__file__).parent / "results" / f"llm_shapes{'_quick' if args.quick else ''}.json"

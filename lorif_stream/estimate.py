@@ -106,14 +106,16 @@ def checkpoint_bytes(layers, spec: ProjectionSpec, budget: int) -> int:
     return max((sum(moment_bytes(l, spec) for l in g) for g in moment_groups(layers, spec, budget)), default=0)
 
 
-def _prepass_bytes(layers, spec: ProjectionSpec, budget: int) -> int:
-    """Peak of the whitening pre-pass: one layer group's moments and random projections, plus the
-    largest eigendecomposition of a dense side (:func:`whitening.eigendecomposition_bytes`)."""
+def _prepass_bytes(layers, spec: ProjectionSpec, budget: int) -> tuple[int, int]:
+    """The whitening pre-pass: one layer group's moments and random projections, held from its
+    first batch to its last eigendecomposition; and the largest eigendecomposition of a dense side
+    (:func:`whitening.eigendecomposition_bytes`), which runs after the group's last batch, when the
+    model's activations are freed."""
     groups = moment_groups(layers, spec, budget)
     group = max((sum(moment_bytes(l, spec) + projection_bytes([l], spec, False) for l in g) for g in groups), default=0)
     solver = max((eigendecomposition_bytes(dim) for l in layers for dim in (l.in_features, l.out_features)
                   if side_whitening_kind(dim, spec) == DENSE), default=0)
-    return group + solver
+    return group, solver
 
 
 def _batch_bytes(layers, spec: ProjectionSpec, batch_size: int, tokens: int) -> int:
@@ -150,17 +152,19 @@ def estimate_build(layers, spec: ProjectionSpec, config: BuildConfig, layout, n_
     disk_parts = {"factors": factors, "state": state, "fixed": _FIXED_DISK}
     # LMDB's copy-on-write needs room for the old and the new copy of rewritten state
     disk_peak = factors + 2 * (state + checkpoint) + _FIXED_DISK
+    moments, solver = _prepass_bytes([l for l in layers if l.name not in whitened], spec, budget) \
+        if config.projection_kind == "whitened" else (0, 0)
     ram_parts = {
         "projections": projection_bytes(layers, spec, config.projection_kind == "whitened"),
-        "pre-pass": _prepass_bytes([l for l in layers if l.name not in whitened], spec, budget)
-        if config.projection_kind == "whitened" else 0,
+        "moments": moments,
+        "eigendecomposition": solver,
         "curvature": _curvature_bytes(layers, config, budget),
         "batch": _batch_bytes(layers, spec, config.batch_size, tokens_per_example),
         "blocks": _BLOCKS_IN_FLIGHT * min(layout.block_size, max(n_rows, 1)) * values * 4,
     }
     # the pre-pass ends before the first row: its peak and the row pass's do not add up
     rows_pass = ram_parts["curvature"] + ram_parts["batch"] + ram_parts["blocks"]
-    ram = ram_parts["projections"] + max(ram_parts["pre-pass"], rows_pass)
+    ram = ram_parts["projections"] + max(moments + solver, rows_pass)
     device = ram - ram_parts["blocks"]
     return BuildEstimate(n_rows, sum(disk_parts.values()), disk_peak, ram, device, disk_parts, ram_parts)
 
