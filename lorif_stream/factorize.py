@@ -201,13 +201,13 @@ def _gram_power_factors(Gs: Sequence[torch.Tensor], c: int, iters: int,
     H = torch.cat([A.mT @ A for A in tall])  # (n, m, m)
     n, m, _ = H.shape
     k = min(c + OVERSAMPLE, m)
-    # blocks go through the products as rows, (n, k, m): Xᵀ H is one fast batched product where
-    # H X, with its k-wide right operand, took 4x as long on the CPU (17 vs 71 µs for 72 Grams of
-    # 32 at k=5); H is symmetric, so Xᵀ H = (H X)ᵀ
     # over its trace, H has eigenvalues in [0, 1], the top one at least 1/m: no power of it
     # overflows, and the top direction's m^-steps stays within fp32's range
     trace = H.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
     H = H / torch.where(trace > 0, trace, torch.ones_like(trace))
+    # blocks go through the products as rows, (n, k, m): Xᵀ H is one fast batched product where
+    # H X, with its k-wide right operand, took 4x as long on the CPU (17 vs 71 µs for 72 Grams of
+    # 32 at k=5); H is symmetric, so Xᵀ H = (H X)ᵀ
     rows = _start_block(m, k, H.device).mT.expand(n, k, m)
     for step in range(iters + 1):
         rows = rows @ H

@@ -463,7 +463,7 @@ def whitening_metrics(source, snap, settings: dict, task, batch_size: int, budge
         # layers that read one input (q/k/v, gate/up) share its eigendecomposition, as in the build
         for members in same_moment_sides(list(side_moments), side_moments, tokens):
             name = members[0][0]
-            sw = side_whitening(side_moments[members[0]].cpu() / max(tokens[name], 1), float(meta["rho"]))
+            sw = side_whitening(side_moments[members[0]].cpu(), float(meta["rho"]), 1.0 / max(tokens[name], 1))
             shared = side_map_of_moment(sw.eigenvalues, sw.eigenvectors, sw.damping)
             for layer, side in members:
                 P_base = getattr(base[layer], "inp" if side == "in" else "out").matrix().to(torch.float64)
